@@ -1,0 +1,37 @@
+# On a fresh machine with python3 and pip: `make test` or `make train` does everything.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch. A bare "torch" would pull a multi-GB CUDA build; override for a GPU box,
+# e.g. `make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"`.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.craftfn-installed
+GIN ?= gin/char_gpt.gin
+RUN_DIR ?= runs/char_gpt
+PYTEST_ARGS ?=
+
+.PHONY: venv test train lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+train: $(STAMP)
+	$(VENV)/bin/craftfn train --gin_file $(GIN) --run_dir $(RUN_DIR)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check craftfn tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/optim_bench.py --small
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

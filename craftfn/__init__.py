@@ -1,0 +1,29 @@
+"""craftfn: functional, JAX-style training on PyTorch.
+
+Training is a pure ``train_step(state, batch) -> (state, metrics)`` over an
+immutable :class:`TrainState` pytree; optimizers are composable gradient
+transformations (:mod:`craftfn.optim`).
+
+Example:
+    >>> import torch, craftfn
+    >>> state = craftfn.TrainState.create(model=torch.nn.Linear(2, 1), tx=craftfn.optim.sgd(0.1))
+"""
+
+from craftfn import optim, random, struct, tree
+from craftfn.state import DonatedStateError, TrainState
+from craftfn.step import make_eval_step, make_train_step, value_and_grad
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TrainState",
+    "DonatedStateError",
+    "make_train_step",
+    "make_eval_step",
+    "value_and_grad",
+    "tree",
+    "struct",
+    "random",
+    "optim",
+    "__version__",
+]

@@ -1,0 +1,229 @@
+"""The gradient-transformation protocol (optax's), and the combinators every rule builds on.
+
+A :class:`GradientTransformation` is a pair of pure functions::
+
+    opt_state = tx.init(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = apply_updates(params, updates)
+
+Updates are *added* to the parameters (so ``sgd`` scales by ``-learning_rate``),
+exactly as in optax.
+
+A transformation may also carry ``donated_update(grads, opt_state, params, **extra)
+-> (params, opt_state)``: the same step, allowed to reuse (overwrite) the buffers
+of its three inputs. ``TrainState.apply_gradients(..., donate=True)`` takes it when
+present; that is how aliases such as ``adamw`` reach fused in-place kernels while
+``update`` stays pure. Without it, a donated step falls back to ``update`` plus an
+in-place add into the parameters.
+
+Example:
+    >>> import torch
+    >>> from craftfn import optim
+    >>> params = {"w": torch.ones(2)}
+    >>> tx = optim.sgd(0.1)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": torch.ones(2)}, state, params)
+    >>> optim.apply_updates(params, updates)
+    {'w': tensor([0.9000, 0.9000])}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Protocol, Union
+
+import torch
+
+from craftfn import tree
+from craftfn.tree import PyTree
+
+__all__ = [
+    "OptState",
+    "Params",
+    "Updates",
+    "Schedule",
+    "ScalarOrSchedule",
+    "GradientTransformation",
+    "TransformInitFn",
+    "TransformUpdateFn",
+    "DonatedUpdateFn",
+    "EmptyState",
+    "identity",
+    "chain",
+    "apply_updates",
+    "apply_updates_",
+    "check_updates_match",
+    "check_hyperparameter",
+]
+
+OptState = Any
+Params = PyTree
+Updates = PyTree
+Schedule = Callable[[Union[int, torch.Tensor]], Union[float, torch.Tensor]]
+ScalarOrSchedule = Union[float, torch.Tensor, Schedule]
+
+
+class TransformInitFn(Protocol):
+    def __call__(self, params: Params) -> OptState: ...
+
+
+class TransformUpdateFn(Protocol):
+    def __call__(self, updates: Updates, state: OptState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, OptState]: ...
+
+
+class DonatedUpdateFn(Protocol):
+    def __call__(self, updates: Updates, state: OptState, params: Params, **extra: Any) -> tuple[Params, OptState]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """An update rule: ``init(params) -> state`` and ``update(updates, state, params=None, **extra)``.
+
+    ``donated_update`` is optional (see the module docstring). Extra keyword
+    arguments given to ``update`` (for example ``value=loss``) are passed to every
+    transformation in a chain; transformations ignore the ones they do not use.
+
+    Example:
+        >>> tx = optim.GradientTransformation(lambda p: optim.EmptyState(), lambda u, s, p=None, **kw: (u, s))
+        >>> tx.init({"w": torch.ones(1)})
+        EmptyState()
+    """
+
+    init: TransformInitFn
+    update: TransformUpdateFn
+    donated_update: Optional[DonatedUpdateFn] = None
+
+
+class EmptyState(NamedTuple):
+    """The state of a stateless transformation."""
+
+
+def identity() -> GradientTransformation:
+    """The transformation that leaves updates unchanged.
+
+    Example:
+        >>> tx = optim.identity()
+        >>> tx.update({"w": torch.ones(1)}, tx.init(None))[0]
+        {'w': tensor([1.])}
+    """
+
+    def init_fn(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update_fn(updates: Updates, state: EmptyState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, EmptyState]:
+        del params, extra
+        return updates, state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def _state_error(name: str, expected: str, state: Any) -> ValueError:
+    return ValueError(
+        f"{name}: opt_state {type(state).__name__} is not a state made by this transformation's init "
+        f"(expected {expected}); call tx.init(params) before tx.update(...)"
+    )
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Compose transformations left to right; the state is a tuple of their states.
+
+    When the last transformation has a ``donated_update``, the chain has one too: the
+    leading transformations run their pure ``update`` (their outputs are fresh tensors)
+    and the last one applies in place.
+
+    Example:
+        >>> tx = optim.chain(optim.trace(decay=0.9), optim.scale_by_learning_rate(0.1))
+        >>> len(tx.init({"w": torch.ones(1)}))
+        2
+    """
+    for i, t in enumerate(transforms):
+        if not isinstance(t, GradientTransformation):
+            raise TypeError(f"chain: argument {i} must be a GradientTransformation, got {type(t).__name__}")
+
+    def init_fn(params: Params) -> tuple[OptState, ...]:
+        return tuple(t.init(params) for t in transforms)
+
+    def _check(state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) != len(transforms):
+            raise _state_error("chain", f"a tuple of {len(transforms)} states", state)
+
+    def update_fn(updates: Updates, state: tuple, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, tuple]:
+        _check(state)
+        new_state = []
+        for t, s in zip(transforms, state):
+            updates, s = t.update(updates, s, params, **extra)
+            new_state.append(s)
+        return updates, tuple(new_state)
+
+    donated_fn = None
+    if transforms and transforms[-1].donated_update is not None:
+        last = transforms[-1]
+
+        def donated_fn(updates: Updates, state: tuple, params: Params, **extra: Any) -> tuple[Params, tuple]:
+            _check(state)
+            new_state = []
+            for t, s in zip(transforms[:-1], state[:-1]):
+                updates, s = t.update(updates, s, params, **extra)
+                new_state.append(s)
+            params, s = last.donated_update(updates, state[-1], params, **extra)
+            new_state.append(s)
+            return params, tuple(new_state)
+
+    return GradientTransformation(init_fn, update_fn, donated_fn)
+
+
+def check_updates_match(updates: Updates, params: Params, argname: str = "updates") -> None:
+    """Raise ``ValueError`` listing the differences when two trees disagree in structure."""
+    def_u, def_p = tree.structure(updates), tree.structure(params)
+    if def_u != def_p:
+        names_u, names_p = set(tree.paths(updates)), set(tree.paths(params))
+        missing, extra_ = sorted(names_p - names_u), sorted(names_u - names_p)
+        detail = f"missing {missing[:8]}, unexpected {extra_[:8]}" if (missing or extra_) else f"{def_u} vs {def_p}"
+        raise ValueError(f"{argname} must have the same tree structure as params: {detail}")
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """``params + updates`` leafwise, keeping each parameter's dtype (pure: new tensors).
+
+    Example:
+        >>> optim.apply_updates({"w": torch.ones(1)}, {"w": -torch.ones(1)})
+        {'w': tensor([0.])}
+    """
+    p_leaves, treedef = tree.flatten(params)
+    u_leaves = treedef.flatten_up_to(updates)
+    out: list[Any] = [None] * len(p_leaves)
+    for (gp, gu) in tree.group_by_device_dtype(p_leaves, u_leaves):
+        us = [u.to(gp.dtype) for u in gu.tensors]
+        for i, t in zip(gp.indices, torch._foreach_add(gp.tensors, us)):
+            out[i] = t
+    return tree.unflatten(treedef, out)
+
+
+def apply_updates_(params: Params, updates: Updates) -> Params:
+    """In-place ``params += updates`` (for donated states); returns ``params``."""
+    p_leaves, treedef = tree.flatten(params)
+    u_leaves = treedef.flatten_up_to(updates)
+    for (gp, gu) in tree.group_by_device_dtype(p_leaves, u_leaves):
+        torch._foreach_add_(gp.tensors, [u.to(gp.dtype) for u in gu.tensors])
+    return params
+
+
+def check_hyperparameter(name: str, value: Any, *, low: float | None = 0.0, high: float | None = None, low_inclusive: bool = True, high_inclusive: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` when a numeric hyperparameter is outside its range.
+
+    Schedules (callables) and tensors are accepted as they are: their values are only
+    known at step time, and reading a tensor here would sync.
+
+    Example:
+        >>> optim.check_hyperparameter("eps", -1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: eps must be >= 0.0, got -1.0
+    """
+    if callable(value) or isinstance(value, torch.Tensor) or value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, a 0-d tensor or a schedule, got {value!r}")
+    if low is not None and (value < low or (value == low and not low_inclusive)):
+        raise ValueError(f"{name} must be {'>=' if low_inclusive else '>'} {low}, got {value}")
+    if high is not None and (value > high or (value == high and not high_inclusive)):
+        raise ValueError(f"{name} must be {'<=' if high_inclusive else '<'} {high}, got {value}")

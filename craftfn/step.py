@@ -1,0 +1,287 @@
+"""The gradient engine and the pure train/eval steps.
+
+``make_train_step(loss_fn)`` turns a loss function into
+``step(state, batch) -> (new_state, metrics)``: pure (inputs are never mutated,
+the same state and batch give bit-identical results, dropout included) and free of
+host syncs (metrics are 0-d tensors for the caller to read when it likes).
+
+Example:
+    >>> import torch
+    >>> from craftfn import TrainState, make_train_step, optim
+    >>> model = torch.nn.Linear(3, 1)
+    >>> def loss_fn(state, params, batch, rng):
+    ...     pred = state.apply(params, batch["x"])
+    ...     return torch.mean((pred - batch["y"]) ** 2)
+    >>> step = make_train_step(loss_fn)
+    >>> state = TrainState.create(model=model, tx=optim.sgd(0.1))
+    >>> batch = {"x": torch.ones(4, 3), "y": torch.zeros(4, 1)}
+    >>> state, metrics = step(state, batch)
+    >>> sorted(metrics)
+    ['grad_norm', 'loss']
+
+Gradient engine: ``value_and_grad`` runs the function on parameters that require
+grad and calls ``torch.autograd.grad`` (the "functional_call + autograd.grad"
+engine). It works with activation checkpointing, autocast and ``torch.compile``.
+Use ``torch.func.grad``/``vmap`` instead when you need to *transform* the gradient
+computation, e.g. per-example gradients (``vmap(grad(loss))``); torch.func does not
+support saved-tensor hooks, so activation checkpointing fails under it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Union
+
+import torch
+
+from craftfn import _context, random, tree
+from craftfn.state import TrainState, _cuda_devices, _mark_donated, check_live
+
+__all__ = ["value_and_grad", "make_train_step", "make_eval_step", "LossFn", "MetricFn"]
+
+LossFn = Callable[[TrainState, Any, Any, torch.Tensor], Union[torch.Tensor, tuple[torch.Tensor, Mapping[str, Any]]]]
+MetricFn = Callable[[TrainState, Any, Any, torch.Tensor], Union[torch.Tensor, Mapping[str, Any]]]
+
+# Distinguishes the eval stream of keys from the train stream at the same step.
+_EVAL_KEY_TAG = 0x7E5A1
+
+
+def _check_scalar_loss(loss: Any) -> None:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"the loss function must return a 0-d tensor (or (loss, aux_dict)), got {type(loss).__name__}")
+    if loss.dim() != 0:
+        raise ValueError(
+            f"the loss must be a scalar (0-d tensor), got shape {tuple(loss.shape)}; reduce it, e.g. loss.mean()"
+        )
+    if not loss.is_floating_point():
+        raise TypeError(f"the loss must be a floating-point tensor, got dtype {loss.dtype}")
+
+
+def value_and_grad(fn: Callable[..., Any], has_aux: bool = False) -> Callable[..., Any]:
+    """Return ``f(params, *args, **kwargs) -> (value, grads)`` (``((value, aux), grads)`` with aux).
+
+    ``grads`` has the structure of ``params``; parameters that do not affect the value
+    get zero gradients. Values and aux come back detached.
+
+    Example:
+        >>> f = value_and_grad(lambda p, x: (p["w"] * x).sum())
+        >>> value, grads = f({"w": torch.ones(2)}, torch.tensor([1.0, 2.0]))
+        >>> value, grads["w"]
+        (tensor(3.), tensor([1., 2.]))
+    """
+
+    def wrapped(params: Any, *args: Any, **kwargs: Any) -> Any:
+        leaves, treedef = tree.flatten(params)
+        for name, x in zip(tree.paths(params), leaves):
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                raise TypeError(f"value_and_grad: parameter {name!r} must be a floating-point tensor, got {x!r:.60}")
+        traced = [x.detach().requires_grad_(True) for x in leaves]
+        with torch.enable_grad():
+            out = fn(tree.unflatten(treedef, traced), *args, **kwargs)
+            if has_aux:
+                if not (isinstance(out, tuple) and len(out) == 2):
+                    raise TypeError("value_and_grad(has_aux=True): the function must return (value, aux)")
+                value, aux = out
+            else:
+                value, aux = out, None
+            _check_scalar_loss(value)
+            grads = torch.autograd.grad(value, traced, allow_unused=True, materialize_grads=True)
+        grads_tree = tree.unflatten(treedef, list(grads))
+        value = value.detach()
+        if has_aux:
+            return (value, tree.detach(aux)), grads_tree
+        return value, grads_tree
+
+    return wrapped
+
+
+def _split_loss_output(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    if isinstance(out, tuple):
+        if len(out) != 2 or not isinstance(out[1], Mapping):
+            raise TypeError("the loss function must return a loss tensor or a pair (loss, aux_dict)")
+        return out[0], dict(out[1])
+    return out, {}
+
+
+def _check_batch(batch: Any, accum_steps: int) -> int:
+    """Validate the batch's leading sizes (static shapes: no sync) and return the batch size."""
+    named = tree.flatten_with_path(batch)[0]
+    tensors = [(n or "<batch>", x) for n, x in named if isinstance(x, torch.Tensor)]
+    if not tensors:
+        raise ValueError("batch must contain at least one tensor (a pytree whose leaves share a leading dimension)")
+    for name, x in tensors:
+        if x.dim() == 0:
+            raise ValueError(f"batch leaf {name!r} is 0-d; every batch leaf needs a leading batch dimension")
+    sizes = {name: int(x.shape[0]) for name, x in tensors}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"batch leaves disagree in leading (batch) size: {sizes}")
+    size = next(iter(sizes.values()))
+    if size % accum_steps != 0:
+        raise ValueError(
+            f"accum_steps={accum_steps} does not divide the batch size {size}; "
+            f"use a batch size that is a multiple of {accum_steps}"
+        )
+    return size
+
+
+def _microbatch(batch: Any, accum_steps: int, i: int) -> Any:
+    def take(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        b = x.shape[0] // accum_steps
+        return x[i * b : (i + 1) * b]
+
+    return tree.map(take, batch)
+
+
+def _maybe_compile(fn: Callable[..., Any], compile: Union[bool, Mapping[str, Any]]) -> Callable[..., Any]:
+    if not compile:
+        return fn
+    options = dict(compile) if isinstance(compile, Mapping) else {}
+    compiled = torch.compile(fn, **options)
+
+    def run(*args: Any) -> Any:
+        # Dynamo traces torch.autograd.grad only with this flag (torch 2.13); without it the
+        # backward would silently run eagerly, or fail under fullgraph=True.
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            return compiled(*args)
+
+    run.compiled = compiled  # type: ignore[attr-defined]
+    return run
+
+
+def _check_accum(accum_steps: Any) -> None:
+    if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    *,
+    accum_steps: int = 1,
+    donate: bool = False,
+    compile: Union[bool, Mapping[str, Any]] = False,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, torch.Tensor]]]:
+    """Build the pure training step ``step(state, batch) -> (new_state, metrics)``.
+
+    Args:
+        loss_fn: ``loss_fn(state, params, batch, rng) -> loss`` or ``(loss, aux_dict)``.
+            Run the model with ``state.apply(params, ...)``; ``rng`` is this step's key
+            (``fold_in(state.rng, state.step)``) for any explicit randomness; module
+            dropout is already seeded from it.
+        accum_steps: split the batch (every leaf along its leading dimension) into this
+            many microbatches and accumulate their mean gradient inside the step. The
+            result equals one step on the whole batch.
+        donate: let the step reuse the input state's buffers in place (JAX's
+            donate_argnums). Much faster for big models; the input state must not be used
+            afterwards (doing so raises ``DonatedStateError``).
+        compile: ``True`` or a dict of ``torch.compile`` options: compile the whole step
+            (forward, backward and update).
+
+    Returns:
+        The step. ``metrics`` holds 0-d tensors: ``loss``, ``grad_norm`` (before any
+        clipping the optimizer does) and the entries of ``aux`` (averaged over microbatches).
+
+    Example:
+        >>> step = make_train_step(loss_fn, accum_steps=2)
+        >>> state, metrics = step(state, batch)
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    _check_accum(accum_steps)
+
+    def loss_and_grad(state: TrainState, batch: Any, rng: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any], Any]:
+        def objective(params: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+            return _split_loss_output(loss_fn(state, params, batch, rng))
+
+        (loss, aux), grads = value_and_grad(objective, has_aux=True)(state.params)
+        return loss, aux, grads
+
+    def core(state: TrainState, batch: Any, rng: torch.Tensor) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        # The loss sees a private copy of the buffers, so BatchNorm-style updates land in the
+        # new state and never in the caller's (a donated state's buffers are reused instead).
+        work = state if donate else state.replace(buffers=tree.clone(state.buffers))
+        if accum_steps == 1:
+            loss, aux, grads = loss_and_grad(work, batch, rng)
+        else:
+            loss, aux, grads = None, None, None
+            for i in range(accum_steps):
+                l_i, a_i, g_i = loss_and_grad(work, _microbatch(batch, accum_steps, i), random.fold_in(rng, i))
+                if grads is None:
+                    loss, aux, grads = l_i, a_i, g_i
+                else:
+                    loss, aux, grads = loss + l_i, {k: aux[k] + a_i[k] for k in aux}, tree.add(grads, g_i)
+            inv = 1.0 / accum_steps
+            loss, aux, grads = loss * inv, {k: v * inv for k, v in aux.items()}, tree.scale(inv, grads)
+        metrics = {"loss": loss, "grad_norm": tree.global_norm(grads), **aux}
+        return work.apply_gradients(grads, donate=donate), metrics
+
+    run = _maybe_compile(core, compile)
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        check_live(state)
+        if state.tx is None:
+            raise ValueError(
+                "the state has no tx (optimizer); create it with TrainState.create(..., tx=optim.sgd(...)) "
+                "or pass it via state.replace(tx=..., opt_state=tx.init(state.params))"
+            )
+        _check_batch(batch, accum_steps)
+        rng = random.fold_in(state.rng, state.step)
+        with _context.step_context(training=True), random.fork_torch_rng(rng, devices=_cuda_devices(state.params)):
+            new_state, metrics = run(state, batch, rng)
+        if donate:
+            _mark_donated(state)
+        return new_state, metrics
+
+    step.accum_steps = accum_steps  # type: ignore[attr-defined]
+    step.donate = donate  # type: ignore[attr-defined]
+    step.compiled = getattr(run, "compiled", None)  # type: ignore[attr-defined]
+    # The pure core, ``core(state, batch, rng)``: what ``compile=`` compiles, exposed so
+    # tools such as ``torch._dynamo.explain`` can inspect it.
+    step.core = core  # type: ignore[attr-defined]
+    return step
+
+
+def make_eval_step(
+    metric_fn: MetricFn,
+    *,
+    compile: Union[bool, Mapping[str, Any]] = False,
+) -> Callable[[TrainState, Any], dict[str, torch.Tensor]]:
+    """Build ``eval_step(state, batch) -> metrics``: no gradients, eval mode, nothing mutated.
+
+    Args:
+        metric_fn: ``metric_fn(state, params, batch, rng) -> loss | dict of 0-d tensors``.
+            A bare tensor is reported as ``{"loss": value}``.
+        compile: as in :func:`make_train_step`.
+
+    Example:
+        >>> eval_step = make_eval_step(lambda s, p, b, rng: {"mse": torch.mean((s.apply(p, b["x"]) - b["y"]) ** 2)})
+        >>> sorted(eval_step(state, batch))
+        ['mse']
+    """
+    if not callable(metric_fn):
+        raise TypeError(f"metric_fn must be callable, got {type(metric_fn).__name__}")
+
+    def core(state: TrainState, batch: Any, rng: torch.Tensor) -> dict[str, torch.Tensor]:
+        work = state.replace(buffers=tree.clone(state.buffers))
+        with torch.no_grad():
+            out = metric_fn(work, work.params, batch, rng)
+        if isinstance(out, torch.Tensor):
+            return {"loss": out}
+        if not isinstance(out, Mapping):
+            raise TypeError(f"metric_fn must return a tensor or a dict of tensors, got {type(out).__name__}")
+        return dict(out)
+
+    run = _maybe_compile(core, compile)
+
+    def eval_step(state: TrainState, batch: Any) -> dict[str, torch.Tensor]:
+        check_live(state)
+        _check_batch(batch, 1)
+        rng = random.fold_in(random.fold_in(state.rng, state.step), _EVAL_KEY_TAG)
+        with _context.step_context(training=False), random.fork_torch_rng(rng, devices=_cuda_devices(state.params)):
+            return run(state, batch, rng)
+
+    eval_step.compiled = getattr(run, "compiled", None)  # type: ignore[attr-defined]
+    return eval_step
+
+
+

@@ -1,0 +1,402 @@
+"""Pytree helpers over optree, with craftfn's namespace fixed in one place.
+
+Every pytree operation in craftfn goes through this module so that types
+registered by :mod:`craftfn.struct` (``TrainState``, optimizer states) are
+seen as nodes, and ``None`` is an empty subtree rather than a leaf (as in JAX).
+
+Example:
+    >>> import torch
+    >>> from craftfn import tree
+    >>> params = {"w": torch.ones(2, 2), "b": torch.zeros(2)}
+    >>> tree.global_norm(params)
+    tensor(2.)
+    >>> sorted(tree.flatten_with_path(params)[0])
+    ['b', 'w']
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Iterable, NamedTuple
+
+import optree
+import torch
+
+NAMESPACE = "craftfn"
+
+PyTree = Any
+TreeDef = optree.PyTreeSpec
+
+__all__ = [
+    "NAMESPACE",
+    "PyTree",
+    "TreeDef",
+    "map",
+    "map_with_path",
+    "leaves",
+    "structure",
+    "flatten",
+    "unflatten",
+    "flatten_with_path",
+    "paths",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "add",
+    "sub",
+    "mul",
+    "scale",
+    "vdot",
+    "sum_of_squares",
+    "global_norm",
+    "allclose",
+    "equal",
+    "cast",
+    "clone",
+    "detach",
+    "to",
+    "all_finite",
+    "LeafGroup",
+    "group_by_device_dtype",
+]
+
+
+def _options() -> dict[str, Any]:
+    return {"none_is_leaf": False, "namespace": NAMESPACE}
+
+
+def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> PyTree:  # noqa: A001
+    """Apply ``fn`` to every leaf (and the matching leaves of ``rest``).
+
+    Example:
+        >>> tree.map(lambda a, b: a + b, {"x": torch.ones(1)}, {"x": torch.ones(1)})
+        {'x': tensor([2.])}
+    """
+    return optree.tree_map(fn, tree, *rest, is_leaf=is_leaf, **_options())
+
+
+def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """Like :func:`map`, but ``fn(name, leaf, *rest_leaves)`` also gets the dotted path name.
+
+    Example:
+        >>> tree.map_with_path(lambda n, x: n, {"a": [torch.ones(1)]})
+        {'a': ['a.0']}
+    """
+    names, treedef = paths(tree), structure(tree)
+    flat = [leaves(tree)] + [treedef.flatten_up_to(r) for r in rest]
+    return unflatten(treedef, [fn(n, *xs) for n, *xs in zip(names, *flat)])
+
+
+def leaves(tree: PyTree) -> list[Any]:
+    """The leaves of ``tree`` in canonical order (dict keys sorted).
+
+    Example:
+        >>> tree.leaves({"b": torch.zeros(1), "a": torch.ones(1)})
+        [tensor([1.]), tensor([0.])]
+    """
+    return optree.tree_leaves(tree, **_options())
+
+
+def structure(tree: PyTree) -> TreeDef:
+    """The tree structure (treedef) of ``tree``; static fields are part of it.
+
+    Example:
+        >>> tree.structure({"a": torch.ones(1)}).num_leaves
+        1
+    """
+    return optree.tree_structure(tree, **_options())
+
+
+def flatten(tree: PyTree) -> tuple[list[Any], TreeDef]:
+    """Split ``tree`` into ``(leaves, treedef)``; :func:`unflatten` inverts it.
+
+    Example:
+        >>> leaves_, treedef = tree.flatten({"a": torch.ones(1)})
+        >>> tree.unflatten(treedef, leaves_)
+        {'a': tensor([1.])}
+    """
+    return optree.tree_flatten(tree, **_options())
+
+
+def unflatten(treedef: TreeDef, leaves_: Iterable[Any]) -> PyTree:
+    """Rebuild a tree from ``treedef`` and leaves (see :func:`flatten`)."""
+    return optree.tree_unflatten(treedef, leaves_)
+
+
+def _entry_name(entry: Any) -> str:
+    for attr in ("field", "name", "key", "index"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry.entry)
+
+
+def paths(tree: PyTree) -> list[str]:
+    """Dotted names of the leaves, in leaf order (``"opt_state.0.mu.fc.weight"``).
+
+    NamedTuple fields and dataclass fields are named by field name; dict keys
+    are used as they are, so parameter names keep ``named_parameters()`` form.
+
+    Example:
+        >>> tree.paths({"fc": {"weight": torch.ones(1)}, "n": [torch.ones(1)]})
+        ['fc.weight', 'n.0']
+    """
+    accessors = optree.tree_accessors(tree, **_options())
+    return [".".join(_entry_name(e) for e in acc) for acc in accessors]
+
+
+def flatten_with_path(tree: PyTree) -> tuple[list[tuple[str, Any]], TreeDef]:
+    """Like :func:`flatten`, with each leaf paired with its dotted name.
+
+    Example:
+        >>> pairs, _ = tree.flatten_with_path({"blocks": [{"w": torch.ones(1)}]})
+        >>> pairs[0][0]
+        'blocks.0.w'
+    """
+    leaves_, treedef = flatten(tree)
+    return list(zip(paths(tree), leaves_)), treedef
+
+
+def zeros_like(tree: PyTree, dtype: torch.dtype | None = None) -> PyTree:
+    """A tree of zeros shaped like ``tree`` (optionally in ``dtype``).
+
+    Example:
+        >>> tree.zeros_like({"a": torch.ones(2)})
+        {'a': tensor([0., 0.])}
+    """
+    return map(lambda x: torch.zeros_like(x, dtype=dtype), tree)
+
+
+def ones_like(tree: PyTree, dtype: torch.dtype | None = None) -> PyTree:
+    """A tree of ones shaped like ``tree``."""
+    return map(lambda x: torch.ones_like(x, dtype=dtype), tree)
+
+
+def full_like(tree: PyTree, value: float, dtype: torch.dtype | None = None) -> PyTree:
+    """A tree filled with ``value`` shaped like ``tree``."""
+    return map(lambda x: torch.full_like(x, value, dtype=dtype), tree)
+
+
+def _foreach_binary(op: Callable, fallback: Callable, a: PyTree, b: PyTree) -> PyTree:
+    leaves_a, treedef = flatten(a)
+    leaves_b = treedef.flatten_up_to(b)
+    if not leaves_a:
+        return a
+    return unflatten(treedef, op(leaves_a, leaves_b) if _foreach_ok(leaves_a, leaves_b) else [fallback(x, y) for x, y in zip(leaves_a, leaves_b)])
+
+
+def _foreach_ok(*lists: list[Any]) -> bool:
+    return all(isinstance(x, torch.Tensor) for lst in lists for x in lst)
+
+
+def add(a: PyTree, b: PyTree) -> PyTree:
+    """Leafwise ``a + b`` (one multi-tensor kernel when leaves are tensors).
+
+    Example:
+        >>> tree.add({"a": torch.ones(1)}, {"a": torch.ones(1)})
+        {'a': tensor([2.])}
+    """
+    return _foreach_binary(torch._foreach_add, lambda x, y: x + y, a, b)
+
+
+def sub(a: PyTree, b: PyTree) -> PyTree:
+    """Leafwise ``a - b``.
+
+    Example:
+        >>> tree.sub({"a": torch.ones(1)}, {"a": torch.ones(1)})
+        {'a': tensor([0.])}
+    """
+    return _foreach_binary(torch._foreach_sub, lambda x, y: x - y, a, b)
+
+
+def mul(a: PyTree, b: PyTree) -> PyTree:
+    """Leafwise ``a * b``."""
+    return _foreach_binary(torch._foreach_mul, lambda x, y: x * y, a, b)
+
+
+def scale(factor: float | torch.Tensor, tree: PyTree) -> PyTree:
+    """Multiply every leaf by ``factor`` (a number or a 0-d tensor).
+
+    Example:
+        >>> tree.scale(2.0, {"a": torch.ones(1)})
+        {'a': tensor([2.])}
+    """
+    leaves_, treedef = flatten(tree)
+    if not leaves_:
+        return tree
+    return unflatten(treedef, torch._foreach_mul(leaves_, factor))
+
+
+def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
+    """Sum over leaves of the inner products ``<a_i, b_i>``, as a 0-d fp32 tensor.
+
+    Example:
+        >>> tree.vdot({"a": torch.ones(3)}, {"a": torch.ones(3)})
+        tensor(3.)
+    """
+    leaves_a, treedef = flatten(a)
+    leaves_b = treedef.flatten_up_to(b)
+    total = torch.zeros((), dtype=torch.float32, device=leaves_a[0].device if leaves_a else None)
+    for x, y in zip(leaves_a, leaves_b):
+        total = total + torch.sum(x.float() * y.float()).to(total.device)
+    return total
+
+
+def sum_of_squares(tree: PyTree) -> torch.Tensor:
+    """Sum of squares of every element, as a 0-d fp32 tensor (no host sync)."""
+    leaves_ = leaves(tree)
+    if not leaves_:
+        return torch.zeros((), dtype=torch.float32)
+    device = leaves_[0].device
+    # One fused norm per leaf group, then a single reduction: no Python per-element work.
+    norms = []
+    for group in group_by_device_dtype(leaves_):
+        norms.extend(n.to(device=device, dtype=torch.float32) for n in torch._foreach_norm(group.tensors))
+    return torch.sum(torch.stack(norms) ** 2)
+
+
+def global_norm(tree: PyTree) -> torch.Tensor:
+    """The L2 norm of all leaves taken together (optax.global_norm), a 0-d fp32 tensor.
+
+    Example:
+        >>> tree.global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])})
+        tensor(5.)
+    """
+    return torch.sqrt(sum_of_squares(tree))
+
+
+def allclose(a: PyTree, b: PyTree, rtol: float = 1e-5, atol: float = 1e-8, equal_nan: bool = False) -> bool:
+    """True when both trees have the same structure and every leaf pair is allclose.
+
+    Meant for tests and checks outside steps (it reads values to the host).
+
+    Example:
+        >>> tree.allclose({"a": torch.ones(1)}, {"a": torch.ones(1) + 1e-9})
+        True
+    """
+    leaves_a, def_a = flatten(a)
+    leaves_b, def_b = flatten(b)
+    if def_a != def_b:
+        return False
+    for x, y in zip(leaves_a, leaves_b):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            x, y = torch.as_tensor(x), torch.as_tensor(y)
+            if x.shape != y.shape or not torch.allclose(x.to(y.dtype), y, rtol=rtol, atol=atol, equal_nan=equal_nan):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def equal(a: PyTree, b: PyTree) -> bool:
+    """True when both trees have the same structure and bit-identical leaves (dtype included).
+
+    Example:
+        >>> tree.equal({"a": torch.ones(1)}, {"a": torch.ones(1)})
+        True
+    """
+    leaves_a, def_a = flatten(a)
+    leaves_b, def_b = flatten(b)
+    if def_a != def_b:
+        return False
+    for x, y in zip(leaves_a, leaves_b):
+        if isinstance(x, torch.Tensor):
+            if not isinstance(y, torch.Tensor) or x.dtype != y.dtype or not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def cast(tree: PyTree, dtype: torch.dtype, *, only_floating: bool = True) -> PyTree:
+    """Cast leaves to ``dtype``; by default integer and bool leaves are kept as they are.
+
+    Example:
+        >>> tree.cast({"a": torch.ones(1), "n": torch.tensor(3)}, torch.bfloat16)
+        {'a': tensor([1.], dtype=torch.bfloat16), 'n': tensor(3)}
+    """
+    def _cast(x: torch.Tensor) -> torch.Tensor:
+        if only_floating and not (x.is_floating_point() or x.is_complex()):
+            return x
+        return x.to(dtype)
+
+    return map(_cast, tree)
+
+
+def clone(tree: PyTree) -> PyTree:
+    """A copy of every tensor leaf (fresh storage)."""
+    return map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def detach(tree: PyTree) -> PyTree:
+    """Every tensor leaf detached from autograd (no copy)."""
+    return map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def to(tree: PyTree, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PyTree:
+    """Move tensor leaves to ``device`` (and floating leaves to ``dtype`` when given)."""
+    def _to(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        if dtype is not None and x.is_floating_point():
+            return x.to(device=device, dtype=dtype)
+        return x.to(device=device)
+
+    return map(_to, tree)
+
+
+def all_finite(tree: PyTree) -> torch.Tensor:
+    """0-d bool tensor: every element of every floating leaf is finite (no host sync).
+
+    Example:
+        >>> tree.all_finite({"a": torch.tensor([1.0, float("nan")])})
+        tensor(False)
+    """
+    leaves_ = [x for x in leaves(tree) if x.is_floating_point()]
+    if not leaves_:
+        return torch.ones((), dtype=torch.bool)
+    # The max-abs (inf) norm is NaN/inf exactly when some element is, and unlike a sum of
+    # squares it never overflows on large finite values. One multi-tensor kernel per group.
+    device = leaves_[0].device
+    maxes = [
+        n.to(device=device, dtype=torch.float32)
+        for group in group_by_device_dtype(leaves_)
+        for n in torch._foreach_norm(group.tensors, float("inf"))
+    ]
+    return torch.isfinite(torch.stack(maxes)).all()
+
+
+class LeafGroup(NamedTuple):
+    """Leaves that share (device, dtype), with their positions in the original list."""
+
+    device: torch.device
+    dtype: torch.dtype
+    indices: list[int]
+    tensors: list[torch.Tensor]
+
+
+def group_by_device_dtype(*lists: list[torch.Tensor]) -> list[LeafGroup] | list[tuple[LeafGroup, ...]]:
+    """Group tensors by (device, dtype) so each group can go through one ``torch._foreach_*`` call.
+
+    With one list, returns ``[LeafGroup, ...]``. With several parallel lists (say params, grads,
+    moments), grouping follows the first list and returns, per group, a tuple with one
+    ``LeafGroup`` per list holding the matching tensors.
+
+    Example:
+        >>> groups = tree.group_by_device_dtype([torch.ones(1), torch.ones(1, dtype=torch.bfloat16)])
+        >>> [(g.dtype, g.indices) for g in groups]
+        [(torch.float32, [0]), (torch.bfloat16, [1])]
+    """
+    if not lists:
+        raise ValueError("group_by_device_dtype needs at least one list of tensors")
+    first = lists[0]
+    for i, other in enumerate(lists[1:], start=1):
+        if len(other) != len(first):
+            raise ValueError(f"group_by_device_dtype: list {i} has {len(other)} tensors, list 0 has {len(first)}")
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(first):
+        buckets[(t.device, t.dtype)].append(i)
+    groups = []
+    for (device, dtype), idx in buckets.items():
+        per_list = tuple(LeafGroup(device, dtype, idx, [lst[i] for i in idx]) for lst in lists)
+        groups.append(per_list[0] if len(lists) == 1 else per_list)
+    return groups
