@@ -250,7 +250,9 @@ def sum_of_squares(tree: PyTree) -> torch.Tensor:
     # One fused norm per leaf group, then a single reduction: no Python per-element work.
     norms = []
     for group in group_by_device_dtype(leaves_):
-        norms.extend(n.to(device=device, dtype=torch.float32) for n in torch._foreach_norm(group.tensors))
+        # Accumulate low-precision leaves in fp32: a bf16 norm is off in the third digit.
+        acc = torch.float32 if group.dtype in (torch.bfloat16, torch.float16) else None
+        norms.extend(n.to(device=device, dtype=torch.float32) for n in torch._foreach_norm(group.tensors, 2, dtype=acc))
     return torch.sum(torch.stack(norms) ** 2)
 
 

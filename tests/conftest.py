@@ -1,0 +1,19 @@
+"""Shared test configuration: bounded hypothesis runs (CI has 2 cores and a time budget)."""
+
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "craftfn",
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=True,
+)
+settings.register_profile("thorough", max_examples=200, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "craftfn"))
+
+# Tests use tiny tensors; more threads only add contention on a 2-core machine.
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
