@@ -1,0 +1,337 @@
+"""A decoder-only transformer of nanoGPT's class, with a static KV cache for generation.
+
+Read top to bottom: config, KV cache, attention, MLP, block, the model, the loss.
+Parameter names follow nanoGPT (``transformer.wte.weight``, ``transformer.h.0.attn.c_attn.weight``,
+...), so checkpoints and habits carry over. The output head is tied to the token embedding,
+so ``named_parameters()`` lists ``transformer.wte.weight`` only.
+
+Two ways to run it:
+
+* training / scoring: ``model(idx) -> logits`` with causal attention (``is_causal=True``), no
+  buffers at all, so ``TrainState.buffers`` stays empty;
+* generation (gpt-fast style): ``cache = model.init_kv_cache(batch_size, max_len)``, then
+  ``logits, cache = model(idx, kv_cache=cache, input_pos=pos)`` for the prompt (prefill) and
+  for one token at a time (decode). The cache is preallocated, positions are tensors, and every
+  decode call has the same shapes, so ``torch.compile(fullgraph=True)`` compiles it once.
+
+Example:
+    >>> import torch
+    >>> from craftfn.models import GPT, GPTConfig
+    >>> model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=8))
+    >>> model(torch.zeros(3, 5, dtype=torch.long)).shape
+    torch.Size([3, 5, 11])
+"""
+
+# nanoGPT's shape names (B, T, C, ...) read better than lowercase here.
+# ruff: noqa: N806
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from craftfn import struct
+
+__all__ = ["GPTConfig", "GPT", "KVCache", "lm_loss", "lm_eval_metrics"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Sizes of a :class:`GPT` (nanoGPT's names).
+
+    Args:
+        vocab_size: number of token ids.
+        block_size: the context length (number of position embeddings).
+        n_layer: transformer blocks.
+        n_head: attention heads; must divide ``n_embd``.
+        n_embd: width of the residual stream.
+        dropout: dropout probability on embeddings, attention weights and residual branches.
+        bias: biases in the Linear and LayerNorm layers (GPT-2 has them).
+
+    Example:
+        >>> GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=2, n_embd=32).n_embd
+        32
+    """
+
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPTConfig.n_head={self.n_head} must divide n_embd={self.n_embd}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+
+@struct.dataclass
+class KVCache:
+    """Preallocated keys and values of every layer: two tensors ``(n_layer, B, n_head, max_len, head_dim)``.
+
+    A pytree (``craftfn.tree`` sees ``k`` and ``v`` as leaves). The model writes a call's keys
+    and values into the slots ``input_pos`` with ``index_copy_``: the cache is *donated* to the
+    forward, which returns it; keep using the returned one. Slot ``i`` holds the token at cache
+    position ``i`` (with left padding, a row's padding occupies its first slots and is masked).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def index_select(self, indices: torch.Tensor) -> KVCache:
+        """A new cache whose batch row ``i`` is this cache's row ``indices[i]`` (beam reordering)."""
+        return KVCache(self.k.index_select(1, indices), self.v.index_select(1, indices))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        layer_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        input_pos: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        dropout_p = self.dropout if self.training else 0.0
+        if layer_cache is not None:
+            # Write this call's keys/values into their slots, then attend over the whole
+            # (static-size) cache; the mask hides empty, future and padding slots.
+            k_cache, v_cache = layer_cache
+            k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
+            v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
+            k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, mask=None, layer_cache=None, input_pos=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, layer_cache, input_pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """The model: embeddings, ``n_layer`` blocks, final LayerNorm, head tied to ``wte``.
+
+    Example:
+        >>> model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=8))
+        >>> cache = model.init_kv_cache(batch_size=1, max_len=8)
+        >>> logits, cache = model(torch.tensor([[1, 2, 3]]), kv_cache=cache, input_pos=torch.arange(3))
+        >>> logits.shape
+        torch.Size([1, 3, 11])
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf): one matrix embeds tokens and scores them.
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), one per residual add.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Number of parameters (tied weights counted once).
+
+        Args:
+            non_embedding: leave out the position embeddings (nanoGPT's convention; the token
+                embedding stays in because it doubles as the output head).
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> int:
+        """Training FLOPs per token (forward + backward), the PaLM / nanoGPT estimate.
+
+        ``6 * N + 12 * n_layer * n_head * head_dim * seq_len``: 6 FLOPs per parameter per token
+        for the matmuls, plus attention scores and values. MFU = tokens/s * this / peak FLOP/s.
+
+        Args:
+            seq_len: the attended length (default ``block_size``).
+        """
+        cfg = self.config
+        T = cfg.block_size if seq_len is None else seq_len
+        L, H, Q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
+        return 6 * self.num_params() + 12 * L * H * Q * T
+
+    def init_kv_cache(
+        self,
+        batch_size: int,
+        max_len: Optional[int] = None,
+        *,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device | str] = None,
+    ) -> KVCache:
+        """A zeroed :class:`KVCache` for ``batch_size`` rows and ``max_len`` positions (default ``block_size``)."""
+        cfg = self.config
+        max_len = cfg.block_size if max_len is None else max_len
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= cfg.block_size:
+            raise ValueError(f"max_len must be an int in [1, block_size={cfg.block_size}], got {max_len!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        weight = self.transformer.wte.weight
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        dtype = weight.dtype if dtype is None else dtype
+        device = weight.device if device is None else device
+        return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        kv_cache: Optional[KVCache] = None,
+        input_pos: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+    ) -> Any:
+        """Logits ``(B, T, vocab_size)`` for token ids ``idx`` ``(B, T)``.
+
+        Args:
+            idx: int64 token ids.
+            kv_cache: a cache from :meth:`init_kv_cache`; then ``input_pos`` is required and
+                the call returns ``(logits, kv_cache)`` (the cache is updated in place).
+            input_pos: ``(T,)`` int64 cache slots of the ``T`` tokens (prefill ``arange(P)``,
+                decode ``tensor([p])``); also their positions unless ``position_ids`` is given.
+            attention_mask: 1/True for real tokens, 0/False for padding: ``(B, T)`` without a
+                cache, ``(B, max_len)`` (over cache slots) with one.
+            position_ids: ``(B, T)`` positions for the position embedding; with left padding
+                pass ``attention_mask.cumsum(-1) - 1`` so each row starts at position 0.
+        """
+        B, T = idx.shape
+        cfg = self.config
+        if kv_cache is None:
+            if cfg.block_size < T:
+                raise ValueError(f"idx has {T} tokens, more than block_size={cfg.block_size}")
+            if input_pos is not None:
+                raise ValueError("input_pos is only meaningful with kv_cache")
+            pos = torch.arange(T, device=idx.device) if position_ids is None else position_ids
+            mask = None if attention_mask is None else _padded_causal_mask(attention_mask, torch.arange(T, device=idx.device))
+        else:
+            if input_pos is None:
+                raise ValueError("kv_cache needs input_pos: the (T,) cache slots of the tokens in idx")
+            pos = input_pos if position_ids is None else position_ids
+            slots = torch.arange(kv_cache.max_len, device=idx.device)
+            if attention_mask is None:
+                mask = (slots[None, :] <= input_pos[:, None])[None, None]  # (1, 1, T, max_len)
+            else:
+                mask = _padded_causal_mask(attention_mask, input_pos)
+
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            layer_cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
+            x = block(x, mask, layer_cache, input_pos)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        return logits if kv_cache is None else (logits, kv_cache)
+
+
+def _padded_causal_mask(attention_mask: torch.Tensor, query_slots: torch.Tensor) -> torch.Tensor:
+    """Boolean ``(B, 1, T, S)`` mask: key slot ``j`` is visible to the query in slot ``q`` when
+    ``j <= q`` and ``j`` is not padding. A query always sees itself, so a padding query's row is
+    never empty (an all-False row would make softmax produce NaN)."""
+    key_slots = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    causal = key_slots[None, :] <= query_slots[:, None]  # (T, S)
+    itself = key_slots[None, :] == query_slots[:, None]
+    return ((causal[None] & attention_mask.bool()[:, None, :]) | itself[None])[:, None]
+
+
+def lm_loss(state: Any, params: Any, batch: dict[str, torch.Tensor], rng: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, a ``loss_fn`` for :func:`craftfn.make_train_step`.
+
+    ``batch`` holds ``input_ids`` and ``labels`` ``(B, T)`` (labels -100 are ignored), as
+    :func:`craftfn.data.random_window_batch` makes them.
+
+    Example:
+        >>> step = craftfn.make_train_step(lm_loss)
+        >>> state, metrics = step(state, {"input_ids": x, "labels": y})
+    """
+    logits = state.apply(params, batch["input_ids"])
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+
+
+def lm_eval_metrics(state: Any, params: Any, batch: dict[str, torch.Tensor], rng: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"loss": mean token cross-entropy, "num_tokens": counted tokens}``, a ``metric_fn`` for
+    :func:`craftfn.make_eval_step`; weight batch means by ``num_tokens`` for an exact mean."""
+    labels = batch["labels"]
+    loss = lm_loss(state, params, batch, rng)
+    return {"loss": loss, "num_tokens": (labels != -100).sum()}
