@@ -1,0 +1,41 @@
+"""Training loops over pure steps: ``Trainer``, callbacks, evaluation, progress.
+
+Example:
+    >>> from craftfn.training import Trainer, ConsoleLogger, EarlyStopping
+"""
+
+from craftfn.training.callbacks import (
+    Callback,
+    CallbackList,
+    ConsoleLogger,
+    EarlyStopping,
+    JSONLLogger,
+    NanGuard,
+    ProgressBar,
+    SampleText,
+    TensorBoardLogger,
+    generate_tokens,
+)
+from craftfn.training.evaluation import Evaluator
+from craftfn.training.progress import ProgressTracker, default_peak_flops
+from craftfn.training.trainer import Event, Trainer, count_tokens, learning_rate_of
+
+__all__ = [
+    "Trainer",
+    "Event",
+    "Evaluator",
+    "ProgressTracker",
+    "default_peak_flops",
+    "Callback",
+    "CallbackList",
+    "ConsoleLogger",
+    "JSONLLogger",
+    "TensorBoardLogger",
+    "EarlyStopping",
+    "NanGuard",
+    "SampleText",
+    "ProgressBar",
+    "generate_tokens",
+    "count_tokens",
+    "learning_rate_of",
+]

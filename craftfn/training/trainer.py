@@ -1,0 +1,527 @@
+"""The ``Trainer``: drives a pure ``train_step`` and emits a stream of metric events.
+
+The Trainer owns no math. It calls ``train_step(state, batch) -> (state, metrics)``
+(from :func:`craftfn.make_train_step`), fetches batches as a pure function of the
+step, runs the :class:`~craftfn.training.evaluation.Evaluator` every ``eval_every``
+steps, saves through an optional checkpoint manager, and turns everything it
+observes into :class:`Event` objects that callbacks consume.
+
+Metrics are read to the host *late*: the 0-d tensors of step ``t`` are read after
+step ``t + 1`` has been dispatched (or every ``log_every`` steps, in one transfer),
+so logging never stalls the device between steps. Callbacks therefore see step
+``t``'s event while step ``t + 1`` is already running.
+
+Steps are counted from 1: step ``s`` is the update that takes ``state.step`` from
+``s - 1`` to ``s``, and it trains on ``train_data`` at index ``s - 1``.
+
+Example:
+    >>> import torch
+    >>> from craftfn import TrainState, make_train_step, optim
+    >>> from craftfn.training import Trainer
+    >>> def loss_fn(state, params, batch, rng):
+    ...     return torch.mean((state.apply(params, batch["x"]) - batch["y"]) ** 2)
+    >>> data = lambda step: {"x": torch.ones(4, 2) * (step % 3), "y": torch.zeros(4, 1)}
+    >>> state = TrainState.create(model=torch.nn.Linear(2, 1), tx=optim.sgd(0.1))
+    >>> state = Trainer(make_train_step(loss_fn), data, max_steps=5).fit(state)
+    >>> int(state.step)
+    5
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+
+from craftfn import random, tree
+from craftfn.training.callbacks import Callback, CallbackList
+from craftfn.training.evaluation import Evaluator
+from craftfn.training.progress import ProgressTracker
+
+__all__ = ["Event", "Trainer", "count_tokens", "learning_rate_of"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One entry of the metrics stream.
+
+    Attributes:
+        kind: ``"train"`` (one optimizer step), ``"eval"`` (an evaluation),
+            ``"text"`` (generated text or other strings), or a name a callback chose.
+        step: the step the event belongs to (counted from 1; 0 before training).
+        epoch: the epoch (from 0) in epoch mode, else ``None``.
+        metrics: name -> float, already on the host.
+        wall_time: ``time.time()`` when the event was made.
+        elapsed: seconds since ``fit`` began.
+        text: name -> string (samples, configs).
+    """
+
+    kind: str
+    step: int
+    epoch: Optional[int] = None
+    metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    wall_time: float = 0.0
+    elapsed: float = 0.0
+    text: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A flat JSON-ready dict: kind, step, epoch, time, elapsed, then metrics and text."""
+        out: dict[str, Any] = {"kind": self.kind, "step": self.step}
+        if self.epoch is not None:
+            out["epoch"] = self.epoch
+        out["time"] = round(self.wall_time, 3)
+        out["elapsed"] = round(self.elapsed, 3)
+        out.update(self.metrics)
+        out.update(self.text)
+        return out
+
+
+def count_tokens(batch: Any) -> tuple[int, int]:
+    """``(tokens, samples)`` of a batch, from static shapes (no host sync).
+
+    Tokens are the elements of the first integer tensor leaf (token ids); a batch
+    without one counts one token per sample. Samples are the leading size.
+
+    Example:
+        >>> count_tokens((torch.zeros(4, 8, dtype=torch.long), torch.zeros(4, 8, dtype=torch.long)))
+        (32, 4)
+    """
+    leaves = [x for x in tree.leaves(batch) if isinstance(x, torch.Tensor)]
+    if not leaves:
+        return 0, 0
+    samples = int(leaves[0].shape[0]) if leaves[0].dim() else 1
+    for x in leaves:
+        if not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool:
+            return int(x.numel()), samples
+    return samples, samples
+
+
+def learning_rate_of(opt_state: Any) -> Optional[torch.Tensor]:
+    """The learning rate recorded in an optimizer state, or ``None`` when it has none.
+
+    Uses ``craftfn.optim.tree_get(opt_state, "learning_rate")`` where available
+    (states of ``inject_hyperparams``); otherwise searches the state for a
+    ``learning_rate`` entry or a ``hyperparams`` mapping that holds one.
+
+    Example:
+        >>> from craftfn import optim
+        >>> learning_rate_of(optim.sgd(0.1).init({"w": torch.zeros(2)})) is None
+        True
+    """
+    try:
+        from craftfn.optim import tree_get  # type: ignore[attr-defined]
+    except ImportError:
+        tree_get = None
+    if tree_get is not None:
+        try:
+            value = tree_get(opt_state, "learning_rate")
+        except (KeyError, ValueError, TypeError, LookupError):
+            value = None
+        if value is not None:
+            return value if isinstance(value, torch.Tensor) else torch.as_tensor(float(value))
+    return _search_learning_rate(opt_state, depth=0)
+
+
+def _search_learning_rate(node: Any, depth: int) -> Optional[torch.Tensor]:
+    if depth > 12 or node is None:
+        return None
+    if isinstance(node, Mapping):
+        if "learning_rate" in node and isinstance(node["learning_rate"], (torch.Tensor, float, int)):
+            return torch.as_tensor(node["learning_rate"])
+        children: Sequence[Any] = list(node.values())
+    elif hasattr(node, "_fields"):  # NamedTuple states
+        if "learning_rate" in node._fields:
+            value = node.learning_rate
+            if isinstance(value, (torch.Tensor, float, int)):
+                return torch.as_tensor(value)
+        if "hyperparams" in node._fields:
+            found = _search_learning_rate(node.hyperparams, depth + 1)
+            if found is not None:
+                return found
+        children = list(node)
+    elif isinstance(node, (list, tuple)):
+        children = node
+    else:
+        return None
+    for child in children:
+        if isinstance(child, (Mapping, list, tuple)) or hasattr(child, "_fields"):
+            found = _search_learning_rate(child, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+@dataclasses.dataclass
+class _Pending:
+    step: int
+    epoch: Optional[int]
+    metrics: dict[str, Any]
+    tokens: int
+    samples: int
+
+
+def _is_map_style(data: Any) -> bool:
+    return hasattr(data, "__len__") and hasattr(data, "__getitem__") and not callable(data)
+
+
+def _check_positive(name: str, value: Any, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
+class Trainer:
+    """Run a pure train step for ``max_steps`` steps and/or ``epochs`` epochs.
+
+    Args:
+        train_step: ``train_step(state, batch) -> (state, metrics)``; metrics are 0-d tensors.
+        train_data: either a function ``step -> batch`` (``step`` counted from 0: a pure
+            function of the step, so a resumed run replays the same data), or a finite
+            map-style dataset of batches (``len`` and ``[i]``): one epoch is one pass,
+            in an order shuffled per epoch from ``seed`` when ``shuffle``.
+        eval_step: ``eval_step(state, batch) -> metrics`` (from :func:`craftfn.make_eval_step`).
+        eval_data: the evaluation batches (a sequence, or a function returning an iterable);
+            or pass a ready ``evaluator=``.
+        max_steps: stop after this many steps (counted over the whole run, resumes included).
+        epochs: with map-style ``train_data``, stop after this many epochs. With both,
+            the first limit reached stops.
+        eval_every: evaluate every N steps; default: at the end of each epoch in epoch
+            mode, else only at the end. Training always ends with an evaluation when
+            there is evaluation data (``eval_at_end``).
+        log_every: read metrics to the host every N steps (each read takes all steps
+            dispatched before the newest one). 1 reads step ``t`` right after step
+            ``t + 1`` was dispatched.
+        callbacks: :class:`~craftfn.training.callbacks.Callback` objects.
+        checkpoint_manager: an object with ``save(step, state, metrics=None, extra=None)``
+            (and for ``fit(resume=True)``: ``latest_step()``, ``restore(template, step,
+            fallback)`` and ``metadata(step)``), e.g. ``CheckpointManager``.
+        save_every: save every N steps (and always at the end) when a manager is given.
+        seed: the seed of the epoch shuffles.
+        shuffle: shuffle the batch order of each epoch (map-style data).
+        flops_per_token: training FLOPs per token, for the MFU estimate.
+        peak_flops: the device's peak FLOP/s (see :class:`ProgressTracker`).
+        warmup_steps: the first steps of a run left out of throughput and ETA (compilation).
+        eval_at_end: evaluate after the last step (if it was not just evaluated).
+
+    Attributes (read by callbacks): ``state`` (the newest dispatched state), ``step``,
+    ``epoch``, ``total_steps``, ``tracker`` (the :class:`ProgressTracker`),
+    ``stop_reason``, ``last_eval`` (metrics of the latest evaluation).
+
+    Example:
+        >>> trainer = Trainer(step, data, eval_step=eval_step, eval_data=val, max_steps=1000, eval_every=100)
+        >>> state = trainer.fit(state)
+    """
+
+    def __init__(
+        self,
+        train_step: Callable[[Any, Any], tuple[Any, Mapping[str, Any]]],
+        train_data: Any,
+        *,
+        eval_step: Optional[Callable[[Any, Any], Mapping[str, Any]]] = None,
+        eval_data: Any = None,
+        evaluator: Optional[Evaluator] = None,
+        max_steps: Optional[int] = None,
+        epochs: Optional[int] = None,
+        eval_every: Optional[int] = None,
+        log_every: int = 1,
+        callbacks: Sequence[Callback] = (),
+        checkpoint_manager: Any = None,
+        save_every: Optional[int] = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        flops_per_token: Optional[float] = None,
+        peak_flops: Optional[float] = None,
+        warmup_steps: int = 2,
+        eval_at_end: bool = True,
+    ) -> None:
+        if not callable(train_step):
+            raise TypeError(f"train_step must be callable (see craftfn.make_train_step), got {type(train_step).__name__}")
+        if not (callable(train_data) or _is_map_style(train_data)):
+            raise TypeError(
+                "train_data must be a function step -> batch, or a map-style dataset of batches "
+                f"(with len() and [i]), got {type(train_data).__name__}"
+            )
+        _check_positive("max_steps", max_steps)
+        _check_positive("epochs", epochs)
+        _check_positive("eval_every", eval_every)
+        _check_positive("log_every", log_every, allow_none=False)
+        _check_positive("save_every", save_every)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        self.map_style = _is_map_style(train_data)
+        if epochs is not None and not self.map_style:
+            raise ValueError(
+                "epochs= needs a finite map-style train_data (len() and [i]); "
+                f"got a {type(train_data).__name__} (a step -> batch function): use max_steps="
+            )
+        if self.map_style and len(train_data) == 0:
+            raise ValueError("train_data is empty (len() == 0): nothing to train on")
+        if max_steps is None and epochs is None:
+            raise ValueError("give max_steps= or epochs= (or both): the Trainer needs to know when to stop")
+        if evaluator is not None and (eval_step is not None or eval_data is not None):
+            raise ValueError("pass either evaluator= or eval_step= with eval_data=, not both")
+        if (eval_step is None) != (eval_data is None):
+            raise ValueError("eval_step= and eval_data= go together: pass both or neither")
+        self.train_step = train_step
+        self.train_data = train_data
+        self.evaluator = evaluator if evaluator is not None else (Evaluator(eval_step, eval_data) if eval_step is not None else None)
+        self.max_steps = max_steps
+        self.epochs = epochs
+        self.eval_every = eval_every
+        self.log_every = log_every
+        self.callbacks = callbacks if isinstance(callbacks, CallbackList) else CallbackList(list(callbacks))
+        self.checkpoint_manager = checkpoint_manager
+        self.save_every = save_every
+        self.seed = seed
+        self.shuffle = shuffle
+        self.eval_at_end = eval_at_end
+        self.steps_per_epoch: Optional[int] = len(train_data) if self.map_style else None
+        self.total_steps = self._total_steps()
+        self.tracker = ProgressTracker(
+            total_steps=self.total_steps,
+            warmup_steps=warmup_steps,
+            flops_per_token=flops_per_token,
+            peak_flops=peak_flops,
+        )
+        self.state: Any = None
+        self.step = 0
+        self.epoch: Optional[int] = None
+        self.stop_reason: Optional[str] = None
+        self.last_eval: dict[str, float] = {}
+        self._pending: list[_Pending] = []
+        self._t0 = time.time()
+        self._lr_absent = False
+        self._epoch_order: tuple[int, Optional[torch.Tensor]] = (-1, None)
+        self._step_fn = self.callbacks.wrap_train_step(train_step)
+
+    # ----------------------------------------------------------------- public helpers
+    @property
+    def should_stop(self) -> bool:
+        return self.stop_reason is not None
+
+    def stop(self, reason: str) -> None:
+        """Ask the loop to stop after the current step; ``reason`` is reported at the end."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    def log(self, event: Event) -> None:
+        """Put an event on the metrics stream (every callback's ``on_log`` sees it)."""
+        self.callbacks.on_log(self, event)
+
+    def make_event(self, kind: str, step: Optional[int] = None, metrics: Optional[Mapping[str, float]] = None, text: Optional[Mapping[str, str]] = None) -> Event:
+        """An :class:`Event` stamped with the current time, epoch and (by default) step."""
+        now = time.time()
+        return Event(
+            kind=kind,
+            step=self.step if step is None else step,
+            epoch=self.epoch,
+            metrics=dict(metrics or {}),
+            wall_time=now,
+            elapsed=now - self._t0,
+            text=dict(text or {}),
+        )
+
+    @contextlib.contextmanager
+    def paused_clock(self) -> Iterator[None]:
+        """Leave the enclosed work (evaluation, sampling, saving) out of throughput and ETA."""
+        try:
+            yield
+        finally:
+            self.tracker.resume_clock()
+
+    def batch_at(self, index: int) -> Any:
+        """The training batch for 0-based step ``index`` (a pure function of it and the seed)."""
+        if not self.map_style:
+            return self.train_data(index)
+        spe = self.steps_per_epoch
+        assert spe is not None
+        epoch, position = divmod(index, spe)
+        if not self.shuffle:
+            return self.train_data[position]
+        if self._epoch_order[0] != epoch:
+            order = random.permutation(random.fold_in(random.key(self.seed), epoch), spe)
+            self._epoch_order = (epoch, order)
+        order = self._epoch_order[1]
+        assert order is not None
+        return self.train_data[int(order[position])]
+
+    def evaluate(self, state: Any) -> dict[str, float]:
+        """Run the evaluator on ``state``, emit an ``eval`` event, and return its metrics."""
+        if self.evaluator is None:
+            raise ValueError("this Trainer has no evaluation data (pass eval_step= and eval_data=, or evaluator=)")
+        self._flush()
+        with self.paused_clock():
+            metrics = self.evaluator.evaluate(state)
+        self.last_eval = metrics
+        event = self.make_event("eval", metrics=metrics)
+        self.callbacks.on_eval_end(self, event)
+        self.callbacks.on_log(self, event)
+        return metrics
+
+    def save(self, state: Any) -> None:
+        """Save ``state`` through the checkpoint manager (with the callbacks' state)."""
+        if self.checkpoint_manager is None:
+            return
+        self._flush()
+        extra = {"callbacks": self.callbacks.state_dicts()}
+        with self.paused_clock():
+            self.checkpoint_manager.save(self.step, state, metrics=dict(self.last_eval) or None, extra=extra)
+        self.callbacks.on_save(self, self.step)
+
+    # ----------------------------------------------------------------- the loop
+    def _total_steps(self) -> int:
+        limits = []
+        if self.max_steps is not None:
+            limits.append(self.max_steps)
+        if self.epochs is not None:
+            assert self.steps_per_epoch is not None
+            limits.append(self.epochs * self.steps_per_epoch)
+        return min(limits)
+
+    def _epoch_of(self, step: int) -> Optional[int]:
+        # The epoch a 0-based step index falls in.
+        return step // self.steps_per_epoch if self.steps_per_epoch else None
+
+    def _restore(self, state: Any) -> Any:
+        manager = self.checkpoint_manager
+        if manager is None:
+            raise ValueError("fit(resume=True) needs a checkpoint_manager")
+        latest = manager.latest_step()
+        if latest is None:
+            return state
+        state = manager.restore(state, step="latest", fallback=True)
+        restored_step = int(state.step)
+        try:
+            meta = manager.metadata(restored_step) or {}
+        except (KeyError, ValueError, FileNotFoundError):
+            meta = {}
+        extra = meta.get("extra") or {}
+        self.callbacks.load_state_dicts(extra.get("callbacks") or {})
+        if meta.get("metrics"):
+            self.last_eval = {k: float(v) for k, v in meta["metrics"].items()}
+        return state
+
+    def fit(self, state: Any, resume: bool = False) -> Any:
+        """Train ``state`` and return the final state.
+
+        Args:
+            state: a ``TrainState`` (or anything ``train_step`` takes with a ``step`` field).
+            resume: restore the newest checkpoint of ``checkpoint_manager`` (if it has one,
+                falling back to an older one if the newest is damaged), together with the
+                callbacks' state, and continue from its step. Data continue from that step
+                too, since batches are a pure function of the step.
+
+        Returns:
+            The state after the last step. ``stop_reason`` tells why training ended early.
+        """
+        self._t0 = time.time()
+        self.stop_reason = None
+        if resume:
+            state = self._restore(state)
+        # One host read at the start; the loop keeps its own count afterwards.
+        start = int(state.step)
+        self.step = start
+        self.state = state
+        self.epoch = self._epoch_of(start) if self.map_style else None
+        self.tracker.start(start)
+        self.callbacks.on_train_begin(self, state)
+        step = start
+        evaluated_at = saved_at = -1
+        epoch_open = False
+        while step < self.total_steps and not self.should_stop:
+            if self.map_style and not epoch_open:
+                self.epoch = self._epoch_of(step)
+                self.callbacks.on_epoch_begin(self, self.epoch)
+                epoch_open = True
+            batch = self.batch_at(step)
+            tokens, samples = count_tokens(batch)
+            self.callbacks.on_step_begin(self, step + 1)
+            state, metrics = self._step_fn(state, batch)
+            metrics = dict(metrics)
+            lr = None if self._lr_absent else learning_rate_of(getattr(state, "opt_state", None))
+            if lr is None:
+                self._lr_absent = True
+            else:
+                metrics["lr"] = lr
+            step += 1
+            self.step = step
+            self.state = state
+            self._pending.append(_Pending(step, self.epoch, metrics, tokens, samples))
+            if step % self.log_every == 0:
+                # Step `step` is in flight: read everything dispatched before it.
+                self._flush(keep_newest=True)
+            epoch_done = self.map_style and step % self.steps_per_epoch == 0  # type: ignore[operator]
+            eval_now = self.evaluator is not None and (
+                (self.eval_every is not None and step % self.eval_every == 0)
+                or (self.eval_every is None and epoch_done)
+            )
+            if eval_now:
+                self.evaluate(state)
+                evaluated_at = step
+            if epoch_done:
+                self._flush()
+                self.callbacks.on_epoch_end(self, self.epoch, state)
+                epoch_open = False
+            if self.checkpoint_manager is not None and self.save_every is not None and step % self.save_every == 0:
+                self.save(state)
+                saved_at = step
+        self._flush()
+        if self.map_style and epoch_open and step % self.steps_per_epoch != 0:  # type: ignore[operator]
+            self.callbacks.on_epoch_end(self, self.epoch, state)
+        if self.evaluator is not None and self.eval_at_end and evaluated_at != step and step > start:
+            self.evaluate(state)
+        if self.checkpoint_manager is not None and saved_at != step and step > start:
+            self.save(state)
+        self.callbacks.on_train_end(self, state)
+        if self.checkpoint_manager is not None and hasattr(self.checkpoint_manager, "wait"):
+            self.checkpoint_manager.wait()
+        return state
+
+    def _flush(self, keep_newest: bool = False) -> None:
+        """Read pending metrics to the host (one transfer per device) and emit ``train`` events."""
+        if not self._pending:
+            return
+        if keep_newest:
+            items, self._pending = self._pending[:-1], self._pending[-1:]
+        else:
+            items, self._pending = self._pending, []
+        if not items:
+            return
+        values = _read_to_host([p.metrics for p in items])
+        for p, host in zip(items, values):
+            derived = self.tracker.update(p.step, host.get("loss"), tokens=p.tokens, samples=p.samples)
+            now = time.time()
+            event = Event(
+                kind="train",
+                step=p.step,
+                epoch=p.epoch,
+                metrics={**host, **derived},
+                wall_time=now,
+                elapsed=now - self._t0,
+            )
+            self.callbacks.on_step_end(self, event)
+            self.callbacks.on_log(self, event)
+
+
+def _read_to_host(rows: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Convert rows of 0-d tensors to floats with one stacked transfer per device."""
+    by_device: dict[torch.device, list[tuple[int, str, torch.Tensor]]] = {}
+    out: list[dict[str, float]] = [{} for _ in rows]
+    for i, row in enumerate(rows):
+        for name, value in row.items():
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    continue  # only scalars go on the stream
+                by_device.setdefault(value.device, []).append((i, name, value.detach().reshape(())))
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[i][name] = float(value)
+    for entries in by_device.values():
+        stacked = torch.stack([v.to(torch.float64) for _, _, v in entries]).tolist()
+        for (i, name, _), x in zip(entries, stacked):
+            out[i][name] = x if math.isfinite(x) else float(x)
+    return out
