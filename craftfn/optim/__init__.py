@@ -23,6 +23,7 @@ from craftfn.optim.base import (
     check_updates_match,
     identity,
 )
+from craftfn.optim.combine import MaskedState, PartitionState, freeze, masked, named_chain, partition
 from craftfn.optim.transforms import (
     ScaleByScheduleState,
     ScaleState,
@@ -32,8 +33,39 @@ from craftfn.optim.transforms import (
     scale_by_schedule,
     trace,
 )
+from craftfn.optim.wrappers import (
+    ApplyIfFiniteState,
+    InjectHyperparamsState,
+    LookaheadState,
+    MultiSteps,
+    MultiStepsState,
+    apply_if_finite,
+    inject_hyperparams,
+    lookahead,
+    skip_not_finite,
+    tree_get,
+    tree_set,
+)
 
 __all__ = [
+    # combine.py / wrappers.py
+    "MaskedState",
+    "PartitionState",
+    "freeze",
+    "masked",
+    "named_chain",
+    "partition",
+    "ApplyIfFiniteState",
+    "InjectHyperparamsState",
+    "LookaheadState",
+    "MultiSteps",
+    "MultiStepsState",
+    "apply_if_finite",
+    "inject_hyperparams",
+    "lookahead",
+    "skip_not_finite",
+    "tree_get",
+    "tree_set",
     "EmptyState",
     "GradientTransformation",
     "OptState",

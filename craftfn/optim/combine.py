@@ -1,0 +1,415 @@
+"""Combinators over gradient transformations: named chains, partitions, masks (optax's ``combine``).
+
+``partition`` (optax's ``multi_transform``) gives each parameter group its own rule;
+``masked`` applies a rule to some leaves and lets the others pass through unchanged;
+``freeze`` zeroes the updates of chosen leaves. Groups are chosen by a tree of labels
+(or booleans), by a function of the parameter tree, or by a function of each
+parameter's *name* (``named_parameters()`` form), which is usually the shortest::
+
+    tx = optim.partition(
+        {"decay": optim.adamw(1e-3, weight_decay=0.1), "no_decay": optim.adam(1e-3)},
+        lambda name, p: "no_decay" if name.endswith("bias") or p.ndim < 2 else "decay",
+    )
+
+Masked-out leaves are handed to the inner rule as ``None`` (an empty subtree, like
+optax's ``MaskedNode``), so the inner state only holds what it updates.
+
+Example:
+    >>> import torch
+    >>> from craftfn import optim
+    >>> params = {"w": torch.ones(2), "b": torch.ones(1)}
+    >>> tx = optim.masked(optim.sgd(0.1), {"w": True, "b": False})
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["w"], updates["b"]
+    (tensor([-0.1000, -0.1000]), tensor([1.]))
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Hashable, Mapping, NamedTuple, Optional, Union
+
+import torch
+
+from craftfn import tree
+from craftfn.optim.base import (
+    GradientTransformation,
+    OptState,
+    Params,
+    Updates,
+    apply_updates_,
+)
+
+__all__ = [
+    "named_chain",
+    "partition",
+    "PartitionState",
+    "masked",
+    "MaskedState",
+    "freeze",
+]
+
+# A tree of labels/bools (possibly a prefix of the params tree), a function of the whole tree,
+# or a function ``(name, leaf) -> label`` of each parameter's dotted name.
+LabelSpec = Union[Any, Callable[[Params], Any], Callable[[str, torch.Tensor], Hashable]]
+
+
+def _state_error(name: str, expected: str, state: Any) -> ValueError:
+    return ValueError(
+        f"{name}: opt_state {type(state).__name__} is not a state made by this transformation's init "
+        f"(expected {expected}); call tx.init(params) before tx.update(...)"
+    )
+
+
+def _is_per_leaf_fn(fn: Callable[..., Any]) -> bool:
+    """True when ``fn`` takes ``(name, leaf)`` rather than the whole tree."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return len(positional) == 2
+
+
+def _broadcast_prefix(prefix: Any, full: Any, argname: str) -> list[Any]:
+    """The leaves of ``prefix`` repeated over the leaves of ``full`` they cover (one per leaf of ``full``)."""
+    p_leaves, p_def = tree.flatten(prefix)
+    try:
+        subtrees = p_def.flatten_up_to(full)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{argname} must have the structure of the parameter tree (or of a prefix of it): {e}"
+        ) from None
+    out: list[Any] = []
+    for value, sub in zip(p_leaves, subtrees):
+        out.extend([value] * len(tree.leaves(sub)))
+    return out
+
+
+def _resolve_per_leaf(spec: LabelSpec, target: Any, argname: str) -> list[Any]:
+    """One label (or bool) per leaf of ``target``, from a tree, a tree function or a name function."""
+    if callable(spec):
+        if _is_per_leaf_fn(spec):
+            pairs, _ = tree.flatten_with_path(target)
+            return [spec(name, leaf) for name, leaf in pairs]
+        return _broadcast_prefix(spec(target), target, argname)
+    return _broadcast_prefix(spec, target, argname)
+
+
+def _split(leaves: list[Any], treedef: tree.TreeDef, keep: list[bool]) -> Any:
+    """The tree with the leaves where ``keep`` is False replaced by ``None`` (an empty subtree)."""
+    return tree.unflatten(treedef, [x if k else None for x, k in zip(leaves, keep)])
+
+
+def _scatter(out: list[Any], keep: list[bool], sub: Any) -> None:
+    """Write the leaves of ``sub`` (a tree from :func:`_split`) back into ``out`` where ``keep``."""
+    sub_leaves = iter(tree.leaves(sub))
+    for i, k in enumerate(keep):
+        if k:
+            out[i] = next(sub_leaves)
+
+
+def _flat_params(treedef: tree.TreeDef, params: Any) -> list[Any]:
+    try:
+        return treedef.flatten_up_to(params)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"params must have the same tree structure as updates: {e}") from None
+
+
+def _donated_or_fallback(tx: GradientTransformation, updates: Updates, state: OptState, params: Params, **extra: Any) -> tuple[Params, OptState]:
+    if tx.donated_update is not None:
+        return tx.donated_update(updates, state, params, **extra)
+    new_updates, state = tx.update(updates, state, params, **extra)
+    return apply_updates_(params, new_updates), state
+
+
+# ----------------------------------------------------------------------------- named_chain
+
+
+def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTransformation:
+    """Like :func:`chain`, with each state stored under a name: the state is ``{name: state}``.
+
+    Named states are easy to read (``opt_state["adam"].mu``) and to find with
+    :func:`tree_get`. When the last transformation has a ``donated_update``, so does the chain.
+
+    Args:
+        transforms: ``(name, transformation)`` pairs, applied left to right; names are unique strings.
+
+    Returns:
+        A :class:`GradientTransformation` whose state is a dict keyed by the names.
+
+    Example:
+        >>> tx = optim.named_chain(("momentum", optim.trace(0.9)), ("lr", optim.scale_by_learning_rate(0.1)))
+        >>> sorted(tx.init({"w": torch.ones(1)}))
+        ['lr', 'momentum']
+    """
+    names: list[str] = []
+    for i, item in enumerate(transforms):
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], GradientTransformation)):
+            raise TypeError(f"named_chain: argument {i} must be a (name: str, GradientTransformation) pair, got {item!r:.80}")
+        if item[0] in names:
+            raise ValueError(f"named_chain: name {item[0]!r} is used twice; names must be unique")
+        names.append(item[0])
+
+    def _check(state: Any) -> None:
+        if not isinstance(state, dict) or sorted(state) != sorted(names):
+            raise _state_error("named_chain", f"a dict with keys {sorted(names)}", state)
+
+    def init_fn(params: Params) -> dict[str, OptState]:
+        return {name: t.init(params) for name, t in transforms}
+
+    def update_fn(updates: Updates, state: dict, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, dict]:
+        _check(state)
+        new_state = {}
+        for name, t in transforms:
+            updates, new_state[name] = t.update(updates, state[name], params, **extra)
+        return updates, new_state
+
+    donated_fn = None
+    if transforms and transforms[-1][1].donated_update is not None:
+
+        def donated_fn(updates: Updates, state: dict, params: Params, **extra: Any) -> tuple[Params, dict]:
+            _check(state)
+            new_state = {}
+            for name, t in transforms[:-1]:
+                updates, new_state[name] = t.update(updates, state[name], params, **extra)
+            last_name, last = transforms[-1]
+            params, new_state[last_name] = last.donated_update(updates, state[last_name], params, **extra)
+            return params, new_state
+
+    return GradientTransformation(init_fn, update_fn, donated_fn)
+
+
+# ----------------------------------------------------------------------------- partition
+
+
+class PartitionState(NamedTuple):
+    """State of :func:`partition`: one inner state per label, over that label's leaves only."""
+
+    inner_states: dict[Any, OptState]
+
+
+def partition(transforms: Mapping[Hashable, GradientTransformation], param_labels: LabelSpec) -> GradientTransformation:
+    """Give each group of parameters its own transformation (optax's ``multi_transform``/``partition``).
+
+    Args:
+        transforms: ``{label: transformation}``.
+        param_labels: which label each parameter gets, as one of
+            - a tree of labels with the structure of the parameters (or a prefix of it:
+              ``{"encoder": "frozen", "head": "train"}`` labels whole subtrees);
+            - a function ``params -> tree of labels``;
+            - a function ``(name, param) -> label`` over dotted parameter names such as
+              ``"blocks.0.attn.bias"`` (recognised by its two positional arguments).
+
+    Returns:
+        A :class:`GradientTransformation`; its state is :class:`PartitionState`. Each inner
+        rule sees a tree where the other groups' leaves are ``None``.
+
+    Raises:
+        ValueError: a parameter gets a label that is not a key of ``transforms``, or the
+            labels tree does not match the parameters.
+
+    Example:
+        >>> params = {"w": torch.ones(2), "b": torch.ones(1)}
+        >>> tx = optim.partition({"a": optim.sgd(1.0), "b": optim.sgd(0.0)},
+        ...                      lambda name, p: "a" if name == "w" else "b")
+        >>> updates, _ = tx.update(params, tx.init(params), params)
+        >>> updates["w"], updates["b"]
+        (tensor([-1., -1.]), tensor([-0.]))
+    """
+    if not isinstance(transforms, Mapping) or not transforms:
+        raise TypeError(f"partition: transforms must be a non-empty dict {{label: GradientTransformation}}, got {transforms!r:.80}")
+    for label, t in transforms.items():
+        if not isinstance(t, GradientTransformation):
+            raise TypeError(f"partition: transforms[{label!r}] must be a GradientTransformation, got {type(t).__name__}")
+    known = list(transforms)
+
+    def _labels(target: Any) -> tuple[list[Any], tree.TreeDef, list[Any]]:
+        leaves_, treedef = tree.flatten(target)
+        labels = _resolve_per_leaf(param_labels, target, "param_labels")
+        names = tree.paths(target)
+        for name, label in zip(names, labels):
+            if label not in transforms:
+                raise ValueError(f"param_labels: parameter {name!r} has label {label!r}, which is not one of the transforms' labels {known}")
+        return leaves_, treedef, labels
+
+    def init_fn(params: Params) -> PartitionState:
+        leaves_, treedef, labels = _labels(params)
+        return PartitionState({
+            label: t.init(_split(leaves_, treedef, [lab == label for lab in labels])) for label, t in transforms.items()
+        })
+
+    def _check(state: Any) -> None:
+        if not isinstance(state, PartitionState) or not isinstance(state.inner_states, dict) or set(state.inner_states) != set(known):
+            raise _state_error("partition", f"a PartitionState with labels {known}", state)
+
+    def update_fn(updates: Updates, state: PartitionState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, PartitionState]:
+        _check(state)
+        leaves_, treedef, labels = _labels(updates)
+        p_leaves = _flat_params(treedef, params) if params is not None else None
+        out = list(leaves_)
+        new_inner = {}
+        for label, t in transforms.items():
+            keep = [lab == label for lab in labels]
+            sub_params = _split(p_leaves, treedef, keep) if p_leaves is not None else None
+            sub_updates, new_inner[label] = t.update(_split(leaves_, treedef, keep), state.inner_states[label], sub_params, **extra)
+            _scatter(out, keep, sub_updates)
+        return tree.unflatten(treedef, out), PartitionState(new_inner)
+
+    donated_fn = None
+    if any(t.donated_update is not None for t in transforms.values()):
+
+        def donated_fn(updates: Updates, state: PartitionState, params: Params, **extra: Any) -> tuple[Params, PartitionState]:
+            _check(state)
+            leaves_, treedef, labels = _labels(updates)
+            p_leaves = _flat_params(treedef, params)
+            out = list(p_leaves)
+            new_inner = {}
+            for label, t in transforms.items():
+                keep = [lab == label for lab in labels]
+                # The sub-trees hold the very parameter tensors, so an in-place inner step
+                # updates them where they are; scattering its results also covers rules that
+                # return fresh tensors.
+                sub_params, new_inner[label] = _donated_or_fallback(
+                    t, _split(leaves_, treedef, keep), state.inner_states[label], _split(p_leaves, treedef, keep), **extra
+                )
+                _scatter(out, keep, sub_params)
+            return tree.unflatten(treedef, out), PartitionState(new_inner)
+
+    return GradientTransformation(init_fn, update_fn, donated_fn)
+
+
+# ----------------------------------------------------------------------------- masked / freeze
+
+
+class MaskedState(NamedTuple):
+    """State of :func:`masked`: the inner state, over the masked-in leaves only."""
+
+    inner_state: OptState
+
+
+def _mask_list(mask: LabelSpec, target: Any) -> list[bool]:
+    values = _resolve_per_leaf(mask, target, "mask")
+    names = tree.paths(target)
+    out = []
+    for name, v in zip(names, values):
+        if isinstance(v, torch.Tensor):
+            raise TypeError(
+                f"mask: the value for {name!r} is a tensor; mask values must be Python bools "
+                "(reading a tensor would sync with the device)"
+            )
+        if not isinstance(v, bool):
+            try:
+                import numpy as np  # numpy bools are fine: they are host values
+
+                if isinstance(v, np.bool_):
+                    v = bool(v)
+            except ImportError:  # pragma: no cover - numpy is a dependency
+                pass
+        if not isinstance(v, bool):
+            raise TypeError(f"mask: the value for {name!r} must be True or False, got {v!r}")
+        out.append(v)
+    return out
+
+
+def masked(inner: GradientTransformation, mask: LabelSpec) -> GradientTransformation:
+    """Apply ``inner`` only where ``mask`` is True; other leaves pass through unchanged.
+
+    As in optax, masked-out updates are returned as they came in (not zeroed); use
+    :func:`freeze` or :func:`partition` with ``set_to_zero`` to stop leaves from changing.
+
+    Args:
+        inner: the transformation to apply to the masked-in leaves.
+        mask: a tree of bools with the structure of the parameters (or a prefix of it), a
+            function ``params -> tree of bools``, or a function ``(name, param) -> bool``.
+
+    Returns:
+        A :class:`GradientTransformation` with state :class:`MaskedState`.
+
+    Example:
+        >>> tx = optim.masked(optim.scale(0.0), lambda name, p: name.startswith("w"))
+        >>> params = {"w": torch.ones(1), "b": torch.ones(1)}
+        >>> tx.update(params, tx.init(params))[0]
+        {'w': tensor([0.]), 'b': tensor([1.])}
+    """
+    if not isinstance(inner, GradientTransformation):
+        raise TypeError(f"masked: inner must be a GradientTransformation, got {type(inner).__name__}")
+
+    def init_fn(params: Params) -> MaskedState:
+        leaves_, treedef = tree.flatten(params)
+        return MaskedState(inner.init(_split(leaves_, treedef, _mask_list(mask, params))))
+
+    def _check(state: Any) -> None:
+        if not isinstance(state, MaskedState):
+            raise _state_error("masked", "a MaskedState", state)
+
+    def update_fn(updates: Updates, state: MaskedState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, MaskedState]:
+        _check(state)
+        leaves_, treedef = tree.flatten(updates)
+        keep = _mask_list(mask, updates)
+        sub_params = _split(_flat_params(treedef, params), treedef, keep) if params is not None else None
+        sub_updates, inner_state = inner.update(_split(leaves_, treedef, keep), state.inner_state, sub_params, **extra)
+        out = list(leaves_)
+        _scatter(out, keep, sub_updates)
+        return tree.unflatten(treedef, out), MaskedState(inner_state)
+
+    donated_fn = None
+    if inner.donated_update is not None:
+
+        def donated_fn(updates: Updates, state: MaskedState, params: Params, **extra: Any) -> tuple[Params, MaskedState]:
+            _check(state)
+            leaves_, treedef = tree.flatten(updates)
+            keep = _mask_list(mask, updates)
+            p_leaves = _flat_params(treedef, params)
+            sub_params, inner_state = inner.donated_update(
+                _split(leaves_, treedef, keep), state.inner_state, _split(p_leaves, treedef, keep), **extra
+            )
+            # Masked-out leaves take their update unchanged, in place like the rest.
+            drop = [not k for k in keep]
+            apply_updates_(_split(p_leaves, treedef, drop), _split(leaves_, treedef, drop))
+            out = list(p_leaves)
+            _scatter(out, keep, sub_params)
+            return tree.unflatten(treedef, out), MaskedState(inner_state)
+
+    return GradientTransformation(init_fn, update_fn, donated_fn)
+
+
+def _zero_updates() -> GradientTransformation:
+    from craftfn.optim.base import EmptyState
+
+    def init_fn(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update_fn(updates: Updates, state: EmptyState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, EmptyState]:
+        del params, extra
+        # zeros_like, not multiply-by-zero: a NaN gradient of a frozen leaf must not leak through.
+        return tree.zeros_like(updates), state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def freeze(mask: LabelSpec) -> GradientTransformation:
+    """Zero the updates of the leaves where ``mask`` is True (they stop changing); others pass through.
+
+    Put it first in a chain so the following rules never see the frozen leaves' gradients
+    as nonzero: ``chain(freeze(mask), adamw(...))``. To also keep the rule's state off the
+    frozen leaves, use ``partition({"train": adamw(...), "frozen": set_to_zero()}, labels)``.
+
+    Args:
+        mask: a tree of bools (or a prefix of one), a function ``params -> tree of bools``,
+            or a function ``(name, param) -> bool``; True means frozen.
+
+    Returns:
+        A stateless-looking :class:`GradientTransformation` (state: :class:`MaskedState`).
+
+    Example:
+        >>> tx = optim.freeze({"w": True, "b": False})
+        >>> g = {"w": torch.ones(1), "b": torch.ones(1)}
+        >>> tx.update(g, tx.init(g))[0]
+        {'w': tensor([0.]), 'b': tensor([1.])}
+    """
+    return masked(_zero_updates(), mask)
