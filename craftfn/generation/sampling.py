@@ -1,0 +1,491 @@
+"""Sampling: logits processors as pure functions, ``sample_token`` with explicit keys, and the
+sampling loop on a static KV cache.
+
+Processors map logits ``(B, V)`` to logits, marking removed tokens with ``-inf``; they are applied
+in this order: repetition penalty, suppressed tokens, temperature, top-k, top-p, min-p. Each
+truncation keeps at least one token and keeps every token tied with the last one kept (the cut
+never splits a tie, so the result does not depend on how a sort orders equal values).
+
+Tokens are drawn with the Gumbel-max trick on craftfn keys: ``argmax(logits + Gumbel noise)``
+where the noise comes from ``random.uniform(fold_in(key, position))``. That is an exact sample
+of ``softmax(logits)``, a pure function of (key, position), and free of host syncs, so the whole
+decode step compiles into one graph.
+
+Example:
+    >>> import torch
+    >>> from craftfn import random
+    >>> from craftfn.generation import sample_token, top_k_filter
+    >>> logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    >>> top_k_filter(logits, 2)
+    tensor([[2., 1., -inf, -inf]])
+    >>> sample_token(logits, random.key(0), temperature=0.0)
+    tensor([0])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+
+from craftfn import random
+from craftfn.generation import kv_cache as kvc
+
+__all__ = [
+    "SamplingOptions",
+    "apply_temperature",
+    "top_k_filter",
+    "top_p_filter",
+    "min_p_filter",
+    "apply_repetition_penalty",
+    "suppress_tokens",
+    "process_logits",
+    "sample_token",
+    "generate_text_sampling",
+    "sample_text",
+]
+
+_NEG_INF = float("-inf")
+
+
+# ---------------------------------------------------------------------------------------------
+# Processors
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` (``temperature > 0``; 0 means greedy and is handled by :func:`sample_token`).
+
+    Example:
+        >>> apply_temperature(torch.tensor([2.0, 4.0]), 2.0)
+        tensor([1., 2.])
+    """
+    if temperature <= 0:
+        raise ValueError(f"apply_temperature needs temperature > 0, got {temperature!r} (use sample_token for 0 = greedy)")
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the ``top_k`` largest logits (and any tied with the k-th); 0 disables the filter.
+
+    Example:
+        >>> top_k_filter(torch.tensor([[1.0, 3.0, 3.0, 0.0]]), 1)
+        tensor([[-inf, 3., 3., -inf]])
+    """
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, _NEG_INF)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches ``top_p``.
+
+    Always keeps the most likely token (so a tiny ``top_p`` is greedy, never an empty set), keeps
+    tokens tied with the last one kept, and leaves the logits untouched when ``top_p >= 1``.
+
+    Example:
+        >>> top_p_filter(torch.log(torch.tensor([[0.5, 0.3, 0.2]])), 0.7)
+        tensor([[-0.6931, -1.2040,    -inf]])
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, _ = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    # Token i is kept when the mass strictly before it is still below top_p.
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    num_kept = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp(min=1)
+    threshold = torch.gather(sorted_logits, -1, num_kept - 1)
+    return logits.masked_fill(logits < threshold, _NEG_INF)
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep tokens whose probability is at least ``min_p`` times the top token's; 0 disables it.
+
+    Example:
+        >>> min_p_filter(torch.log(torch.tensor([[0.6, 0.3, 0.1]])), 0.5)
+        tensor([[-0.5108, -1.2040,    -inf]])
+    """
+    if min_p <= 0.0:
+        return logits
+    # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p): no softmax needed.
+    threshold = logits.max(dim=-1, keepdim=True).values + math.log(min_p)
+    return logits.masked_fill(logits < threshold, _NEG_INF)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty: for tokens already present (``seen``, bool ``(B, V)``), divide
+    positive logits by ``penalty`` and multiply negative ones by it; 1.0 disables it.
+
+    Example:
+        >>> apply_repetition_penalty(torch.tensor([[2.0, -1.0, 1.0]]), torch.tensor([[True, True, False]]), 2.0)
+        tensor([[ 1., -2.,  1.]])
+    """
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def suppress_tokens(logits: torch.Tensor, token_ids: Optional[Sequence[int]]) -> torch.Tensor:
+    """Set the logits of ``token_ids`` to ``-inf`` (they are never generated).
+
+    Example:
+        >>> suppress_tokens(torch.zeros(1, 3), [1])
+        tensor([[0., -inf, 0.]])
+    """
+    if not token_ids:
+        return logits
+    index = torch.tensor(list(token_ids), dtype=torch.int64, device=logits.device)
+    return logits.index_fill(-1, index, _NEG_INF)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The sampling settings, validated; hashable, so a compiled decode step is cached per setting.
+
+    Args:
+        temperature: > 0 scales logits; 0 picks the most likely token (greedy).
+        top_k: keep the k most likely tokens; 0 disables.
+        top_p: nucleus mass in (0, 1]; 1 disables.
+        min_p: in [0, 1]; 0 disables.
+        repetition_penalty: > 0; 1 disables.
+        suppress_tokens: token ids never generated.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    suppress_tokens: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        def number(name: str, value: Any) -> None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+        number("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative int (0 disables it), got {self.top_k!r}")
+        number("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
+        number("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {self.min_p!r}")
+        number("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}")
+        ids = tuple(self.suppress_tokens or ())
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise ValueError(f"suppress_tokens must be non-negative token ids, got {self.suppress_tokens!r}")
+        object.__setattr__(self, "suppress_tokens", ids)
+        # Store plain floats so equal settings hash (and hit the compile cache) alike.
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+
+def process_logits(logits: torch.Tensor, options: SamplingOptions, seen: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """All processors of ``options`` in order (see the module docstring), in float32.
+
+    With ``temperature == 0`` the temperature and truncation steps are skipped (greedy only
+    needs the argmax).
+    """
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, options.repetition_penalty)
+    logits = suppress_tokens(logits, options.suppress_tokens)
+    if options.temperature == 0.0:
+        return logits
+    logits = apply_temperature(logits, options.temperature)
+    logits = top_k_filter(logits, options.top_k)
+    logits = top_p_filter(logits, options.top_p)
+    return min_p_filter(logits, options.min_p)
+
+
+def _gumbel_argmax(logits: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    u = random.uniform(key, logits.shape, torch.float32, device=logits.device)
+    gumbel = -torch.log(-torch.log(u))  # u == 0 gives -inf: that token is simply not picked
+    return torch.argmax(logits + gumbel, dim=-1)
+
+
+def sample_token(
+    logits: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    suppress_tokens: Sequence[int] = (),
+    seen: Optional[torch.Tensor] = None,
+    options: Optional[SamplingOptions] = None,
+) -> torch.Tensor:
+    """Draw one token per row of ``logits`` ``(B, V)`` with an explicit key; no host sync.
+
+    Args:
+        logits: unnormalised scores.
+        key: a craftfn key; the same key and logits give the same tokens.
+        temperature, top_k, top_p, min_p, repetition_penalty, suppress_tokens: see
+            :class:`SamplingOptions` (or pass ``options=`` instead).
+        seen: bool ``(B, V)``, tokens already in each row (for the repetition penalty).
+
+    Returns:
+        ``(B,)`` int64 token ids.
+
+    Example:
+        >>> sample_token(torch.zeros(2, 5), random.key(1), top_k=1).shape
+        torch.Size([2])
+    """
+    if options is None:
+        options = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty, tuple(suppress_tokens))
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (batch, vocab), got {tuple(logits.shape)}")
+    processed = process_logits(logits, options, seen)
+    if options.temperature == 0.0:
+        return torch.argmax(processed, dim=-1)
+    return _gumbel_argmax(processed, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampling loop
+
+
+def _decode_step(
+    module: Any,
+    params: Optional[Mapping[str, torch.Tensor]],
+    cache: Any,
+    tokens: torch.Tensor,
+    input_pos: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    key: torch.Tensor,
+    done: torch.Tensor,
+    seen: torch.Tensor,
+    options: SamplingOptions,
+    eos_token_id: int,
+    pad_token_id: int,
+) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    """One token for every row: the unit ``torch.compile`` compiles (static shapes, no syncs)."""
+    logits, cache = kvc.call_model(
+        module, params, tokens[:, None], kv_cache=cache, input_pos=input_pos,
+        attention_mask=attention_mask, position_ids=position_ids[:, None],
+    )
+    return _choose(logits[:, -1], key, input_pos[0], done, seen, options, eos_token_id, pad_token_id, cache)
+
+
+def _choose(logits, key, position, done, seen, options, eos_token_id, pad_token_id, cache=None):
+    """Sample, then apply EOS bookkeeping; shared by the cached, compiled and recompute paths."""
+    token = sample_token(logits, random.fold_in(key, position), options=options, seen=seen)
+    # Finished rows keep emitting the pad token; eos_token_id < 0 means "no EOS".
+    token = torch.where(done, torch.full_like(token, pad_token_id), token)
+    done = done | (token == eos_token_id)
+    if options.repetition_penalty != 1.0:
+        seen = seen.scatter(1, token[:, None], True)
+    return token, cache, done, seen
+
+
+_COMPILED: dict[Any, Any] = {}
+
+
+def _compiled_decode_step(compile_options: Mapping[str, Any]) -> Any:
+    """``torch.compile(_decode_step, fullgraph=True, dynamic=False)``, built once per compile options.
+
+    Dynamo then caches one graph per (model, batch size, cache length, sampling options) and
+    reuses it for every position: positions, keys and masks are tensors, so they never recompile.
+    """
+    options = {"fullgraph": True, "dynamic": False, **compile_options}
+    cache_key = tuple(sorted((k, v if _hashable(v) else id(v)) for k, v in options.items()))
+    if cache_key not in _COMPILED:
+        _COMPILED[cache_key] = torch.compile(_decode_step, **options)
+    return _COMPILED[cache_key]
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _compile_options(compile: Union[bool, Mapping[str, Any]]) -> Optional[dict[str, Any]]:
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return {}
+    if isinstance(compile, Mapping):
+        return dict(compile)
+    raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
+
+
+def check_max_new_tokens(max_new_tokens: Any) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+
+
+def generate_text_sampling(
+    model: Any,
+    prompt_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    suppress_tokens: Sequence[int] = (),
+    eos_token_id: Optional[int] = None,
+    pad_token_id: Optional[int] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    key: Optional[torch.Tensor] = None,
+    seed: int = 0,
+    use_cache: Optional[bool] = None,
+    compile: Union[bool, Mapping[str, Any]] = False,
+    sync_every: int = 16,
+) -> torch.Tensor:
+    """Generate ``max_new_tokens`` tokens after each prompt row by sampling (or greedy with temperature 0).
+
+    With a model that has a KV cache (craftfn's GPT), the prompt is prefilled once and each new
+    token costs one decode step on a static cache; ``compile=True`` compiles that step with
+    ``torch.compile(fullgraph=True)`` once per (batch, cache length) and gives the same tokens as
+    ``compile=False``. Other models (any module mapping ids to logits) recompute the whole
+    window each token, as nanoGPT does.
+
+    Args:
+        model: an ``nn.Module`` mapping ids ``(B, T)`` to logits ``(B, T, V)`` (or an output with
+            ``.logits``), or a ``TrainState`` whose params are used.
+        prompt_ids: ``(B, P)`` int64, left-padded if rows differ in length (see ``attention_mask``).
+        max_new_tokens: tokens to add (>= 0).
+        temperature, top_k, top_p, min_p, repetition_penalty, suppress_tokens: see :class:`SamplingOptions`.
+        eos_token_id: a row that emits it is finished and emits ``pad_token_id`` from then on.
+        pad_token_id: default ``eos_token_id``, else 0.
+        attention_mask: ``(B, P)`` 1 for real tokens, 0 for left padding; positions come from it.
+        key: a craftfn key (default ``random.key(seed)``); token ``t`` uses ``fold_in(key, slot of t)``.
+        seed: used when ``key`` is not given.
+        use_cache: default: when the model has ``init_kv_cache``.
+        compile: ``True`` or ``torch.compile`` options (e.g. ``{"backend": "aot_eager"}``) for the decode step.
+        sync_every: with an EOS, check every this many tokens whether all rows finished (the only host read).
+
+    Returns:
+        ``(B, P + max_new_tokens)`` int64: the prompts followed by the generated tokens.
+
+    Example:
+        >>> out = generate_text_sampling(model, torch.tensor([[1, 2]]), max_new_tokens=5, top_k=10, seed=0)
+        >>> out.shape
+        torch.Size([1, 7])
+    """
+    options = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty, tuple(suppress_tokens or ()))
+    check_max_new_tokens(max_new_tokens)
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"sync_every must be a positive int, got {sync_every!r}")
+    decoder = kvc.as_decoder(model)
+    prompt_ids, attention_mask = kvc.check_prompt(prompt_ids, attention_mask, decoder)
+    eos, pad = kvc.eos_and_pad(eos_token_id, pad_token_id)
+    key = random.key(seed) if key is None else key
+    compile_options = _compile_options(compile)
+    use_cache = decoder.supports_cache if use_cache is None else use_cache
+    if use_cache and not decoder.supports_cache:
+        raise ValueError("use_cache=True needs a model with a KV cache (init_kv_cache), e.g. craftfn.models.GPT")
+    if compile_options is not None and not use_cache:
+        raise ValueError("compile=True compiles the KV-cache decode step; it needs use_cache (a craftfn GPT)")
+    if max_new_tokens == 0:
+        return prompt_ids
+    if use_cache:
+        return _generate_cached(decoder, prompt_ids, attention_mask, max_new_tokens, options, eos, pad, key, compile_options, sync_every)
+    return _generate_recompute(decoder, prompt_ids, attention_mask, max_new_tokens, options, eos, pad, key)
+
+
+def _generate_cached(decoder, prompt_ids, attention_mask, max_new_tokens, options, eos, pad, key, compile_options, sync_every):
+    batch, prompt_len = prompt_ids.shape
+    max_len = prompt_len + max_new_tokens
+    decoder.check_length(max_len, "max_new_tokens", max_new_tokens)
+    device = prompt_ids.device
+    with decoder.inference():
+        cache = decoder.init_cache(batch, max_len)
+        full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
+        logits, cache = kvc.prefill(decoder, prompt_ids, attention_mask, full_mask, cache)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        seen = _seen_mask(prompt_ids, attention_mask, logits.shape[-1], options)
+        position = torch.tensor(prompt_len - 1, device=device)
+        token, _, done, seen = _choose(logits, key, position, done, seen, options, eos, pad)
+        out = torch.full((batch, max_new_tokens), pad, dtype=torch.int64, device=device)
+        out[:, 0] = token
+        step = _decode_step if compile_options is None else _compiled_decode_step(compile_options)
+        next_pos = attention_mask.sum(dim=1)  # each row's position for its first generated token
+        for t in range(1, max_new_tokens):
+            slot = prompt_len + t - 1
+            input_pos = torch.tensor([slot], device=device)
+            token, cache, done, seen = step(
+                decoder.module, decoder.params, cache, token, input_pos, next_pos + (t - 1), full_mask,
+                key, done, seen, options, eos, pad,
+            )
+            out[:, t] = token
+            if eos >= 0 and t % sync_every == 0 and bool(done.all()):
+                break  # the rest of ``out`` is already padding
+    return torch.cat([prompt_ids, out], dim=1)
+
+
+def _generate_recompute(decoder, prompt_ids, attention_mask, max_new_tokens, options, eos, pad, key):
+    batch, prompt_len = prompt_ids.shape
+    device = prompt_ids.device
+    ids, mask = prompt_ids, attention_mask
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    with decoder.inference():
+        seen = None
+        for t in range(max_new_tokens):
+            logits = decoder.forward_window(ids, mask)
+            if seen is None:
+                seen = _seen_mask(prompt_ids, attention_mask, logits.shape[-1], options)
+            position = torch.tensor(prompt_len + t - 1, device=device)
+            token, _, done, seen = _choose(logits, key, position, done, seen, options, eos, pad)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+    return ids
+
+
+def _seen_mask(prompt_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int, options: SamplingOptions) -> torch.Tensor:
+    seen = torch.zeros(prompt_ids.shape[0], vocab_size, dtype=torch.bool, device=prompt_ids.device)
+    if options.repetition_penalty != 1.0:
+        seen = seen.scatter(1, prompt_ids, attention_mask.bool())
+    return seen
+
+
+def sample_text(
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    *,
+    max_new_tokens: int = 100,
+    num_samples: int = 1,
+    **kwargs: Any,
+) -> list[str]:
+    """Sample ``num_samples`` continuations of ``prompt`` and return them as strings (prompt included).
+
+    Args:
+        model: as in :func:`generate_text_sampling`.
+        tokenizer: has ``encode(str) -> list[int]`` and ``decode(ids) -> str`` (craftfn's tokenizers).
+        prompt: a non-empty string.
+        max_new_tokens: tokens per sample.
+        num_samples: independent samples (rows of one batch).
+        kwargs: sampling options of :func:`generate_text_sampling` (``temperature``, ``top_k``, ``seed``, ...).
+
+    Returns:
+        ``num_samples`` strings; each stops before its EOS token when ``eos_token_id`` is given.
+
+    Example:
+        >>> sample_text(model, tokenizer, "def ", max_new_tokens=20, temperature=0.8, seed=0)  # doctest: +SKIP
+    """
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    ids = torch.tensor([tokenizer.encode(prompt)] * num_samples, dtype=torch.int64, device=kvc.model_device(model))
+    out = generate_text_sampling(model, ids, max_new_tokens=max_new_tokens, **kwargs)
+    eos = kwargs.get("eos_token_id")
+    return [tokenizer.decode(kvc.strip_after_eos(row.tolist(), eos, ids.shape[1])) for row in out.cpu()]
