@@ -383,7 +383,7 @@ def select_steps_to_keep(
         [1, 4]
     """
     steps = sorted(set(steps))
-    keep = set(steps) if keep_last is None else set(steps[len(steps) - keep_last :] if keep_last else [])
+    keep = set(steps) if keep_last is None else set(steps[max(0, len(steps) - keep_last) :] if keep_last else [])
     if keep_best:
         sign = 1.0 if mode == "min" else -1.0
         ranked = sorted((s for s in steps if _metric_ok(metrics.get(s))), key=lambda s: (sign * metrics[s], -s))
