@@ -431,8 +431,9 @@ def inject_hyperparams(
                 numeric_hps[name] = value
             else:
                 other_hps[name] = value
-        # Build once with the given values: bad hyperparameters fail here, not at the first step.
-        probe = inner_factory(**other_hps, **numeric_hps, **sched_hps)
+        # Build once with the given values, so bad hyperparameters fail here with the factory's
+        # message (range checks skip tensors), not at the first step.
+        inner_factory(**other_hps, **numeric_hps, **sched_hps)
 
         def _hyperparams(count: torch.Tensor, stored: Optional[dict[str, torch.Tensor]], device: Optional[torch.device]) -> dict[str, torch.Tensor]:
             hps: dict[str, torch.Tensor] = {}
@@ -442,11 +443,15 @@ def inject_hyperparams(
                 hps[name] = _as_tensor(fn(count), device)
             return hps
 
+        # The rule as update builds it (tensor hyperparameters): a schedule given to the factory
+        # may select a different rule (scale_by_schedule) than its value does (scale).
+        probe = inner_factory(**other_hps, **_hyperparams(torch.zeros((), dtype=torch.int64), None, None))
+
         def init_fn(params: Params) -> InjectHyperparamsState:
             device = _device_of(params)
             count = torch.zeros((), dtype=torch.int64, device=device)
             hps = _hyperparams(count, None, device)
-            return InjectHyperparamsState(count, hps, probe.init(params))
+            return InjectHyperparamsState(count, hps, inner_factory(**other_hps, **hps).init(params))
 
         def _prepare(state: Any) -> tuple[GradientTransformation, dict[str, torch.Tensor]]:
             if not isinstance(state, InjectHyperparamsState):
