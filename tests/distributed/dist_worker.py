@@ -1,0 +1,148 @@
+"""One rank of the multi-process tests (run as a script with the torchrun environment set).
+
+    RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python dist_worker.py SCENARIO OUTDIR [options]
+
+Scenarios:
+    equivalence  data parallel, ZeRO-1 and accumulation over a few steps; writes rank<r>.pt
+    train        the Trainer with a CheckpointCoordinator (``--steps``, ``--save-every``, ``--resume``)
+    kill         steps in a loop; rank ``--victim`` kills itself (SIGKILL) or hangs (``--hang``) at step 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+import torch
+
+from craftfn import TrainState, distributed, optim, random, tree
+
+GLOBAL_BATCH = 8
+
+
+def make_model(dropout: float = 0.0) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(4, 16), torch.nn.Tanh()]
+    if dropout:
+        layers.append(torch.nn.Dropout(dropout))
+    return torch.nn.Sequential(*layers, torch.nn.Linear(16, 1))
+
+
+def global_batch(step: int) -> dict[str, torch.Tensor]:
+    """The global batch of a step: a pure function of (seed, step), the same on every rank."""
+    x = random.normal(random.fold_in(random.key(7), step), (GLOBAL_BATCH, 4))
+    return {"x": x, "y": torch.sin(x.sum(-1, keepdim=True))}
+
+
+def loss_fn(state, params, batch, rng):
+    return torch.mean((state.apply(params, batch["x"]) - batch["y"]) ** 2)
+
+
+def optimizers() -> dict[str, optim.GradientTransformation]:
+    out = {"sgd": optim.sgd(0.1, momentum=0.9)}
+    if hasattr(optim, "adamw"):
+        out["adamw"] = optim.adamw(1e-2, weight_decay=0.1)
+    return out
+
+
+def host(metrics):
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def equivalence(out: str) -> None:
+    steps = 3
+    result = {"rank": distributed.rank(), "world": distributed.world_size(), "runs": {}}
+    for name, tx in optimizers().items():
+        for mode, sharded, accum in [("dp", False, 1), ("zero", True, 1), ("dp_accum2", False, 2), ("zero_donate", True, 1)]:
+            state = TrainState.create(model=make_model(), tx=distributed.data_parallel(tx, shard_optimizer_state=sharded), seed=1)
+            step = distributed.make_data_parallel_step(loss_fn, accum_steps=accum, donate=mode.endswith("donate"))
+            history = []
+            for i in range(steps):
+                state, metrics = step(state, distributed.shard_batch(global_batch(i)))
+                history.append(host(metrics))
+            full = distributed.gather_state(state, dst=None)
+            result["runs"][f"{name}/{mode}"] = {
+                "params": state.params,
+                "metrics": history,
+                "opt_state": full.opt_state,
+                "opt_state_bytes": distributed.opt_state_bytes(state.opt_state.inner),
+            }
+    # Dropout: each rank draws its own masks, yet the ranks stay in sync.
+    state = TrainState.create(model=make_model(dropout=0.5), tx=distributed.data_parallel(optim.sgd(0.1)), seed=1)
+    seen = []
+
+    def loss_with_probe(s, p, b, rng):
+        seen.append(s.apply(p, torch.ones(32, 4)).detach())  # this rank's dropout masks at work
+        return loss_fn(s, p, b, rng)
+
+    state, _ = distributed.make_data_parallel_step(loss_with_probe)(state, distributed.shard_batch(global_batch(0)))
+    result["dropout"] = {"params": state.params, "rng": state.rng, "probe": seen[0]}
+    torch.save(result, os.path.join(out, f"rank{distributed.rank()}.pt"))
+
+
+def train(out: str, steps: int, save_every: int, resume: bool, ckpt_dir: str) -> None:
+    from craftfn.training import Trainer
+    from craftfn.training.checkpointing import CheckpointManager
+
+    tx = optimizers().get("adamw", optimizers()["sgd"])
+    state = TrainState.create(model=make_model(dropout=0.1), tx=distributed.data_parallel(tx, shard_optimizer_state=True), seed=3)
+    state = distributed.broadcast_state(state)
+    manager = CheckpointManager(ckpt_dir, keep_last=None, async_save=True) if distributed.is_main() else None
+    with distributed.CheckpointCoordinator(manager) as ckpt:
+        trainer = Trainer(
+            distributed.make_data_parallel_step(loss_fn),
+            lambda i: distributed.shard_batch(global_batch(i)),
+            max_steps=steps,
+            checkpoint_manager=ckpt,
+            save_every=save_every,
+        )
+        state = trainer.fit(state, resume=resume)
+    full = distributed.gather_state(state, dst=None)
+    torch.save({"state": tree.leaves(full), "paths": tree.paths(full), "step": int(state.step)}, os.path.join(out, f"rank{distributed.rank()}.pt"))
+
+
+def kill(out: str, victim: int, hang: bool) -> None:
+    state = TrainState.create(model=make_model(), tx=distributed.data_parallel(optim.sgd(0.1)), seed=1)
+    step = distributed.make_data_parallel_step(loss_fn)
+    for i in range(10_000):
+        if i == 3 and distributed.rank() == victim:
+            with open(os.path.join(out, "fault_time"), "w") as f:
+                f.write(repr(time.time()))
+            if hang:
+                time.sleep(600)
+            os.kill(os.getpid(), signal.SIGKILL)
+        state, _ = step(state, distributed.shard_batch(global_batch(i)))
+        time.sleep(0.01)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario", choices=["equivalence", "train", "kill"])
+    parser.add_argument("out")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--save-every", type=int, default=2)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--ckpt", default="")
+    parser.add_argument("--victim", type=int, default=1)
+    parser.add_argument("--hang", action="store_true")
+    parser.add_argument("--timeout", type=float, default=60.0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    distributed.init(timeout=args.timeout)
+    try:
+        if args.scenario == "equivalence":
+            equivalence(args.out)
+        elif args.scenario == "train":
+            train(args.out, args.steps, args.save_every, args.resume, args.ckpt)
+        else:
+            kill(args.out, args.victim, args.hang)
+    finally:
+        if sys.exc_info()[0] is None:
+            distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
