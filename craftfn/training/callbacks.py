@@ -219,7 +219,7 @@ def _format_metrics(metrics: Mapping[str, float], names: Sequence[str]) -> str:
             elif name == "lr":
                 parts.append(f"lr {value:.2e}")
             elif name == "mfu":
-                parts.append(f"mfu {100 * value:.1f}%")
+                parts.append(f"mfu {100 * value:.2f}%")
             else:
                 parts.append(f"{name} {value:.4f}")
     return " | ".join(parts)
@@ -238,14 +238,16 @@ class ConsoleLogger(Callback):
     Args:
         every: print a train line every N steps (0: evaluations and text only).
         stream: where to print (default stdout).
+        print_text: print text events (samples) too.
 
     Example:
         >>> logger = ConsoleLogger(every=100)
     """
 
-    def __init__(self, every: int = 100, stream: Optional[TextIO] = None) -> None:
+    def __init__(self, every: int = 100, stream: Optional[TextIO] = None, print_text: bool = True) -> None:
         super().__init__(every)
         self.stream = stream
+        self.print_text = print_text
 
     def _prefix(self, trainer: Trainer, event: Event) -> str:
         total = trainer.total_steps
@@ -259,7 +261,7 @@ class ConsoleLogger(Callback):
         elif event.kind == "eval":
             names = ["loss", "perplexity"] + sorted(k for k in event.metrics if k not in ("loss", "perplexity"))
             _write_line(f"{self._prefix(trainer, event)} | eval | {_format_metrics(event.metrics, names)}", self.stream)
-        elif event.text:
+        elif event.text and self.print_text:
             for name, text in event.text.items():
                 _write_line(f"{self._prefix(trainer, event)} | {name}:\n{text}", self.stream)
 
@@ -603,6 +605,8 @@ class SampleText(Callback):
         every: sample every N steps (0: only at the end).
         at_end: also sample after training.
         seed: samples use ``fold_in(key(seed), step)``: the same model gives the same text.
+        echo: a function that prints each periodic sample (e.g. ``print``); the end-of-training
+            sample is left to the caller (it is in ``samples[-1]``).
 
     The samples are kept in ``samples`` (a list of ``(step, text)``).
 
@@ -622,6 +626,7 @@ class SampleText(Callback):
         every: int = 0,
         at_end: bool = True,
         seed: int = 0,
+        echo: Optional[Callable[[str], None]] = None,
     ) -> None:
         super().__init__(every)
         self.encode, self.decode = encode, decode
@@ -632,6 +637,7 @@ class SampleText(Callback):
         self.block_size = block_size
         self.at_end = at_end
         self.seed = seed
+        self.echo = echo
         self.samples: list[tuple[int, str]] = []
         self._last_step = -1
 
@@ -651,13 +657,15 @@ class SampleText(Callback):
         )
         return self.decode(out[0].tolist())
 
-    def _emit(self, trainer: Trainer, state: Any, step: int) -> None:
+    def _emit(self, trainer: Trainer, state: Any, step: int, final: bool = False) -> None:
         if step == self._last_step:
             return
         self._last_step = step
         with trainer.paused_clock():
             text = self.sample(state, step)
         self.samples.append((step, text))
+        if self.echo is not None and not final:
+            self.echo(f"sample at step {step}:\n{text}")
         trainer.log(trainer.make_event("text", step=step, text={"samples": text}))
 
     def on_step_end(self, trainer: Trainer, event: Event) -> None:
@@ -666,7 +674,7 @@ class SampleText(Callback):
 
     def on_train_end(self, trainer: Trainer, state: Any) -> None:
         if self.at_end:
-            self._emit(trainer, state, trainer.step)
+            self._emit(trainer, state, trainer.step, final=True)
 
 
 def _format_seconds(seconds: Optional[float]) -> str:
@@ -725,7 +733,7 @@ class ProgressBar(Callback):
         if "tokens_per_sec" in m:
             out["tok/s"] = f"{m['tokens_per_sec']:,.0f}"
         if "mfu" in m:
-            out["mfu"] = f"{100 * m['mfu']:.1f}%"
+            out["mfu"] = f"{100 * m['mfu']:.2f}%"
         return out
 
     def on_step_end(self, trainer: Trainer, event: Event) -> None:

@@ -182,8 +182,9 @@ class Trainer:
         train_step: ``train_step(state, batch) -> (state, metrics)``; metrics are 0-d tensors.
         train_data: either a function ``step -> batch`` (``step`` counted from 0: a pure
             function of the step, so a resumed run replays the same data), or a finite
-            map-style dataset of batches (``len`` and ``[i]``): one epoch is one pass,
-            in an order shuffled per epoch from ``seed`` when ``shuffle``.
+            map-style dataset (``len`` and ``[i]``): of batches, or of examples when
+            ``batch_size`` is given (batched by :func:`craftfn.data.epoch_batches`). One
+            epoch is one pass, in an order shuffled per epoch from ``seed`` when ``shuffle``.
         eval_step: ``eval_step(state, batch) -> metrics`` (from :func:`craftfn.make_eval_step`).
         eval_data: the evaluation batches (a sequence, or a function returning an iterable);
             or pass a ready ``evaluator=``.
@@ -201,12 +202,16 @@ class Trainer:
             (and for ``fit(resume=True)``: ``latest_step()``, ``restore(template, step,
             fallback)`` and ``metadata(step)``), e.g. ``CheckpointManager``.
         save_every: save every N steps (and always at the end) when a manager is given.
+        batch_size: with a map-style dataset of examples, the examples per batch.
+        drop_last: with ``batch_size``, drop each epoch's final partial batch.
         seed: the seed of the epoch shuffles.
-        shuffle: shuffle the batch order of each epoch (map-style data).
+        shuffle: shuffle the order of each epoch (map-style data).
         flops_per_token: training FLOPs per token, for the MFU estimate.
         peak_flops: the device's peak FLOP/s (see :class:`ProgressTracker`).
         warmup_steps: the first steps of a run left out of throughput and ETA (compilation).
         eval_at_end: evaluate after the last step (if it was not just evaluated).
+        checkpoint_extra: JSON-ready values saved with every checkpoint besides the
+            callbacks' state (e.g. ``{"tokenizer": ...}``).
 
     Attributes (read by callbacks): ``state`` (the newest dispatched state), ``step``,
     ``epoch``, ``total_steps``, ``tracker`` (the :class:`ProgressTracker`),
@@ -232,12 +237,15 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         checkpoint_manager: Any = None,
         save_every: Optional[int] = None,
+        batch_size: Optional[int] = None,
+        drop_last: bool = False,
         seed: int = 0,
         shuffle: bool = True,
         flops_per_token: Optional[float] = None,
         peak_flops: Optional[float] = None,
         warmup_steps: int = 2,
         eval_at_end: bool = True,
+        checkpoint_extra: Optional[Mapping[str, Any]] = None,
     ) -> None:
         if not callable(train_step):
             raise TypeError(f"train_step must be callable (see craftfn.make_train_step), got {type(train_step).__name__}")
@@ -261,6 +269,9 @@ class Trainer:
             )
         if self.map_style and len(train_data) == 0:
             raise ValueError("train_data is empty (len() == 0): nothing to train on")
+        _check_positive("batch_size", batch_size)
+        if batch_size is not None and not self.map_style:
+            raise ValueError("batch_size= batches a map-style dataset of examples; train_data is a step -> batch function")
         if max_steps is None and epochs is None:
             raise ValueError("give max_steps= or epochs= (or both): the Trainer needs to know when to stop")
         if evaluator is not None and (eval_step is not None or eval_data is not None):
@@ -280,7 +291,20 @@ class Trainer:
         self.seed = seed
         self.shuffle = shuffle
         self.eval_at_end = eval_at_end
-        self.steps_per_epoch: Optional[int] = len(train_data) if self.map_style else None
+        self.checkpoint_extra = dict(checkpoint_extra or {})
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.steps_per_epoch: Optional[int] = None
+        if self.map_style:
+            if batch_size is None:
+                self.steps_per_epoch = len(train_data)
+            else:
+                from craftfn.data import num_batches
+
+                self.steps_per_epoch = num_batches(len(train_data), batch_size, drop_last)
+                if self.steps_per_epoch == 0:
+                    raise ValueError(f"train_data has {len(train_data)} examples: not one full batch of {batch_size} with drop_last=True")
+        self._epoch_iter: tuple[int, int, Any] = (-1, -1, None)
         self.total_steps = self._total_steps()
         self.tracker = ProgressTracker(
             total_steps=self.total_steps,
@@ -341,6 +365,8 @@ class Trainer:
         spe = self.steps_per_epoch
         assert spe is not None
         epoch, position = divmod(index, spe)
+        if self.batch_size is not None:
+            return self._example_batch(epoch, position)
         if not self.shuffle:
             return self.train_data[position]
         if self._epoch_order[0] != epoch:
@@ -349,6 +375,19 @@ class Trainer:
         order = self._epoch_order[1]
         assert order is not None
         return self.train_data[int(order[position])]
+
+    def _example_batch(self, epoch: int, position: int) -> Any:
+        from craftfn.data import epoch_batches
+
+        cached_epoch, next_position, iterator = self._epoch_iter
+        if cached_epoch != epoch or next_position != position:
+            # A fresh epoch, or a resume in the middle of one: rebuild and skip ahead.
+            iterator = epoch_batches(self.train_data, self.batch_size, self.seed, epoch, self.drop_last, self.shuffle)  # type: ignore[arg-type]
+            for _ in range(position):
+                next(iterator)
+        batch = next(iterator)
+        self._epoch_iter = (epoch, position + 1, iterator)
+        return batch
 
     def evaluate(self, state: Any) -> dict[str, float]:
         """Run the evaluator on ``state``, emit an ``eval`` event, and return its metrics."""
@@ -368,7 +407,7 @@ class Trainer:
         if self.checkpoint_manager is None:
             return
         self._flush()
-        extra = {"callbacks": self.callbacks.state_dicts()}
+        extra = {**self.checkpoint_extra, "callbacks": self.callbacks.state_dicts()}
         with self.paused_clock():
             self.checkpoint_manager.save(self.step, state, metrics=dict(self.last_eval) or None, extra=extra)
         self.callbacks.on_save(self, self.step)

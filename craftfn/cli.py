@@ -1,0 +1,243 @@
+"""``craftfn train|eval``: gin-configured experiments from the command line (t5x conventions).
+
+Usage::
+
+    craftfn train --gin_file gin/char_gpt.gin [--gin_file more.gin ...]
+                  [--gin.NAME=VALUE ...] [--gin_bindings 'Trainer.max_steps = 100' ...]
+                  [--run_dir runs/char_gpt] [--resume]
+    craftfn eval  --gin_file gin/char_gpt.gin --run_dir runs/char_gpt [--checkpoint FILE]
+
+Files are read in order, then bindings in command-line order: later ones win.
+``--gin.NAME=VALUE`` is the binding ``NAME = VALUE`` (a bare word such as a path is
+taken as a string). A run directory that already holds checkpoints is resumed
+automatically. User errors (a missing gin file, an unknown binding, an unset
+``%gin.REQUIRED`` macro, a missing or empty data file) print one paragraph on
+stderr and exit with status 2.
+
+Example:
+    >>> main(["train", "--gin_file", "gin/char_gpt.gin", "--gin.Trainer.max_steps=10"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.util
+import re
+import sys
+import textwrap
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main", "parse_gin_arguments", "UsageError"]
+
+EXIT_USAGE = 2
+# The gin/ folder of a source checkout (editable install), searched after the working directory.
+_REPO_GIN = Path(__file__).resolve().parent.parent / "gin"
+
+
+class UsageError(Exception):
+    """A mistake in the command line or the configuration: reported in one paragraph, exit status 2."""
+
+
+def _gin_value(value: str) -> str:
+    """Keep gin literals, references and macros; quote anything else (a bare path or word)."""
+    v = value.strip()
+    if not v or v[0] in "@%[({'\"" or v in ("True", "False", "None"):
+        return v
+    try:
+        ast.literal_eval(v)
+        return v
+    except (ValueError, SyntaxError):
+        return repr(v)
+
+
+def parse_gin_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split ``--gin.NAME=VALUE`` arguments from the rest, in order.
+
+    Returns:
+        ``(other_arguments, bindings)`` where ``--gin.NAME=VALUE`` became ``"NAME = VALUE"``;
+        ``--gin_bindings`` stay in ``other_arguments`` but keep their relative order via
+        a marker so that later bindings win whichever form they use.
+
+    Example:
+        >>> parse_gin_arguments(["train", "--gin.Trainer.max_steps=5", "--gin.DATA_PATH=in.txt"])
+        (['train'], ['Trainer.max_steps = 5', "DATA_PATH = 'in.txt'"])
+    """
+    rest: list[str] = []
+    bindings: list[str] = []
+    it = iter(range(len(argv)))
+    for i in it:
+        arg = argv[i]
+        if arg.startswith("--gin."):
+            name, eq, value = arg[len("--gin.") :].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise UsageError(f"{arg} needs a value: write --gin.{name}=VALUE")
+                value = argv[i + 1]
+                next(it)
+            if not name:
+                raise UsageError(f"{arg!r} names no binding: write --gin.NAME=VALUE, e.g. --gin.Trainer.max_steps=100")
+            bindings.append(f"{name} = {_gin_value(value)}")
+        elif arg == "--gin_bindings" or arg.startswith("--gin_bindings="):
+            if "=" in arg:
+                bindings.append(arg.split("=", 1)[1])
+            else:
+                if i + 1 >= len(argv):
+                    raise UsageError("--gin_bindings needs a value, e.g. --gin_bindings 'Trainer.max_steps = 100'")
+                bindings.append(argv[i + 1])
+                next(it)
+        else:
+            rest.append(arg)
+    return rest, bindings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="craftfn",
+        description="Train and evaluate gin-configured models with craftfn.",
+        epilog="Bindings: --gin.NAME=VALUE or --gin_bindings 'NAME = VALUE' (repeatable; later ones win).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("train", "train a model (default job: gin/char_gpt.gin)"), ("eval", "evaluate a trained run")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--gin_file", action="append", default=[], help="a gin file (repeatable; later files win)")
+        p.add_argument("--run_dir", default=None, help="the run directory (default runs/<first gin file's name>)")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint (automatic when one exists)")
+        else:
+            p.add_argument("--checkpoint", default=None, help="model weights (default RUN_DIR/model.safetensors)")
+    return parser
+
+
+def _find_gin_file(name: str) -> Path:
+    candidates = [Path(name)]
+    if not Path(name).is_absolute():
+        candidates.append(_REPO_GIN / name)
+        if name.startswith("gin/"):
+            candidates.append(_REPO_GIN / name[len("gin/") :])
+    for c in candidates:
+        if c.is_file():
+            return c
+    where = ", ".join(str(c) for c in candidates)
+    raise UsageError(f"gin file {name!r} not found (looked for {where}). Check the path; the shipped configs are in {_REPO_GIN}.")
+
+
+def _one_paragraph(message: str) -> str:
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def _gin_error(e: BaseException) -> str:
+    text = _one_paragraph(str(e))
+    m = re.match(r"^(\S+?)/macro\.value set to `%gin\.REQUIRED` but not subsequently overridden", text)
+    if m:
+        macro = m.group(1)
+        return (
+            f"the gin macro {macro} is required but not set (it is declared `{macro} = %gin.REQUIRED`). "
+            f"Set it on the command line, e.g. --gin.{macro}=path/to/input.txt, or with --gin_bindings \"{macro} = 'path/to/input.txt'\"."
+        )
+    m = re.search(r"Required bindings for `(\S+)` not provided in config: \[(.*?)\]", text)
+    if m:
+        return f"gin: {m.group(1)} needs a value for {m.group(2)} (a gin.REQUIRED parameter); bind it in a gin file or with --gin.{m.group(1)}.<name>=VALUE."
+    if text.startswith("No configurable matching") or "doesn't have a parameter named" in text:
+        return f"unknown gin binding: {text}. Check the spelling; configurable names are listed in the gin files under gin/ and in craftfn/gin_training.py."
+    return f"gin configuration error: {text}"
+
+
+class _QuietSearch:
+    """Drop gin's "Path not found" log lines: it logs one per search folder it tries."""
+
+    def filter(self, record: object) -> bool:
+        return not str(getattr(record, "msg", "")).startswith("Path not found")
+
+
+_QUIET = _QuietSearch()
+
+
+def _configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
+    import logging
+
+    import gin
+
+    if _QUIET not in logging.getLogger().filters:
+        logging.getLogger().addFilter(_QUIET)  # type: ignore[arg-type]
+
+    # Importing these registers every configurable before parsing.
+    import craftfn.gin_training  # noqa: F401
+
+    # Optimizers and schedules (craftfn.gin_config); a real import error inside it must surface.
+    if importlib.util.find_spec("craftfn.gin_config") is not None:
+        importlib.import_module("craftfn.gin_config")
+    if not gin_files:
+        raise UsageError("no --gin_file given: name a job, e.g. craftfn train --gin_file gin/char_gpt.gin")
+    paths = [_find_gin_file(f) for f in gin_files]
+    gin.clear_config()
+    # `include 'models/x.gin'` resolves against these folders.
+    for folder in {str(p.resolve().parent) for p in paths} | {str(_REPO_GIN), str(_REPO_GIN.parent)}:
+        gin.add_config_file_search_path(folder)
+    try:
+        gin.parse_config_files_and_bindings([str(p) for p in paths], list(bindings), finalize_config=True)
+    except (ValueError, SyntaxError, OSError, TypeError, KeyError, AttributeError, ImportError) as e:
+        raise UsageError(_gin_error(e)) from None
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    ckpt = run_dir / "checkpoints"
+    return ckpt.is_dir() and any(re.fullmatch(r"step_\d+", p.name) for p in ckpt.iterdir())
+
+
+def _train(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+    _configure(args.gin_file, bindings)
+    from craftfn import gin_training
+
+    run_dir = Path(args.run_dir or Path("runs") / Path(args.gin_file[0]).stem)
+    resume = bool(args.resume) or _has_checkpoints(run_dir)
+    if resume and _has_checkpoints(run_dir):
+        print(f"craftfn: resuming from the checkpoints in {run_dir / 'checkpoints'}", flush=True)
+    elif args.resume:
+        print(f"craftfn: --resume: no checkpoints in {run_dir / 'checkpoints'} yet, starting fresh", flush=True)
+    try:
+        summary = gin_training.train_language_model(str(run_dir), resume=resume)
+    except gin_training.ConfigError as e:
+        raise UsageError(_one_paragraph(str(e))) from None
+    except (ValueError, TypeError) as e:
+        # gin reports missing REQUIRED parameters of a configurable when it is called.
+        if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):
+            raise UsageError(_gin_error(e)) from None
+        raise
+    return 0 if summary.get("stop_reason") is None or "EarlyStopping" in str(summary.get("stop_reason")) else 1
+
+
+def _eval(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+    _configure(args.gin_file, bindings)
+    from craftfn import gin_training
+
+    run_dir = Path(args.run_dir or Path("runs") / Path(args.gin_file[0]).stem)
+    try:
+        gin_training.evaluate_language_model(str(run_dir), checkpoint=args.checkpoint)
+    except (ValueError, TypeError, OSError) as e:
+        raise UsageError(gin_training._clean_gin_message(e)) from None
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI; returns the exit status (2 for user errors, with one paragraph on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest, bindings = parse_gin_arguments(argv)
+        args = _parser().parse_args(rest)
+        if args.command == "train":
+            return _train(args, bindings)
+        return _eval(args, bindings)
+    except UsageError as e:
+        command = f"craftfn {argv[0]}" if argv and argv[0] in ("train", "eval") else "craftfn"
+        print(textwrap.fill(f"{command}: error: {e}", width=100), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("craftfn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""gin at the edge: the language-model experiment and the gin names of the model, data, Trainer and callbacks.
+
+Only the CLI layer imports this module (nothing below imports gin). It registers:
+
+* model: ``GPTConfig`` (call it from gin files as ``@GPTConfig``: vocab_size and
+  block_size are filled in by the experiment);
+* data: ``stdlib_corpus``, ``text_file``;
+* training: ``Trainer`` (``Trainer.max_steps``, ``Trainer.eval_every``, ...), the callbacks
+  (``ConsoleLogger``, ``ProgressBar``, ``EarlyStopping``, ``NanGuard``, ``SampleText`` ...)
+  and ``CheckpointManager``;
+* the experiment: ``lm_task`` (data, tokenizer, model), ``train`` (optimizer, callbacks,
+  run options) and ``evaluate``.
+
+Optimizers and schedules are registered by :mod:`craftfn.gin_config`.
+
+Example (a gin file)::
+
+    lm_task.text = @stdlib_corpus()
+    lm_task.model_config = @GPTConfig
+    train.optimizer = @create_optimizer()
+    GPTConfig.n_layer = 4
+    Trainer.max_steps = 1000
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import gin
+import safetensors.torch
+import torch
+
+from craftfn import data as cdata
+from craftfn import make_eval_step, make_train_step, optim
+from craftfn.models.gpt import GPT, GPTConfig, lm_eval_metrics, lm_loss
+from craftfn.state import TrainState
+from craftfn.training import callbacks as cb
+from craftfn.training.evaluation import Evaluator
+from craftfn.training.trainer import Trainer
+
+__all__ = ["ConfigError", "train_language_model", "evaluate_language_model", "unigram_entropy", "LanguageModelTask", "build_language_model_task"]
+
+
+class ConfigError(ValueError):
+    """A user error found while building the experiment (bad data path, sizes, bindings)."""
+
+
+def _register(fn: Any, module: str, name: Optional[str] = None) -> Any:
+    """Register ``fn`` with gin once (re-importing this module must not fail)."""
+    try:
+        return gin.external_configurable(fn, name=name, module=module)
+    except ValueError:  # already registered
+        return gin.get_configurable(f"{module}.{name or fn.__name__}")
+
+
+ConfiguredGPTConfig = _register(GPTConfig, "craftfn.models")
+_register(cdata.stdlib_corpus, "craftfn.data")
+_register(cdata.text_file, "craftfn.data")
+ConfiguredTrainer = _register(Trainer, "craftfn.training")
+ConfiguredConsoleLogger = _register(cb.ConsoleLogger, "craftfn.training")
+ConfiguredProgressBar = _register(cb.ProgressBar, "craftfn.training")
+ConfiguredNanGuard = _register(cb.NanGuard, "craftfn.training")
+ConfiguredSampleText = _register(cb.SampleText, "craftfn.training")
+ConfiguredJSONLLogger = _register(cb.JSONLLogger, "craftfn.training")
+ConfiguredTensorBoardLogger = _register(cb.TensorBoardLogger, "craftfn.training")
+_register(cb.EarlyStopping, "craftfn.training")
+try:
+    from craftfn.training.checkpointing import CheckpointManager, export_params
+except ImportError:  # pragma: no cover - the checkpoint module is part of the package
+    CheckpointManager, export_params = None, None  # type: ignore[assignment,misc]
+if CheckpointManager is not None:
+    ConfiguredCheckpointManager = _register(CheckpointManager, "craftfn.training")
+# A fallback optimizer name for gin files that do not use create_optimizer.
+_register(optim.sgd, "craftfn.optim")
+
+
+def unigram_entropy(tokens: torch.Tensor) -> float:
+    """The entropy (nats per token) of the token frequencies: the loss of the best model that ignores context.
+
+    Example:
+        >>> round(unigram_entropy(torch.tensor([0, 1, 0, 1])), 4)
+        0.6931
+    """
+    counts = torch.bincount(tokens.flatten().to(torch.int64)).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+class LanguageModelTask:
+    """Everything a language-model run is made of (built by :func:`build_language_model_task`)."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+
+@gin.configurable("lm_task", module="craftfn")
+def build_language_model_task(
+    text: str = gin.REQUIRED,
+    tokenizer: str = "char",
+    model_config: Callable[..., GPTConfig] = gin.REQUIRED,
+    block_size: int = 64,
+    batch_size: int = 32,
+    val_fraction: float = 0.1,
+    eval_batch_size: int = 64,
+    eval_windows: Optional[int] = 512,
+    seed: int = 0,
+    epoch_data: bool = False,
+) -> LanguageModelTask:
+    """Tokenize ``text``, split it, and build the model, data and steps' inputs.
+
+    Args:
+        text: the corpus (``@stdlib_corpus()``, ``@text_file()`` or a string).
+        tokenizer: ``"char"`` (vocabulary = the characters of ``text``) or ``"byte"`` (256 ids).
+        model_config: a ``GPTConfig`` factory (``@GPTConfig``); called with ``vocab_size`` and ``block_size``.
+        block_size: tokens per training window.
+        batch_size: windows per training batch.
+        val_fraction: the tail of the text held out for evaluation.
+        eval_batch_size: windows per evaluation batch.
+        eval_windows: evaluate on the first N non-overlapping validation windows (None: all).
+        seed: the seed of the model initialisation and of the data.
+        epoch_data: train on epochs over non-overlapping windows (set ``Trainer.epochs``)
+            instead of random windows drawn per step.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str (e.g. @stdlib_corpus() or @text_file()), got {type(text).__name__}")
+    if not text:
+        raise ValueError("the training text is empty: give a non-empty corpus (train_language_model text / DATA_PATH)")
+    if tokenizer == "char":
+        tok: Any = cdata.CharTokenizer.from_text(text)
+    elif tokenizer == "byte":
+        tok = cdata.ByteTokenizer()
+    else:
+        raise ValueError(f"tokenizer must be 'char' or 'byte', got {tokenizer!r}")
+    tokens = tok.encode_tensor(text)
+    if tokens.numel() < 2 * (block_size + 1):
+        raise ValueError(
+            f"the text has {tokens.numel()} tokens, too few for block_size={block_size} "
+            f"(need at least {2 * (block_size + 1)} for a train and a validation window); use more text or a smaller block_size"
+        )
+    train_tokens, val_tokens = cdata.train_val_split(tokens, val_fraction)
+    if val_tokens.numel() <= block_size:
+        raise ValueError(
+            f"the validation split has {val_tokens.numel()} tokens, fewer than block_size + 1 = {block_size + 1}; "
+            "raise val_fraction or use more text"
+        )
+    config = model_config(vocab_size=tok.vocab_size, block_size=block_size)
+    torch.manual_seed(seed)
+    model = GPT(config)
+    val_set = cdata.WindowDataset(val_tokens, block_size)
+    eval_batches = list(cdata.epoch_batches(val_set, eval_batch_size, seed=seed, epoch=0, shuffle=False))
+    if eval_windows is not None:
+        keep, kept = [], 0
+        for b in eval_batches:
+            if kept >= eval_windows:
+                break
+            take = min(b["input_ids"].shape[0], eval_windows - kept)
+            keep.append({k: v[:take] for k, v in b.items()})
+            kept += take
+        eval_batches = keep
+    if epoch_data:
+        train_data: Any = cdata.WindowDataset(train_tokens, block_size)
+    else:
+        train_data = cdata.RandomWindows(train_tokens, batch_size, block_size, seed=seed).__getitem__
+    return LanguageModelTask(
+        tokenizer=tok,
+        tokens=tokens,
+        train_tokens=train_tokens,
+        val_tokens=val_tokens,
+        config=config,
+        model=model,
+        train_data=train_data,
+        eval_batches=eval_batches,
+        batch_size=batch_size if epoch_data else None,
+        seed=seed,
+    )
+
+
+def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    cdata.atomic_write_text(path, text)
+
+
+def _export(state: TrainState, path: Path) -> None:
+    if export_params is not None:
+        export_params(state, path)
+    else:  # pragma: no cover
+        _atomic_save_safetensors(dict(state.params), path)
+
+
+def _clean_gin_message(e: BaseException) -> str:
+    # gin appends "In call to configurable ..." lines; the cause is the first part.
+    lines = [ln for ln in str(e).splitlines() if not ln.strip().startswith("In call to configurable")]
+    return " ".join(ln.strip() for ln in lines if ln.strip())
+
+
+def _prepare_training(
+    run_dir: str, optimizer: Any, callbacks: Sequence[cb.Callback], donate: bool, compile: bool, console_every: int,
+    tensorboard_every: int, sample_every: int, sample_prompt: str, sample_tokens: int, temperature: float,
+    save_checkpoints: bool, num_threads: Optional[int], print_fn: Callable[[str], None],
+) -> tuple[Any, ...]:
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    task = build_language_model_task()
+    state = TrainState.create(model=task.model, tx=optimizer, seed=task.seed)
+    train_step = make_train_step(lm_loss, donate=donate, compile=compile)
+    eval_step = make_eval_step(lm_eval_metrics)
+    task.tokenizer.save(run / "tokenizer.json")
+    sampler = ConfiguredSampleText(
+        task.tokenizer.encode,
+        task.tokenizer.decode,
+        prompt=sample_prompt,
+        max_new_tokens=sample_tokens,
+        temperature=temperature,
+        block_size=task.config.block_size,
+        every=sample_every,
+        seed=task.seed,
+        echo=print_fn,
+    )
+    tensorboard = ConfiguredTensorBoardLogger(run, every=tensorboard_every)
+    all_callbacks = [
+        ConfiguredNanGuard(),
+        ConfiguredProgressBar(),
+        # Samples are printed by SampleText(echo=) and the final summary.
+        ConfiguredConsoleLogger(every=console_every, print_text=False),
+        ConfiguredJSONLLogger(run / "metrics.jsonl"),
+        tensorboard,
+        *callbacks,
+        sampler,
+    ]
+    manager = None
+    if save_checkpoints and CheckpointManager is not None:
+        manager = ConfiguredCheckpointManager(run / "checkpoints")
+    trainer = ConfiguredTrainer(
+        train_step,
+        task.train_data,
+        evaluator=Evaluator(eval_step, task.eval_batches),
+        callbacks=all_callbacks,
+        checkpoint_manager=manager,
+        batch_size=task.batch_size,
+        seed=task.seed,
+        flops_per_token=float(task.model.flops_per_token()),
+        checkpoint_extra={"tokenizer": task.tokenizer.to_dict()},
+    )
+    # Every configurable has been called now, so the operative config is complete.
+    config_text = gin.operative_config_str()
+    _atomic_write_text(run / "config.gin", config_text)
+    tensorboard.config_text = config_text
+    trainer.checkpoint_extra["gin_config"] = config_text
+    return trainer, state, task, sampler, manager, run
+
+
+@gin.configurable("train", module="craftfn", denylist=["run_dir", "resume", "print_fn"])
+def train_language_model(
+    run_dir: str,
+    resume: bool = False,
+    optimizer: optim.GradientTransformation = gin.REQUIRED,
+    callbacks: Sequence[cb.Callback] = (),
+    donate: bool = False,
+    compile: bool = False,
+    console_every: int = 100,
+    tensorboard_every: int = 10,
+    sample_every: int = 0,
+    sample_prompt: str = "def ",
+    sample_tokens: int = 200,
+    temperature: float = 0.8,
+    save_checkpoints: bool = True,
+    num_threads: Optional[int] = None,
+    print_fn: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train a GPT language model; the run directory gets config.gin, metrics.jsonl,
+    TensorBoard events, checkpoints/, model.safetensors and tokenizer.json.
+
+    Args:
+        run_dir: the run directory (created).
+        resume: continue from ``run_dir/checkpoints`` (the CLI sets it when checkpoints exist).
+        optimizer: the gradient transformation (``@create_optimizer()``).
+        callbacks: extra callbacks (e.g. ``[@EarlyStopping()]``).
+        donate: donate the state to each step (in-place, fused updates).
+        compile: ``torch.compile`` the train step.
+        console_every: print a train line every N steps (0: evaluations only).
+        tensorboard_every: write train scalars every N steps.
+        sample_every: print a generated sample every N steps (0: only at the end).
+        sample_prompt: the text the samples continue.
+        sample_tokens: characters/tokens per sample.
+        temperature: sampling temperature.
+        save_checkpoints: keep resumable checkpoints in ``run_dir/checkpoints``
+            (every ``Trainer.save_every`` steps and at the end).
+        num_threads: ``torch.set_num_threads`` for the run (default: torch's).
+
+    Returns:
+        A summary: final eval metrics, unigram entropy, the final sample, steps, seconds.
+    """
+    t0 = time.time()
+    try:
+        trainer, state, task, sampler, manager, run = _prepare_training(
+            run_dir, optimizer, callbacks, donate, compile, console_every, tensorboard_every, sample_every,
+            sample_prompt, sample_tokens, temperature, save_checkpoints, num_threads, print_fn,
+        )
+    except (ValueError, TypeError, OSError) as e:
+        raise ConfigError(_clean_gin_message(e)) from e
+    print_fn(
+        f"craftfn: training a {task.model.num_params():,}-parameter GPT on {task.train_tokens.numel():,} tokens "
+        f"(vocab {task.tokenizer.vocab_size}) for {trainer.total_steps} steps; run directory {run}"
+    )
+    try:
+        state = trainer.fit(state, resume=resume and manager is not None)
+    finally:
+        if manager is not None:
+            manager.close()
+    _export(state, run / "model.safetensors")
+    entropy = unigram_entropy(task.tokens)
+    final = trainer.last_eval
+    sample = sampler.samples[-1][1] if sampler.samples else ""
+    summary = {
+        "steps": trainer.step,
+        "val_loss": final.get("loss"),
+        "val_perplexity": final.get("perplexity"),
+        "unigram_entropy": entropy,
+        "sample": sample,
+        "seconds": time.time() - t0,
+        "stop_reason": trainer.stop_reason,
+        "run_dir": str(run),
+    }
+    val = final.get("loss", float("nan"))
+    print_fn(
+        f"\nfinal validation loss {val:.4f} nats/token (perplexity {math.exp(val) if val < 700 else float('inf'):.2f}) "
+        f"vs unigram entropy {entropy:.4f} nats/token: the model uses context worth {entropy - val:.2f} nats/token."
+    )
+    print_fn(f"sample after {trainer.step} steps:\n{'-' * 60}\n{sample}\n{'-' * 60}")
+    print_fn(f"run directory: {run} (config.gin, metrics.jsonl, TensorBoard events, model.safetensors); {summary['seconds']:.0f} s")
+    return summary
+
+
+@gin.configurable("evaluate", module="craftfn", denylist=["run_dir", "checkpoint", "print_fn"])
+def evaluate_language_model(run_dir: str, checkpoint: Optional[str] = None, print_fn: Callable[[str], None] = print) -> dict[str, float]:
+    """Evaluate a trained run on the validation split of the configured data.
+
+    Args:
+        run_dir: the run directory of ``craftfn train``.
+        checkpoint: a safetensors file of model weights (default ``run_dir/model.safetensors``).
+
+    Returns:
+        The evaluation metrics (loss, perplexity, num_tokens) and the unigram entropy.
+    """
+    path = Path(checkpoint) if checkpoint else Path(run_dir) / "model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"no model weights at {str(path)!r}: train first (craftfn train --run_dir {run_dir}) or pass --checkpoint")
+    task = build_language_model_task()
+    try:
+        task.model.load_state_dict(safetensors.torch.load_file(str(path)))
+    except RuntimeError as e:
+        raise ValueError(f"the weights in {str(path)!r} do not fit the configured model: {str(e).splitlines()[0]}") from None
+    state = TrainState.create(model=task.model, tx=None, seed=task.seed)
+    metrics = Evaluator(make_eval_step(lm_eval_metrics), task.eval_batches).evaluate(state)
+    metrics["unigram_entropy"] = unigram_entropy(task.tokens)
+    print_fn(" | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return metrics
