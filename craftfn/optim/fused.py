@@ -1,0 +1,190 @@
+"""The in-place (donated) Adam-family step on torch's fused kernels.
+
+:func:`fused_adam_step_` is the one place craftfn calls ``torch._fused_adam_`` /
+``torch._fused_adamw_``. The aliases ``adam``, ``adamw``, ``amsgrad`` (and the adam
+rules wrapped by ``inject_hyperparams``) use it for their ``donated_update``: the
+caller donated params and state, so their buffers are overwritten in place, which is
+what makes a pure API as fast as ``torch.optim.AdamW(fused=True)``.
+
+The rule is Adam(W) exactly as torch.optim has it (and as craftfn's
+``chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate)`` computes it)::
+
+    p   <- p * (1 - lr * weight_decay)              # decoupled weight decay
+    mu  <- lerp(mu, g, 1 - b1)
+    nu  <- b2 * nu + (1 - b2) * g^2
+    v   <- max(max_nu, nu) if amsgrad else nu        (max_nu updated in place)
+    p   <- p - lr / (1 - b1^t) * mu / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+Example:
+    >>> import torch
+    >>> from craftfn.optim.fused import fused_adam_step_
+    >>> p, g = [torch.ones(3)], [torch.ones(3)]
+    >>> mu, nu = [torch.zeros(3)], [torch.zeros(3)]
+    >>> fused_adam_step_(p, g, mu, nu, None, torch.tensor(1), lr=0.1, b1=0.9, b2=0.999, eps=1e-8)
+    >>> p[0]
+    tensor([0.9000, 0.9000, 0.9000])
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from craftfn import tree
+
+__all__ = ["fused_adam_step_", "fused_supported"]
+
+_FUSED_DEVICE_TYPES = ("cpu", "cuda")
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def fused_supported(*lists: Sequence[torch.Tensor]) -> bool:
+    """True when torch's fused Adam kernel can update these parallel leaf lists in place.
+
+    Every tensor must be a floating tensor on a CPU or CUDA device, and the tensors at
+    one position (param, moment, ...) must share dtype and device (the kernel does not
+    cast). Gradients are not checked: :func:`fused_adam_step_` casts them.
+
+    Example:
+        >>> fused_supported([torch.zeros(2)], [torch.zeros(2)])
+        True
+        >>> fused_supported([torch.zeros(2)], [torch.zeros(2, dtype=torch.bfloat16)])
+        False
+    """
+    for items in zip(*lists):
+        first = items[0]
+        if not isinstance(first, torch.Tensor) or first.dtype not in _FUSED_DTYPES or first.device.type not in _FUSED_DEVICE_TYPES:
+            return False
+        for t in items[1:]:
+            if not isinstance(t, torch.Tensor) or t.dtype != first.dtype or t.device != first.device:
+                return False
+    return True
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def fused_adam_step_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    mu: Sequence[torch.Tensor],
+    nu: Sequence[torch.Tensor],
+    max_nu: Optional[Sequence[torch.Tensor]],
+    count: torch.Tensor,
+    *,
+    lr: float | torch.Tensor,
+    b1: float | torch.Tensor,
+    b2: float | torch.Tensor,
+    eps: float | torch.Tensor,
+    weight_decay: float | torch.Tensor = 0.0,
+    amsgrad: bool = False,
+) -> None:
+    """One Adam(W)/AMSGrad step, in place on ``params``, ``mu``, ``nu`` (and ``max_nu``).
+
+    Leaves are grouped by (device, dtype) and each group goes through one
+    ``torch._fused_adamw_`` call when every hyperparameter but ``lr`` is a Python
+    number (the kernel takes them as doubles); otherwise (0-d tensor betas, say from
+    ``inject_hyperparams``) the same rule runs as in-place ``torch._foreach_*`` ops.
+    Nothing is read back to the host either way.
+
+    Args:
+        params, grads, mu, nu: parallel lists of tensors; ``params``, ``mu``, ``nu``
+            (and ``max_nu``) must agree in dtype and device per leaf (see
+            :func:`fused_supported`). ``grads`` are cast to the params' dtype; their
+            buffers may be overwritten (they are donated too).
+        max_nu: running maxima for AMSGrad (updated in place), or ``None``.
+        count: the step number ``t >= 1`` of this update, i.e. the state's count *after*
+            incrementing, a 0-d tensor (any dtype). It is not modified.
+        lr: learning rate, a number or a 0-d tensor.
+        b1, b2, eps, weight_decay: numbers or 0-d tensors; ``weight_decay`` is decoupled
+            (AdamW: ``p *= 1 - lr * weight_decay``); use 0 for Adam.
+        amsgrad: use ``max(max_nu, nu)`` in the denominator.
+
+    Returns:
+        None; the lists' tensors hold the new values.
+
+    Example:
+        >>> p, g, m, v = [torch.ones(2)], [torch.ones(2)], [torch.zeros(2)], [torch.zeros(2)]
+        >>> fused_adam_step_(p, g, m, v, None, torch.tensor(1), lr=torch.tensor(0.5), b1=0.9, b2=0.999, eps=0.0)
+        >>> p[0]
+        tensor([0.5000, 0.5000])
+    """
+    params, grads, mu, nu = list(params), list(grads), list(mu), list(nu)
+    n = len(params)
+    if not (len(grads) == len(mu) == len(nu) == n):
+        raise ValueError(f"fused_adam_step_: params, grads, mu, nu must have the same length, got {n}, {len(grads)}, {len(mu)}, {len(nu)}")
+    if amsgrad and (max_nu is None or len(max_nu) != n):
+        raise ValueError("fused_adam_step_: amsgrad=True needs max_nu, a list as long as params")
+    if n == 0:
+        return
+    max_list = list(max_nu) if amsgrad and max_nu is not None else []
+    state_lists = [params, mu, nu] + ([max_list] if amsgrad else [])
+    if not fused_supported(*state_lists):
+        raise ValueError(
+            "fused_adam_step_: params, mu, nu (and max_nu) must be floating tensors on cpu/cuda with matching "
+            "dtype and device per leaf; check fused_supported(...) first"
+        )
+    grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
+    use_kernel = all(_is_number(x) for x in (b1, b2, eps, weight_decay))
+    groups = tree.group_by_device_dtype(params, grads, mu, nu, *([max_list] if amsgrad else []))
+    for group in groups:
+        gp, gg, gm, gv = group[:4]
+        gmax = group[4].tensors if amsgrad else []
+        device = gp.device
+        step = count.to(device=device, dtype=torch.float32)
+        group_lr = lr.to(device) if isinstance(lr, torch.Tensor) else float(lr)
+        if use_kernel:
+            # One float step tensor shared by every leaf: the kernel reads it and never writes it.
+            torch._fused_adamw_(
+                gp.tensors, gg.tensors, gm.tensors, gv.tensors, gmax, [step] * len(gp.tensors),
+                lr=group_lr, beta1=float(b1), beta2=float(b2), weight_decay=float(weight_decay), eps=float(eps),
+                amsgrad=amsgrad, maximize=False,
+            )
+        else:
+            _foreach_adam_step_(gp.tensors, gg.tensors, gm.tensors, gv.tensors, gmax, step, group_lr, b1, b2, eps, weight_decay, amsgrad)
+
+
+def _as_tensor(x: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.to(device=device, dtype=torch.float64 if device.type != "mps" else torch.float32) if isinstance(x, torch.Tensor) else torch.tensor(
+        float(x), dtype=torch.float64 if device.type != "mps" else torch.float32, device=device
+    )
+
+
+def _foreach_adam_step_(
+    p: list[torch.Tensor],
+    g: list[torch.Tensor],
+    m: list[torch.Tensor],
+    v: list[torch.Tensor],
+    vmax: list[torch.Tensor],
+    step: torch.Tensor,
+    lr: float | torch.Tensor,
+    b1: float | torch.Tensor,
+    b2: float | torch.Tensor,
+    eps: float | torch.Tensor,
+    weight_decay: float | torch.Tensor,
+    amsgrad: bool,
+) -> None:
+    """The fused rule with tensor hyperparameters, as in-place multi-tensor ops (no host reads)."""
+    device = p[0].device
+    lr_t, b1_t, b2_t, eps_t, wd_t = (_as_tensor(x, device) for x in (lr, b1, b2, eps, weight_decay))
+    t = step.to(lr_t.dtype)
+    torch._foreach_mul_(p, (1.0 - lr_t * wd_t))
+    torch._foreach_mul_(m, b1_t)
+    torch._foreach_add_(m, torch._foreach_mul(g, 1.0 - b1_t))
+    torch._foreach_mul_(v, b2_t)
+    g2 = torch._foreach_mul(g, g)
+    torch._foreach_mul_(g2, 1.0 - b2_t)
+    torch._foreach_add_(v, g2)
+    if amsgrad:
+        torch._foreach_maximum_(vmax, v)
+        v = vmax
+    bc1 = 1.0 - torch.pow(b1_t, t)
+    bc2 = 1.0 - torch.pow(b2_t, t)
+    d = torch._foreach_sqrt(v)
+    torch._foreach_div_(d, torch.sqrt(bc2))
+    torch._foreach_add_(d, eps_t)
+    delta = torch._foreach_div(m, d)
+    torch._foreach_mul_(delta, -lr_t / bc1)
+    torch._foreach_add_(p, delta)
