@@ -382,6 +382,10 @@ def inject_hyperparams(
     as they are. The factory is called again on each update with tensor
     hyperparameters, so it must accept 0-d tensors (craftfn's aliases do). When the
     rule has a ``donated_update`` (the adam family's fused path), so does the wrapper.
+    torch's fused Adam kernel takes only the learning rate as a tensor: to keep a donated
+    ``adamw`` step on it, inject the learning rate alone, e.g.
+    ``inject_hyperparams(adamw, static_args=("b1", "b2", "eps", "weight_decay"))(learning_rate=sched)``;
+    with tensor betas or weight decay the donated step runs as in-place ``_foreach`` ops.
 
     Args:
         inner_factory: a function returning a :class:`GradientTransformation`, e.g. ``optim.adamw``.

@@ -341,6 +341,7 @@ def check_injected_equivalent(
     steps: int = 3,
     rtol: float = 1e-6,
     atol: float = 1e-7,
+    static_args: tuple[str, ...] = (),
     **hparams: Any,
 ) -> None:
     """Assert ``inject_hyperparams(factory)(**hparams)`` gives the updates of ``factory(**hparams)``.
@@ -356,6 +357,7 @@ def check_injected_equivalent(
         steps: number of steps when ``grads_seq`` is not given.
         rtol: relative tolerance.
         atol: absolute tolerance.
+        static_args: passed to ``inject_hyperparams`` (names kept as Python values).
         hparams: the hyperparameters, as keyword arguments.
 
     Raises:
@@ -369,7 +371,7 @@ def check_injected_equivalent(
     params = default_params() if params is None else params
     n = len(grads_seq) if grads_seq is not None else steps
     plain = factory(**hparams)
-    injected = inject_hyperparams(factory)(**hparams)
+    injected = inject_hyperparams(factory, static_args=static_args)(**hparams)
     p_plain, p_inj = tree.clone(params), tree.clone(params)
     s_plain, s_inj = plain.init(p_plain), injected.init(p_inj)
     for step in range(n):
