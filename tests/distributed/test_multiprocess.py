@@ -1,0 +1,191 @@
+"""Two CPU ranks over gloo on the loopback interface, launched as torchrun would (its environment variables).
+
+Each test starts fresh processes running dist_worker.py; together they take ~15 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dist_worker  # noqa: E402
+
+from craftfn import TrainState, distributed, make_train_step, tree  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+WORKER = str(Path(__file__).with_name("dist_worker.py"))
+LAUNCH_TIMEOUT_S = 90.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args: list[str], world: int = 2) -> list[subprocess.Popen]:
+    port = _free_port()
+    procs = []
+    for r in range(world):
+        env = {
+            **os.environ,
+            "RANK": str(r),
+            "LOCAL_RANK": str(r),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(subprocess.Popen([sys.executable, WORKER, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = LAUNCH_TIMEOUT_S) -> list[tuple[int, str]]:
+    out = []
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            out.append((p.returncode, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return out
+
+
+def _run(args: list[str]) -> None:
+    results = _finish(_start(args))
+    for r, (rc, err) in enumerate(results):
+        assert rc == 0, f"rank {r} exited with {rc}:\n{err[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def equivalence(tmp_path_factory):
+    out = tmp_path_factory.mktemp("equivalence")
+    _run(["equivalence", str(out)])
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _single_process(name: str, steps: int = 3):
+    state = TrainState.create(model=dist_worker.make_model(), tx=dist_worker.optimizers()[name], seed=1)
+    step = make_train_step(dist_worker.loss_fn)
+    history = []
+    for i in range(steps):
+        state, metrics = step(state, dist_worker.global_batch(i))
+        history.append({k: float(v) for k, v in metrics.items()})
+    return state, history
+
+
+@pytest.mark.parametrize("name", sorted(dist_worker.optimizers()))
+@pytest.mark.parametrize("mode", ["dp", "dp_accum2", "zero", "zero_donate"])
+def test_two_ranks_over_2b_rows_equal_one_process_over_2b_rows(equivalence, name, mode):
+    reference, history = _single_process(name)
+    for rank_result in equivalence:
+        run = rank_result["runs"][f"{name}/{mode}"]
+        assert rank_result["world"] == 2
+        assert tree.allclose(run["params"], reference.params, rtol=1e-5, atol=1e-6)
+        assert tree.allclose(run["opt_state"], reference.opt_state, rtol=1e-5, atol=1e-6)
+        for got, want in zip(run["metrics"], history):
+            assert got.keys() == want.keys()
+            for k in want:  # loss is the mean over the global batch; grad_norm that of the averaged gradient
+                assert got[k] == pytest.approx(want[k], rel=1e-5), k
+    # The ranks hold the same parameters, bit for bit.
+    assert tree.equal(equivalence[0]["runs"][f"{name}/{mode}"]["params"], equivalence[1]["runs"][f"{name}/{mode}"]["params"])
+
+
+@pytest.mark.parametrize("name", sorted(dist_worker.optimizers()))
+def test_zero1_equals_plain_data_parallel_with_half_the_optimizer_state(equivalence, name):
+    for rank_result in equivalence:
+        dp, zero = rank_result["runs"][f"{name}/dp"], rank_result["runs"][f"{name}/zero"]
+        assert tree.allclose(zero["params"], dp["params"], rtol=1e-6, atol=1e-7)
+        assert tree.allclose(zero["opt_state"], dp["opt_state"], rtol=1e-6, atol=1e-7)
+        for got, want in zip(zero["metrics"], dp["metrics"]):
+            assert got == pytest.approx(want, rel=1e-6)
+    full = equivalence[0]["runs"][f"{name}/dp"]["opt_state_bytes"]
+    shards = [r["runs"][f"{name}/zero"]["opt_state_bytes"] for r in equivalence]
+    # Parameter-shaped state splits in two; scalars (step counts) are kept on every rank.
+    assert all(s <= full / 2 + 64 for s in shards), (shards, full)
+    assert sum(shards) >= full
+
+
+def test_dropout_differs_across_ranks_while_states_agree(equivalence):
+    a, b = equivalence[0]["dropout"], equivalence[1]["dropout"]
+    assert not torch.equal(a["probe"], b["probe"])  # each rank its own masks
+    assert tree.equal(a["params"], b["params"]) and torch.equal(a["rng"], b["rng"])
+
+
+def test_resumed_two_rank_run_equals_a_straight_one_and_restores_on_one(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for d in (straight, resumed):
+        d.mkdir()
+    # Straight: 4 steps, checkpoints at 2 and 4 (ZeRO-1 sharded adamw, dropout, async saves).
+    _run(["train", str(straight), "--steps", "4", "--save-every", "2", "--ckpt", str(straight / "ckpt")])
+    # Resumed: a new launch that finds only the step-2 checkpoint and continues to 4.
+    (resumed / "ckpt").mkdir()
+    shutil.copytree(straight / "ckpt" / "step_00000002", resumed / "ckpt" / "step_00000002")
+    _run(["train", str(resumed), "--steps", "4", "--save-every", "2", "--ckpt", str(resumed / "ckpt"), "--resume"])
+    a = torch.load(straight / "rank0.pt", weights_only=False)
+    for r in range(2):
+        b = torch.load(resumed / f"rank{r}.pt", weights_only=False)
+        assert a["step"] == b["step"] == 4 and a["paths"] == b["paths"]
+        assert all(torch.equal(x, y) for x, y in zip(a["state"], b["state"])), "resumed run differs from the straight one"
+    # The checkpoint written by 2 ranks restores into a plain one-process state.
+    from craftfn.training.checkpointing import CheckpointManager
+
+    name = "adamw" if "adamw" in dist_worker.optimizers() else "sgd"
+    template = TrainState.create(model=dist_worker.make_model(dropout=0.1), tx=dist_worker.optimizers()[name], seed=0)
+    one = CheckpointManager(straight / "ckpt").restore(template, step=4)
+    assert tree.paths(one) == a["paths"]
+    assert all(torch.equal(x, y) for x, y in zip(tree.leaves(one), a["state"]))
+    assert distributed.opt_state_bytes(one.opt_state) > 0
+
+
+def _fault(tmp_path: Path, victim: int, hang: bool, timeout_s: float):
+    procs = _start(["kill", str(tmp_path), "--victim", str(victim), "--timeout", str(timeout_s)] + (["--hang"] if hang else []))
+    survivor = procs[1 - victim]
+    fault_file = tmp_path / "fault_time"
+    try:
+        deadline = time.monotonic() + 60
+        while not fault_file.exists() and time.monotonic() < deadline and survivor.poll() is None:
+            time.sleep(0.05)
+        assert fault_file.exists(), "the victim never reached its fault"
+        # A bound, not a benchmark: the survivor must end instead of hanging.
+        bound = timeout_s + 30.0
+        try:
+            _, err = survivor.communicate(timeout=bound)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the surviving rank still runs {bound:.0f} s after rank {victim} {'hung' if hang else 'died'}")
+        return survivor.returncode, err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+            p.communicate()
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_killed_rank_ends_the_other_with_a_clear_error(tmp_path, victim):
+    rc, err = _fault(tmp_path, victim, hang=False, timeout_s=120.0)
+    assert rc != 0
+    assert "DistributedError" in err and f"rank {1 - victim} of 2" in err
+    assert "Another rank most likely died" in err and "all_reduce of gradients failed" in err
+
+
+def test_a_hung_rank_ends_the_other_after_the_timeout(tmp_path):
+    rc, err = _fault(tmp_path, victim=1, hang=True, timeout_s=3.0)
+    assert rc != 0
+    assert "DistributedError" in err and "stopped responding for longer than the timeout (3 s" in err
