@@ -816,11 +816,13 @@ class CheckpointManager:
             current = final
             os.replace(tmp, final)
             _fsync_dir(self.directory)
-        except OSError as e:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if old is not None and not final.exists():
                 with contextlib.suppress(OSError):
                     os.replace(old, final)
+            if not isinstance(e, OSError):
+                raise
             raise OSError(
                 e.errno,
                 f"CheckpointManager: could not save step {step} to {final} ({e.strerror or e}); "

@@ -323,6 +323,39 @@ def test_permission_denied_on_rename(tmp_path, monkeypatch, async_save):
     ckpt.close()
 
 
+def test_failed_replacement_keeps_the_old_step(tmp_path, monkeypatch):
+    ckpt = _fill([3], tmp_path, False)
+    before = _snapshot_files(tmp_path)
+    real_replace = os.replace
+
+    def fail_new_rename(src, dst, *a, **k):
+        if Path(src).name.startswith(".tmp-step_"):
+            raise OSError(errno.EROFS, "Read-only file system", str(dst))
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", fail_new_rename)
+    with pytest.raises(OSError, match="could not save step 3"):
+        ckpt.save(3, {"w": torch.full((4,), 33.0)})
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert _snapshot_files(tmp_path) == before
+    assert ckpt.restore({"w": torch.zeros(4)})["w"][0].item() == 3.0
+    ckpt.close()
+
+
+def test_non_os_error_in_write_cleans_up(tmp_path, monkeypatch):
+    ckpt = _fill([1], tmp_path, True)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(checkpointing, "_write_safetensors", boom)
+    ckpt.save(2, {"w": torch.zeros(4)})
+    with pytest.raises(RuntimeError, match="boom"):
+        ckpt.wait()
+    assert sorted(os.listdir(tmp_path)) == ["step_00000001"]
+    ckpt.close()
+
+
 def test_background_error_surfaces_on_restore_and_close(tmp_path, monkeypatch):
     ckpt = _fill([1], tmp_path, True)
 
