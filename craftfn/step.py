@@ -29,11 +29,13 @@ support saved-tensor hooks, so activation checkpointing fails under it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Union
+import time
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
-from craftfn import _context, random, tree
+from craftfn import _context, precision, random, tree
+from craftfn import remat as remat_lib
 from craftfn.state import TrainState, _cuda_devices, _mark_donated, check_live
 
 __all__ = ["value_and_grad", "make_train_step", "make_eval_step", "LossFn", "MetricFn"]
@@ -154,12 +156,63 @@ def _check_accum(accum_steps: Any) -> None:
         raise ValueError(f"accum_steps must be a positive int, got {accum_steps!r}")
 
 
+# aux key under which the loss before scaling travels next to the scaled (differentiated) one.
+_UNSCALED_LOSS = "__craftfn_unscaled_loss"
+
+
+def _initial_loss_scale(loss_scale: Any) -> Optional[precision.DynamicLossScale]:
+    if loss_scale is None or loss_scale is False:
+        return None
+    if loss_scale is True or (isinstance(loss_scale, str) and loss_scale == "dynamic"):
+        return precision.DynamicLossScale()
+    if isinstance(loss_scale, precision.DynamicLossScale):
+        return loss_scale
+    raise ValueError(
+        f"loss_scale must be None, True, 'dynamic' or a precision.DynamicLossScale (the initial value), got {loss_scale!r}"
+    )
+
+
+def _check_param_dtypes(params: Any, policy: precision.Policy) -> None:
+    for name, x in tree.flatten_with_path(params)[0]:
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != policy.param_dtype:
+            raise ValueError(
+                f"policy {policy} stores parameters in {policy.param_dtype}, but parameter {name!r} is {x.dtype}; "
+                f"cast the state first: state = precision.cast_state(state, policy)"
+            )
+
+
+def _select(pred: torch.Tensor, on_true: Any, on_false: Any) -> Any:
+    """Leafwise ``torch.where(pred, a, b)``: a skipped update without reading ``pred`` to the host."""
+    return tree.map(lambda a, b: torch.where(pred, a, b), on_true, on_false)
+
+
+class _RematCache:
+    """The checkpointed copy of the state's model, built once per model (see craftfn.remat)."""
+
+    def __init__(self, targets: remat_lib.Targets) -> None:
+        self.targets = targets
+        self.model: Any = None
+        self.copy: Any = None
+
+    def __call__(self, model: Any) -> Any:
+        if model is not self.model:
+            if not isinstance(model, torch.nn.Module):
+                raise TypeError(
+                    f"remat= needs a state created from an nn.Module (model=...), got apply_fn {type(model).__name__}"
+                )
+            self.copy, self.model = remat_lib.checkpoint_modules(model, self.targets), model
+        return self.copy
+
+
 def make_train_step(
     loss_fn: LossFn,
     *,
     accum_steps: int = 1,
     donate: bool = False,
     compile: Union[bool, Mapping[str, Any]] = False,
+    policy: Union[None, str, precision.Policy] = None,
+    loss_scale: Union[None, bool, str, precision.DynamicLossScale] = None,
+    remat: Optional[remat_lib.Targets] = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, torch.Tensor]]]:
     """Build the pure training step ``step(state, batch) -> (new_state, metrics)``.
 
@@ -175,7 +228,30 @@ def make_train_step(
             donate_argnums). Much faster for big models; the input state must not be used
             afterwards (doing so raises ``DonatedStateError``).
         compile: ``True`` or a dict of ``torch.compile`` options: compile the whole step
-            (forward, backward and update).
+            (forward, backward and update) as one graph. The step's attribute
+            ``compile_seconds`` is set on the first call to that call's wall time
+            (tracing + compiling + one run). Steps and schedule counts are tensors, so
+            training compiles once.
+        policy: a :class:`craftfn.precision.Policy` or its name (``"fp32"``, ``"bf16"``,
+            ``"bf16_pure"``, ``"fp16"``). Mixed policies run ``loss_fn`` (forward and
+            loss) under ``torch.autocast`` inside the differentiated function; pure ones
+            expect the parameters already in ``param_dtype`` (``precision.cast_state``)
+            and cast floating batch leaves to the compute dtype. The loss is cast to
+            ``output_dtype``. ``None`` (default): nothing is cast.
+        loss_scale: dynamic loss scaling (for fp16): ``True``/``"dynamic"`` or a
+            :class:`craftfn.precision.DynamicLossScale` giving the initial value. The scale
+            is pure state carried in the train state's ``loss_scale`` field (a plain
+            ``TrainState`` comes back as a ``precision.LossScaledTrainState``; a state that
+            already carries one keeps its own). The loss is scaled, gradients unscaled; on
+            non-finite gradients the parameters and optimizer state stay as they were
+            (``torch.where``, no host sync; ``step`` still advances) and the scale backs
+            off. Metrics gain ``loss_scale`` (the scale used) and ``grads_finite`` (1.0/0.0).
+            With ``donate=True`` the update then runs out of place (an in-place update could
+            not be undone), and the old buffers are released.
+        remat: activation checkpointing for these submodules (name patterns such as
+            ``"transformer.h.*"``, module classes or predicates; see :mod:`craftfn.remat`).
+            The step runs a checkpointed copy of the state's model (built once, sharing its
+            tensors); the returned state's ``apply_fn`` is the original model.
 
     Returns:
         The step. ``metrics`` holds 0-d tensors: ``loss``, ``grad_norm`` (before any
@@ -184,38 +260,110 @@ def make_train_step(
     Example:
         >>> step = make_train_step(loss_fn, accum_steps=2)
         >>> state, metrics = step(state, batch)
+        >>> fast = make_train_step(loss_fn, policy="bf16", remat="transformer.h.*", donate=True, compile=True)
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     _check_accum(accum_steps)
+    policy_ = precision.get_policy(policy) if policy is not None else None
+    initial_scale = _initial_loss_scale(loss_scale)
+    use_loss_scale = initial_scale is not None
+    remat_cache = _RematCache(remat) if remat is not None else None
+    if remat is not None:
+        remat_lib._as_matchers(remat)  # bad targets fail here, not at the first step
+        if compile and accum_steps > 1:
+            # torch 2.13's remat pass for a traced forward-loss-backward graph handles one
+            # backward region; each microbatch adds one.
+            raise ValueError(
+                f"remat= with compile= needs accum_steps=1 (got {accum_steps}): torch.compile rematerializes "
+                "only one backward region per graph; drop compile=, remat= or accumulation"
+            )
+    # Pure low-precision policies feed the model batches in its dtype; mixed ones leave that to autocast.
+    cast_batch = policy_ is not None and not policy_.is_mixed and policy_.compute_dtype != torch.float32
 
-    def loss_and_grad(state: TrainState, batch: Any, rng: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any], Any]:
+    def loss_and_grad(
+        state: TrainState, batch: Any, rng: torch.Tensor, scale: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, Any], Any]:
         def objective(params: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-            return _split_loss_output(loss_fn(state, params, batch, rng))
+            if policy_ is None:
+                loss, aux = _split_loss_output(loss_fn(state, params, batch, rng))
+            else:
+                # Autocast must wrap the forward inside the differentiated function.
+                device_type = next((x.device.type for x in tree.leaves(params)), "cpu")
+                with policy_.autocast(device_type):
+                    loss, aux = _split_loss_output(loss_fn(state, params, batch, rng))
+                if isinstance(loss, torch.Tensor) and loss.is_floating_point():
+                    loss = loss.to(policy_.output_dtype)
+            if scale is None:
+                return loss, aux
+            return loss * scale.to(loss.dtype), {**aux, _UNSCALED_LOSS: loss}
 
         (loss, aux), grads = value_and_grad(objective, has_aux=True)(state.params)
+        if scale is not None:
+            loss = aux.pop(_UNSCALED_LOSS)
         return loss, aux, grads
 
     def core(state: TrainState, batch: Any, rng: torch.Tensor) -> tuple[TrainState, dict[str, torch.Tensor]]:
         # The loss sees a private copy of the buffers, so BatchNorm-style updates land in the
         # new state and never in the caller's (a donated state's buffers are reused instead).
         work = state if donate else state.replace(buffers=tree.clone(state.buffers))
+        ls = getattr(work, "loss_scale", None) if use_loss_scale else None
+        scale = ls.scale if ls is not None else None
+        if cast_batch:
+            batch = policy_.cast_to_compute(batch)
         if accum_steps == 1:
-            loss, aux, grads = loss_and_grad(work, batch, rng)
+            loss, aux, grads = loss_and_grad(work, batch, rng, scale)
         else:
             loss, aux, grads = None, None, None
             for i in range(accum_steps):
-                l_i, a_i, g_i = loss_and_grad(work, _microbatch(batch, accum_steps, i), random.fold_in(rng, i))
+                l_i, a_i, g_i = loss_and_grad(work, _microbatch(batch, accum_steps, i), random.fold_in(rng, i), scale)
                 if grads is None:
                     loss, aux, grads = l_i, a_i, g_i
                 else:
                     loss, aux, grads = loss + l_i, {k: aux[k] + a_i[k] for k in aux}, tree.add(grads, g_i)
             inv = 1.0 / accum_steps
             loss, aux, grads = loss * inv, {k: v * inv for k, v in aux.items()}, tree.scale(inv, grads)
+        if ls is None:
+            metrics = {"loss": loss, "grad_norm": tree.global_norm(grads), **aux}
+            if policy_ is not None:
+                metrics = {k: v.to(policy_.output_dtype) if v.is_floating_point() else v for k, v in metrics.items()}
+            return work.apply_gradients(grads, donate=donate), metrics
+        grads = ls.unscale(grads)
+        finite = tree.all_finite(grads)
         metrics = {"loss": loss, "grad_norm": tree.global_norm(grads), **aux}
-        return work.apply_gradients(grads, donate=donate), metrics
+        if policy_ is not None:
+            metrics = {k: v.to(policy_.output_dtype) if v.is_floating_point() else v for k, v in metrics.items()}
+        metrics.update(loss_scale=ls.scale, grads_finite=finite.to(torch.float32))
+        # Out of place, so a non-finite step can keep the old values.
+        updated = work.apply_gradients(grads, donate=False)
+        new_state = updated.replace(
+            params=_select(finite, updated.params, work.params),
+            opt_state=_select(finite, updated.opt_state, work.opt_state),
+            loss_scale=ls.adjust(finite),
+        )
+        return new_state, metrics
 
     run = _maybe_compile(core, compile)
+
+    def prepare(state: TrainState) -> TrainState:
+        """Outside the compiled core: attach the loss scale and the checkpointed model (same objects every step)."""
+        if policy_ is not None:
+            _check_param_dtypes(state.params, policy_)
+        if initial_scale is not None:
+            ls = getattr(state, "loss_scale", None)
+            if ls is None:
+                # Fresh tensors: the compiled core must not see the closure's own (guards on identity).
+                ls = tree.clone(initial_scale)
+            if not isinstance(ls, precision.DynamicLossScale):
+                raise TypeError(f"state.loss_scale must be a precision.DynamicLossScale, got {type(ls).__name__}")
+            device = next((x.device for x in tree.leaves(state.params)), ls.scale.device)
+            if ls.scale.device != device:
+                ls = ls.to(device)
+            if ls is not getattr(state, "loss_scale", None):
+                state = precision.with_loss_scale(state, ls)
+        if remat_cache is not None:
+            state = state.replace(apply_fn=remat_cache(state.apply_fn))
+        return state
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
         check_live(state)
@@ -226,14 +374,26 @@ def make_train_step(
             )
         _check_batch(batch, accum_steps)
         rng = random.fold_in(state.rng, state.step)
+        state_in = prepare(state)
+        first_compiled_call = compile and step.compile_seconds is None  # type: ignore[attr-defined]
+        t0 = time.perf_counter()
         with _context.step_context(training=True), random.fork_torch_rng(rng, devices=_cuda_devices(state.params)):
-            new_state, metrics = run(state, batch, rng)
+            new_state, metrics = run(state_in, batch, rng)
+        if first_compiled_call:
+            step.compile_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
+        if remat_cache is not None:
+            new_state = new_state.replace(apply_fn=state.apply_fn)
         if donate:
             _mark_donated(state)
         return new_state, metrics
 
     step.accum_steps = accum_steps  # type: ignore[attr-defined]
     step.donate = donate  # type: ignore[attr-defined]
+    step.policy = policy_  # type: ignore[attr-defined]
+    step.loss_scale = initial_scale  # type: ignore[attr-defined]
+    step.remat = remat  # type: ignore[attr-defined]
+    # Wall time of the first compiled call (None until then, and without compile=).
+    step.compile_seconds = None  # type: ignore[attr-defined]
     step.compiled = getattr(run, "compiled", None)  # type: ignore[attr-defined]
     # The pure core, ``core(state, batch, rng)``: what ``compile=`` compiles, exposed so
     # tools such as ``torch._dynamo.explain`` can inspect it.
