@@ -188,12 +188,29 @@ def _has_checkpoints(run_dir: Path) -> bool:
 
 
 def _train(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+    from craftfn import distributed
+
+    # Under torchrun (WORLD_SIZE > 1) join the process group: data parallel training, the main
+    # rank logs and writes. A no-op in one process.
+    distributed.init()
+    status = _train_configured(args, bindings)
+    distributed.shutdown()  # not reached after an error: a failed group is not waited on
+    return status
+
+
+def _train_configured(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+    from craftfn import distributed
+
     _configure(args.gin_file, bindings)
     from craftfn import gin_training
 
     run_dir = Path(args.run_dir or Path("runs") / Path(args.gin_file[0]).stem)
-    resume = bool(args.resume) or _has_checkpoints(run_dir)
-    if resume and _has_checkpoints(run_dir):
+    # The main rank's files decide, so every rank resumes (or not) alike.
+    has_checkpoints = distributed.broadcast_object(_has_checkpoints(run_dir) if distributed.is_main() else None)
+    resume = bool(args.resume) or has_checkpoints
+    if not distributed.is_main():
+        pass
+    elif resume and has_checkpoints:
         print(f"craftfn: resuming from the checkpoints in {run_dir / 'checkpoints'}", flush=True)
     elif args.resume:
         print(f"craftfn: --resume: no checkpoints in {run_dir / 'checkpoints'} yet, starting fresh", flush=True)

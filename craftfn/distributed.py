@@ -43,6 +43,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
@@ -73,6 +74,7 @@ __all__ = [
     "average_metrics",
     "broadcast_tree",
     "broadcast_state",
+    "broadcast_object",
     "data_parallel",
     "make_data_parallel_step",
     "gather_state",
@@ -792,7 +794,7 @@ def opt_state_bytes(opt_state: Any) -> int:
 
 
 def make_data_parallel_step(
-    loss_fn: LossFn, **step_options: Any
+    loss_fn: LossFn, *, shard_global_batch: bool = False, **step_options: Any
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, torch.Tensor]]]:
     """The data-parallel training step: ``step(state, local_batch) -> (state, metrics)``.
 
@@ -805,11 +807,15 @@ def make_data_parallel_step(
 
     Args:
         loss_fn: as in :func:`craftfn.make_train_step`.
+        shard_global_batch: the step takes the *global* batch (the same on every rank)
+            and keeps this rank's rows itself (:func:`shard_batch`); by default it takes
+            the rank's shard.
         step_options: ``accum_steps`` and ``donate`` as in :func:`craftfn.make_train_step`.
             ``compile`` is not supported (the collectives are not traced); compile the model.
 
     Returns:
-        The step; give it this rank's shard of the global batch (:func:`shard_batch`).
+        The step; give it this rank's shard of the global batch (:func:`shard_batch`),
+        or the global batch with ``shard_global_batch=True``.
 
     Example:
         >>> step = distributed.make_data_parallel_step(loss_fn, accum_steps=2)
@@ -819,6 +825,8 @@ def make_data_parallel_step(
             "make_data_parallel_step: compile= is not supported (the gradient collectives run eagerly); "
             "compile the model inside loss_fn instead"
         )
+    if not isinstance(shard_global_batch, bool):
+        raise TypeError(f"shard_global_batch must be a bool, got {shard_global_batch!r}")
     inner = make_train_step(loss_fn, **step_options)
     donate = bool(step_options.get("donate", False))
 
@@ -827,7 +835,7 @@ def make_data_parallel_step(
         _config_of(state.tx)
         key = state.rng
         local = state.replace(rng=rank_key(key)) if world_size() > 1 else state
-        new_state, metrics = inner(local, batch)
+        new_state, metrics = inner(local, shard_batch(batch) if shard_global_batch else batch)
         if donate:
             _mark_donated(state)
         metrics = average_metrics(metrics)
@@ -917,6 +925,19 @@ def _bcast_object(value: Any, what: str, src: int = 0) -> Any:
     box = [value]
     _guard(what, dist.broadcast_object_list, box, src)
     return box[0]
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Every rank gets ``src``'s (picklable) ``value``; for decisions all ranks must share.
+
+    Example:
+        >>> distributed.broadcast_object({"resume": True})
+        {'resume': True}
+    """
+    if world_size() == 1:
+        return value
+    _check_rank_world(src, None)
+    return _bcast_object(value, f"broadcast of an object from rank {src}", src)
 
 
 def _on_main(what: str, fn: Callable[[], Any]) -> Any:
@@ -1061,16 +1082,23 @@ class CheckpointCoordinator:
         _on_main("checkpoint write", lambda: self.manager.wait() if hasattr(self.manager, "wait") else None)
 
     def close(self) -> None:
-        """Finish writes and close the main rank's manager (collective)."""
-        _on_main("checkpoint close", lambda: self.manager.close() if hasattr(self.manager, "close") else None)
+        """Finish writes and close the main rank's manager (collective, except while an error unwinds)."""
+        if sys.exc_info()[0] is not None:
+            # Called from a `finally` during an error (maybe a dead rank): the other ranks may never
+            # arrive, so close locally only.
+            self._close_local()
+            return
+        _on_main("checkpoint close", self._close_local)
+
+    def _close_local(self) -> None:
+        if self.manager is not None and hasattr(self.manager, "close"):
+            self.manager.close()
 
     def __enter__(self) -> CheckpointCoordinator:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if exc[0] is not None:
-            # Unwinding from an error (maybe a dead rank): no collective, just close locally.
-            if self.manager is not None and hasattr(self.manager, "close"):
-                self.manager.close()
+            self._close_local()
             return
         self.close()

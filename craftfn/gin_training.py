@@ -35,7 +35,7 @@ import safetensors.torch
 import torch
 
 from craftfn import data as cdata
-from craftfn import make_eval_step, make_train_step, optim
+from craftfn import distributed, make_eval_step, make_train_step, optim
 from craftfn.models.gpt import GPT, GPTConfig, lm_eval_metrics, lm_loss
 from craftfn.state import TrainState
 from craftfn.training import callbacks as cb
@@ -208,16 +208,27 @@ def _prepare_training(
     run_dir: str, optimizer: Any, callbacks: Sequence[cb.Callback], donate: bool, compile: bool, console_every: int,
     tensorboard_every: int, sample_every: int, sample_prompt: str, sample_tokens: int, temperature: float,
     save_checkpoints: bool, num_threads: Optional[int], print_fn: Callable[[str], None],
+    shard_optimizer_state: bool = False,
 ) -> tuple[Any, ...]:
     if num_threads:
         torch.set_num_threads(num_threads)
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     task = build_language_model_task()
+    # Under torchrun (distributed.init() was called): data parallel over the ranks; every rank
+    # builds the same global batch and trains on its rows; only the main rank logs and writes.
+    data_parallel, main = distributed.world_size() > 1, distributed.is_main()
+    if data_parallel:
+        optimizer = distributed.data_parallel(optimizer, shard_optimizer_state=shard_optimizer_state)
     state = TrainState.create(model=task.model, tx=optimizer, seed=task.seed)
-    train_step = make_train_step(lm_loss, donate=donate, compile=compile)
+    if data_parallel:
+        state = distributed.broadcast_state(state)
+        train_step = distributed.make_data_parallel_step(lm_loss, donate=donate, compile=compile, shard_global_batch=True)
+    else:
+        train_step = make_train_step(lm_loss, donate=donate, compile=compile)
     eval_step = make_eval_step(lm_eval_metrics)
-    task.tokenizer.save(run / "tokenizer.json")
+    if main:
+        task.tokenizer.save(run / "tokenizer.json")
     sampler = ConfiguredSampleText(
         task.tokenizer.encode,
         task.tokenizer.decode,
@@ -240,9 +251,13 @@ def _prepare_training(
         *callbacks,
         sampler,
     ]
+    if not main:  # the other ranks keep only callbacks that steer training, not the ones that report
+        all_callbacks = [all_callbacks[0], *callbacks]
     manager = None
     if save_checkpoints and CheckpointManager is not None:
-        manager = ConfiguredCheckpointManager(run / "checkpoints")
+        manager = ConfiguredCheckpointManager(run / "checkpoints") if main else None
+        if data_parallel:  # every rank calls it; the main rank's manager writes
+            manager = distributed.CheckpointCoordinator(manager)
     trainer = ConfiguredTrainer(
         train_step,
         task.train_data,
@@ -256,10 +271,15 @@ def _prepare_training(
     )
     # Every configurable has been called now, so the operative config is complete.
     config_text = gin.operative_config_str()
-    _atomic_write_text(run / "config.gin", config_text)
+    if main:
+        _atomic_write_text(run / "config.gin", config_text)
     tensorboard.config_text = config_text
     trainer.checkpoint_extra["gin_config"] = config_text
     return trainer, state, task, sampler, manager, run
+
+
+def _silent(text: str) -> None:
+    del text
 
 
 @gin.configurable("train", module="craftfn", denylist=["run_dir", "resume", "print_fn"])
@@ -278,6 +298,7 @@ def train_language_model(
     temperature: float = 0.8,
     save_checkpoints: bool = True,
     num_threads: Optional[int] = None,
+    shard_optimizer_state: bool = False,
     print_fn: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train a GPT language model; the run directory gets config.gin, metrics.jsonl,
@@ -299,15 +320,21 @@ def train_language_model(
         save_checkpoints: keep resumable checkpoints in ``run_dir/checkpoints``
             (every ``Trainer.save_every`` steps and at the end).
         num_threads: ``torch.set_num_threads`` for the run (default: torch's).
+        shard_optimizer_state: under torchrun, keep each rank's 1/N slice of the optimizer
+            state only (ZeRO-1, see :func:`craftfn.distributed.data_parallel`; exact for
+            elementwise rules, while clipping by global norm would see the slice only).
 
     Returns:
         A summary: final eval metrics, unigram entropy, the final sample, steps, seconds.
     """
     t0 = time.time()
+    if not distributed.is_main():
+        print_fn = _silent
     try:
         trainer, state, task, sampler, manager, run = _prepare_training(
             run_dir, optimizer, callbacks, donate, compile, console_every, tensorboard_every, sample_every,
             sample_prompt, sample_tokens, temperature, save_checkpoints, num_threads, print_fn,
+            shard_optimizer_state,
         )
     except (ValueError, TypeError, OSError) as e:
         raise ConfigError(_clean_gin_message(e)) from e
@@ -320,7 +347,8 @@ def train_language_model(
     finally:
         if manager is not None:
             manager.close()
-    _export(state, run / "model.safetensors")
+    if distributed.is_main():
+        _export(state, run / "model.safetensors")
     entropy = unigram_entropy(task.tokens)
     final = trainer.last_eval
     sample = sampler.samples[-1][1] if sampler.samples else ""
