@@ -931,6 +931,13 @@ def _fill_template(template: Any, tensors: dict[str, torch.Tensor], scalars: Map
             parts.append(f"missing from the checkpoint: {show(missing)}")
         if unexpected:
             parts.append(f"in the checkpoint but not the template: {show(unexpected)}")
+            fields = sorted({n.split(".")[0] for n in unexpected} - {n.split(".")[0] for n in names})
+            if fields:
+                # E.g. a step with loss scaling turns a TrainState into precision.LossScaledTrainState.
+                parts.append(
+                    f"the saved state had field(s) {fields} that the template lacks: build the template with the "
+                    "same state class (e.g. precision.with_loss_scale(state, DynamicLossScale(...)) for loss_scale)"
+                )
         if differs:
             parts.append(f"shape/dtype differ: {show(differs)}")
         raise CheckpointMismatchError(f"{where}: the checkpoint does not match the template; " + "; ".join(parts))

@@ -167,6 +167,23 @@ def test_mismatch_error_lists_differing_keys(tmp_path):
     assert isinstance(info.value, ValueError)
 
 
+def test_loss_scaled_state_round_trip(tmp_path):
+    from craftfn import precision
+
+    scale = precision.DynamicLossScale(scale=1024.0, growth_interval=3).adjust(torch.tensor(False)).adjust(torch.tensor(True))
+    state = precision.LossScaledTrainState.create(model=torch.nn.Linear(3, 2), tx=optim.sgd(0.1, momentum=0.9), loss_scale=scale)
+    with CheckpointManager(tmp_path) as ckpt:
+        ckpt.save(1, state)
+        template = precision.LossScaledTrainState.create(
+            model=torch.nn.Linear(3, 2), tx=optim.sgd(0.1, momentum=0.9), loss_scale=precision.DynamicLossScale(growth_interval=3)
+        )
+        restored = ckpt.restore(template)
+        assert same_leaves(restored, state)
+        assert restored.loss_scale.scale.item() == 512.0 and int(restored.loss_scale.counter) == 1
+        with pytest.raises(CheckpointMismatchError, match=r"loss_scale.counter.*field\(s\) \['loss_scale'\]"):
+            ckpt.restore(TrainState.create(model=torch.nn.Linear(3, 2), tx=optim.sgd(0.1, momentum=0.9)))
+
+
 def test_restore_step_selection_and_errors(tmp_path):
     with CheckpointManager(tmp_path, keep_last=None, best_metric="acc", mode="max", async_save=False) as ckpt:
         with pytest.raises(FileNotFoundError, match="no checkpoint"):

@@ -1,0 +1,286 @@
+"""Checkpoint benchmark: CheckpointManager against torch.save/torch.load, and async saving in a training loop.
+
+Part 1 saves and restores a state of ``--millions`` million float32 elements (parameters plus two
+Adam moments, so a third of them are parameters) with:
+
+* ``CheckpointManager(async_save=False).save``: safetensors, sha256, fsync of files and directory;
+* ``CheckpointManager(async_save=True).save``: the time until ``save`` returns (host copy), and until the
+  background write is done;
+* ``torch.save`` of the same tensors, without and with an fsync (``torch.save`` never fsyncs);
+* restore: ``CheckpointManager.restore`` (reads and verifies the sha256) against ``torch.load``.
+
+Part 2 trains a small GPT and compares the mean step time without saving, with asynchronous saving
+every ``--save-every`` steps, and with synchronous saving.
+
+Run:
+    .venv/bin/python benchmarks/checkpoint_bench.py            # ~100M elements (~400 MB), a few minutes on 2 cores
+    .venv/bin/python benchmarks/checkpoint_bench.py --small    # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from craftfn import TrainState, make_train_step, optim
+from craftfn.data import random_window_batch
+from craftfn.models import GPT, GPTConfig, lm_loss
+from craftfn.training.checkpointing import CheckpointManager
+
+
+def big_state(millions: float) -> TrainState:
+    """Parameters of 1024x1024 matrices plus two moment trees of the same shapes."""
+    n_mat = max(1, round(millions * 1e6 / 3 / (1024 * 1024)))
+    params = {f"layers.{i}.weight": torch.randn(1024, 1024) for i in range(n_mat)}
+    mu = {k: torch.randn_like(v) for k, v in params.items()}
+    nu = {k: torch.rand_like(v) for k, v in params.items()}
+    state = TrainState.create(apply_fn=lambda p, x: x, params=params, tx=None)
+    return state.replace(opt_state=({"mu": mu, "nu": nu},))
+
+
+def num_elements(state: TrainState) -> int:
+    from craftfn import tree
+
+    return sum(x.numel() for x in tree.leaves(state))
+
+
+def state_dict_of(state: TrainState) -> dict[str, torch.Tensor]:
+    from craftfn import tree
+
+    return dict(tree.flatten_with_path(state)[0])
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench_save_restore(millions: float, repeats: int, root: Path) -> dict:
+    state = big_state(millions)
+    n = num_elements(state)
+    nbytes = n * 4
+    flat = state_dict_of(state)
+    results: dict[str, list[float]] = {}
+    counter = iter(range(10**6))
+
+    def fresh(name: str) -> Path:
+        d = root / f"{name}-{next(counter)}"
+        return d
+
+    # craftfn, synchronous: returns when the step directory is renamed in and fsynced.
+    sync_dirs = []
+
+    def craftfn_sync() -> None:
+        d = fresh("sync")
+        sync_dirs.append(d)
+        with CheckpointManager(d, async_save=False) as m:
+            m.save(1, state)
+
+    results["craftfn save (sync: sha256 + fsync)"] = timed(craftfn_sync, repeats)
+
+    # craftfn, asynchronous: blocking part (host copy) and completion. The manager is reused so the
+    # staging buffers are warm, as in a training run that saves repeatedly.
+    d = fresh("async")
+    manager = CheckpointManager(d, async_save=True, keep_last=1)
+    manager.save(0, state)
+    manager.wait()
+    returns, totals = [], []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        manager.save(i + 1, state)
+        t1 = time.perf_counter()
+        manager.wait()
+        t2 = time.perf_counter()
+        returns.append(t1 - t0)
+        totals.append(t2 - t0)
+    manager.close()
+    shutil.rmtree(d)
+    results["craftfn save (async: until save returns)"] = returns
+    results["craftfn save (async: until written)"] = totals
+
+    torch_files = []
+
+    def torch_save(sync: bool) -> None:
+        path = fresh("torch")
+        path.mkdir()
+        torch.save(flat, path / "state.pt")
+        if sync:
+            fsync_path(path / "state.pt")
+            fsync_path(path)
+        torch_files.append(path / "state.pt")
+
+    results["torch.save (no fsync)"] = timed(lambda: torch_save(False), repeats)
+    results["torch.save + fsync"] = timed(lambda: torch_save(True), repeats)
+
+    # Restore (files are in the page cache for both).
+    template = state
+    ckpt_dir = sync_dirs[-1]
+    with CheckpointManager(ckpt_dir) as m:
+        results["craftfn restore (sha256 verified)"] = timed(lambda: m.restore(template), repeats)
+    results["torch.load (weights_only)"] = timed(lambda: torch.load(torch_files[-1], weights_only=True), repeats)
+
+    sizes = {
+        "craftfn state.safetensors bytes": (ckpt_dir / "step_00000001" / "state.safetensors").stat().st_size,
+        "torch .pt bytes": torch_files[-1].stat().st_size,
+    }
+    for p in root.iterdir():
+        shutil.rmtree(p, ignore_errors=True)
+    return {"elements": n, "bytes": nbytes, "seconds": results, "sizes": sizes}
+
+
+def bench_training(steps: int, save_every: int, root: Path, n_layer: int, n_embd: int, rounds: int) -> dict:
+    """Mean step time of three identical runs (no saving, async, sync), interleaved block by block.
+
+    Each round runs ``steps`` steps of every mode in turn (a save every ``save_every`` steps, the
+    pending write waited for at the end of the block), so a change in machine load hits all modes
+    alike; the median over rounds is reported.
+    """
+    cfg = GPTConfig(vocab_size=256, block_size=64, n_layer=n_layer, n_head=4, n_embd=n_embd)
+    tokens = torch.randint(0, 256, (20000,), generator=torch.Generator().manual_seed(0))
+    tx = optim.adamw(3e-4) if hasattr(optim, "adamw") else optim.sgd(3e-2, momentum=0.9)
+    modes = ["no saving", "async save", "sync save"]
+    step = make_train_step(lm_loss, donate=True)
+    runs = {}
+    for mode in modes:
+        torch.manual_seed(0)
+        state = TrainState.create(model=GPT(cfg), tx=tx)
+        manager = None
+        if mode != "no saving":
+            manager = CheckpointManager(root / mode.replace(" ", "_"), keep_last=2, async_save=(mode == "async save"))
+        runs[mode] = [state, manager, 0]
+    batches = [random_window_batch(tokens, 8, 64, seed=0, step=i) for i in range(steps)]
+    for mode in modes:  # warm-up, including one save
+        state, manager, count = runs[mode]
+        for b in batches[:3]:
+            state, metrics = step(state, b)
+        if manager is not None:
+            manager.save(0, state)
+            manager.wait()
+        runs[mode][0] = state
+    per_block: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            state, manager, count = runs[mode]
+            t0 = time.perf_counter()
+            for b in batches:
+                state, metrics = step(state, b)
+                count += 1
+                if manager is not None and count % save_every == 0:
+                    manager.save(count, state)
+            float(metrics["loss"])
+            if manager is not None:
+                manager.wait()
+            per_block[mode].append((time.perf_counter() - t0) / steps)
+            runs[mode] = [state, manager, count]
+    for mode in modes:
+        if runs[mode][1] is not None:
+            runs[mode][1].close()
+    state = runs["no saving"][0]
+    params = sum(x.numel() for x in state.params.values())
+    from craftfn import tree
+
+    state_bytes = sum(x.numel() * x.element_size() for x in tree.leaves(state))
+    for p in root.iterdir():
+        shutil.rmtree(p, ignore_errors=True)
+    return {
+        "params": params,
+        "state_bytes": state_bytes,
+        "steps": steps,
+        "rounds": rounds,
+        "save_every": save_every,
+        "seconds_per_step": {m: statistics.median(v) for m, v in per_block.items()},
+        "all_blocks": per_block,
+        "optimizer": "adamw" if hasattr(optim, "adamw") else "sgd+momentum",
+    }
+
+
+def machine() -> dict:
+    def sh(cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:  # noqa: BLE001 - informational only
+            return "?"
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "cpu": sh("lscpu | grep 'Model name' | sed 's/.*: *//'"),
+        "uptime": sh("uptime"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--millions", type=float, default=100.0, help="state size in million float32 elements")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=40, help="steps per mode per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-save-restore", action="store_true", help="only the training-loop part")
+    parser.add_argument("--save-every", type=int, default=10)
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--n-embd", type=int, default=256)
+    parser.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
+    parser.add_argument("--small", action="store_true", help="a quick check: 3M elements, 20 steps")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    if args.small:
+        args.millions, args.train_steps, args.repeats, args.n_layer, args.n_embd, args.rounds = 3.0, 20, 2, 2, 64, 1
+    root = Path(args.dir or tempfile.mkdtemp(prefix="ckpt-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    print(json.dumps(info, indent=2))
+    part1 = None
+    if not args.skip_save_restore:
+        part1 = bench_save_restore(args.millions, args.repeats, root)
+        gb = part1["bytes"] / 1e9
+        print(f"\n## save / restore: {part1['elements'] / 1e6:.1f}M float32 elements ({gb:.2f} GB), median of {args.repeats}")
+        print("| operation | median s | GB/s | vs torch |")
+        print("|---|---|---|---|")
+        med = {k: statistics.median(v) for k, v in part1["seconds"].items()}
+        for k, v in med.items():
+            ref = med["torch.load (weights_only)"] if "restore" in k or "load" in k else med["torch.save (no fsync)"]
+            print(f"| {k} | {v:.3f} | {gb / v:.2f} | {v / ref:.2f}x |")
+        print(json.dumps(part1["sizes"]))
+    part2 = bench_training(args.train_steps, args.save_every, root, args.n_layer, args.n_embd, args.rounds)
+    print(
+        f"\n## step time: GPT {part2['params'] / 1e6:.2f}M params ({part2['optimizer']}, state {part2['state_bytes'] / 1e6:.0f} MB), "
+        f"{part2['rounds']} interleaved rounds of {part2['steps']} steps per mode, save every {part2['save_every']}"
+    )
+    print("| mode | s/step | vs no saving |")
+    print("|---|---|---|")
+    base = part2["seconds_per_step"]["no saving"]
+    for k, v in part2["seconds_per_step"].items():
+        print(f"| {k} | {v * 1000:.1f} ms | {v / base:.3f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "save_restore": part1, "training": part2}, indent=2))
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
