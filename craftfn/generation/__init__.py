@@ -10,6 +10,7 @@ Example:
 """
 
 from craftfn.generation import kv_cache
+from craftfn.generation.batch_generation import batch_generate
 from craftfn.generation.beam_search import BeamSearchOutput, beam_search_generate
 from craftfn.generation.kv_cache import KVCache, left_pad, positions_from_mask
 from craftfn.generation.sampling import (
@@ -25,6 +26,7 @@ from craftfn.generation.sampling import (
     top_k_filter,
     top_p_filter,
 )
+from craftfn.generation.text_generator import TextGenerator, is_hf_model
 
 __all__ = [
     "kv_cache",
@@ -44,4 +46,7 @@ __all__ = [
     "sample_text",
     "BeamSearchOutput",
     "beam_search_generate",
+    "batch_generate",
+    "TextGenerator",
+    "is_hf_model",
 ]

@@ -1,0 +1,152 @@
+"""The KV-cache decode loop: logits equal recomputation, compiled equals eager, one compile, EOS, errors."""
+
+import pytest
+import torch
+from torch import nn
+
+import craftfn
+from craftfn.generation import generate_text_sampling, kv_cache, left_pad
+from craftfn.models import GPT, GPTConfig
+
+V = 23
+
+
+def tiny_gpt(seed=0, block_size=48):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=V, block_size=block_size, n_layer=2, n_head=2, n_embd=16)).eval()
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs it is asked to compile (and runs them eagerly)."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+PROMPTS = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [3, 3, 3, 3, 3]])
+
+
+def test_kv_cache_decode_logits_equal_full_recomputation_with_left_padding():
+    model = tiny_gpt()
+    ids, mask = left_pad([[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]])
+    new = torch.tensor([[11, 12, 13, 14]] * 3)
+    decoder = kv_cache.as_decoder(model)
+    full_mask = torch.cat([mask, torch.ones(3, 4, dtype=torch.long)], 1)
+    cache = decoder.init_cache(3, 9)
+    with torch.no_grad():
+        last, cache = kv_cache.prefill(decoder, ids, mask, full_mask, cache)
+        step_logits = [last]
+        for t in range(3):
+            pos = (mask.sum(1) + t)[:, None]
+            out, cache = model(new[:, t : t + 1], kv_cache=cache, input_pos=torch.tensor([5 + t]), attention_mask=full_mask, position_ids=pos)
+            step_logits.append(out[:, -1])
+        # Reference: each row alone, unpadded, recomputed from scratch.
+        for row, length in enumerate(mask.sum(1).tolist()):
+            alone = torch.cat([ids[row, 5 - length :], new[row, :3]])[None]
+            ref = model(alone)[0, length - 1 :]
+            torch.testing.assert_close(torch.stack([s[row] for s in step_logits]), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_equals_recompute_and_trainstate_equals_module():
+    model = tiny_gpt()
+    kwargs = dict(max_new_tokens=12, top_k=8, temperature=0.9, seed=5)
+    cached = generate_text_sampling(model, PROMPTS, **kwargs)
+    assert cached.shape == (3, 17) and torch.equal(cached[:, :5], PROMPTS)
+    assert torch.equal(cached, generate_text_sampling(model, PROMPTS, use_cache=False, **kwargs))
+    state = craftfn.TrainState.create(model=model, tx=None)
+    assert torch.equal(cached, generate_text_sampling(state, PROMPTS, **kwargs))
+    assert not torch.equal(cached, generate_text_sampling(model, PROMPTS, **{**kwargs, "seed": 6}))
+
+
+def test_compiled_tokens_equal_eager_and_one_compilation_per_generation():
+    model = tiny_gpt()
+    ids, mask = left_pad([[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]])
+    backend = CountingBackend()
+    kwargs = dict(max_new_tokens=20, top_p=0.9, repetition_penalty=1.3, seed=2, attention_mask=mask, eos_token_id=4)
+    eager = generate_text_sampling(model, ids, **kwargs)
+    compiled = generate_text_sampling(model, ids, compile={"backend": backend}, **kwargs)
+    assert torch.equal(compiled, eager)
+    assert backend.graphs == 1  # 19 decode steps, one compilation
+    # Same shapes again (another seed: key values are tensors): no recompilation.
+    again = generate_text_sampling(model, ids, compile={"backend": backend}, **{**kwargs, "seed": 3})
+    assert backend.graphs == 1
+    assert torch.equal(again, generate_text_sampling(model, ids, **{**kwargs, "seed": 3}))
+    # A new (batch, cache length) compiles once more.
+    generate_text_sampling(model, PROMPTS[:2], compile={"backend": backend}, max_new_tokens=20, seed=2)
+    assert backend.graphs == 2
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_eos_rows_keep_emitting_pad(temperature):
+    model = tiny_gpt()
+    kwargs = dict(max_new_tokens=24, temperature=temperature, seed=11, sync_every=2)
+    free = generate_text_sampling(model, PROMPTS, **kwargs)
+    eos = int(free[0, 7])  # a token row 0 emits
+    pad = V - 1 if eos != V - 1 else V - 2
+    out = generate_text_sampling(model, PROMPTS, eos_token_id=eos, pad_token_id=pad, **kwargs)
+    for row in range(3):
+        gen_free, gen = free[row, 5:].tolist(), out[row, 5:].tolist()
+        stop = gen_free.index(eos) if eos in gen_free else len(gen_free) - 1
+        assert gen[: stop + 1] == gen_free[: stop + 1]  # same tokens up to and including EOS
+        assert all(t == pad for t in gen[stop + 1 :])  # then padding
+    assert out[0, 5:].tolist().index(eos) <= 2
+
+
+def test_generic_module_without_cache_slides_its_window():
+    class Bigram(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(V, V)
+
+        def forward(self, idx):
+            return self.table(idx)
+
+    torch.manual_seed(0)
+    model = Bigram()
+    out = generate_text_sampling(model, PROMPTS, max_new_tokens=5, temperature=0.0)
+    expected = PROMPTS.clone()
+    for _ in range(5):
+        expected = torch.cat([expected, model.table.weight[expected[:, -1]].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="compile"):
+        generate_text_sampling(model, PROMPTS, max_new_tokens=5, compile=True)
+    with pytest.raises(ValueError, match="attention_mask"):
+        generate_text_sampling(model, PROMPTS, max_new_tokens=5, attention_mask=torch.ones_like(PROMPTS))
+    # A GPT without the cache slides a block_size window past its context, as nanoGPT does.
+    gpt = tiny_gpt(block_size=8)
+    assert generate_text_sampling(gpt, PROMPTS, max_new_tokens=10, use_cache=False).shape == (3, 15)
+
+
+def test_bad_input():
+    model = tiny_gpt(block_size=16)
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate_text_sampling(model, torch.zeros(1, 0, dtype=torch.long), max_new_tokens=3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_text_sampling(model, PROMPTS, max_new_tokens=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        generate_text_sampling(model, PROMPTS, max_new_tokens=3, top_p=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        generate_text_sampling(model, PROMPTS, max_new_tokens=3, top_k=-2)
+    with pytest.raises(ValueError, match="longer than the model's context of 16"):
+        generate_text_sampling(model, torch.zeros(1, 17, dtype=torch.long), max_new_tokens=1)
+    with pytest.raises(ValueError, match="max_new_tokens=12 .* 17 tokens"):
+        generate_text_sampling(model, PROMPTS, max_new_tokens=12)
+    with pytest.raises(ValueError, match="prompt_ids"):
+        generate_text_sampling(model, torch.zeros(5, dtype=torch.long), max_new_tokens=1)
+    assert torch.equal(generate_text_sampling(model, PROMPTS, max_new_tokens=0), PROMPTS)
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+def test_inductor_compiled_tokens_equal_eager():
+    # The one real inductor compile: AOT functionalization of the in-place cache writes included.
+    model = tiny_gpt()
+    ids, mask = left_pad([[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]])
+    kwargs = dict(max_new_tokens=16, temperature=0.0, attention_mask=mask)
+    eager = generate_text_sampling(model, ids, **kwargs)
+    compiled = generate_text_sampling(model, ids, compile=True, **kwargs)
+    assert torch.equal(compiled, eager)
