@@ -364,3 +364,21 @@ def test_bf16_params_stay_bf16_through_wrappers(name):
 def test_injected_tensor_hyperparams_keep_0d_bf16_state_dtype():
     tx = optim.inject_hyperparams(optim.sgd)(learning_rate=0.1, momentum=0.9)
     testing.check_state_stable(tx, {"temperature": torch.tensor(1.0, dtype=torch.bfloat16)}, steps=2)
+
+
+@pytest.mark.parametrize("name", ["MultiSteps", "apply_if_finite", "lookahead"])
+def test_wrappers_trace_into_one_graph_without_host_syncs(name):
+    # fullgraph=True fails on any .item()/bool(tensor): the where-based decisions must not sync.
+    tx = _wrapped_rules()[name]
+    params = {"w": torch.randn(3, 2), "b": torch.randn(2)}
+    backend = CountingBackend()
+    compiled = torch.compile(tx.update, backend=backend, fullgraph=True)
+    s_eager = s_comp = tx.init(params)
+    for i in range(3):
+        g = testing.random_grads(params, seed=i)
+        if i == 1:
+            g["b"][0] = float("nan")
+        u_eager, s_eager = tx.update(g, s_eager, params)
+        u_comp, s_comp = compiled(g, s_comp, params)
+        assert tree.allclose(u_eager, u_comp, equal_nan=True) and tree.allclose(s_eager, s_comp, equal_nan=True)
+    assert backend.graphs == 1
