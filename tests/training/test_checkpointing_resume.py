@@ -95,3 +95,78 @@ def test_trainer_resume_is_bit_exact(tmp_path, data):
     assert [s for s, _ in train_losses(straight_log)] == list(range(1, 2 * n + 1))
     # Callback state came back: EarlyStopping ends with the same best and counters.
     assert second_stop.state_dict() == straight_stop.state_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# Through the CLI: `craftfn train` in subprocesses, with automatic resume of the run directory
+# --------------------------------------------------------------------------------------------
+
+TINY_GIN = """
+lm_task.text = @stdlib_corpus()
+stdlib_corpus.max_bytes = 20000
+lm_task.tokenizer = 'char'
+lm_task.model_config = @GPTConfig
+lm_task.block_size = 16
+lm_task.batch_size = 4
+lm_task.eval_windows = 8
+lm_task.seed = 0
+GPTConfig.n_layer = 1
+GPTConfig.n_head = 2
+GPTConfig.n_embd = 16
+GPTConfig.dropout = 0.1
+train.optimizer = @sgd()
+sgd.learning_rate = 0.05
+sgd.momentum = 0.9
+Trainer.max_steps = 6
+Trainer.eval_every = 2
+Trainer.save_every = 3
+train.donate = True
+train.console_every = 0
+train.sample_tokens = 4
+train.num_threads = 1
+"""
+
+
+def _craftfn_train(gin_file, run_dir, *bindings) -> None:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "craftfn", "train", "--gin_file", str(gin_file), "--run_dir", str(run_dir), *bindings]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def _train_losses(run_dir) -> list[tuple[int, float]]:
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
+
+
+@pytest.mark.slow
+def test_cli_resume_is_bit_exact(tmp_path):
+    from safetensors.torch import load_file
+
+    gin_file = tmp_path / "tiny.gin"
+    gin_file.write_text(TINY_GIN)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _craftfn_train(gin_file, straight)
+    # Stop after 3 of the 6 steps (the schedule and everything else unchanged), then run the same
+    # command again: the run directory has checkpoints, so it resumes by itself.
+    _craftfn_train(gin_file, split, "--gin.Trainer.max_steps=3")
+    assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["step_00000003"]
+    out = _craftfn_train(gin_file, split)
+    assert "resuming" in out
+    assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+
+    a = load_file(straight / "checkpoints" / "step_00000006" / "state.safetensors")
+    b = load_file(split / "checkpoints" / "step_00000006" / "state.safetensors")
+    assert set(a) == set(b) and any(k.startswith("opt_state.") for k in a)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    ma, mb = load_file(straight / "model.safetensors"), load_file(split / "model.safetensors")
+    assert all(torch.equal(ma[k], mb[k]) for k in ma) and set(ma) == set(mb)
+    # Logged losses: the two halves of the split run (one metrics.jsonl, appended) equal the straight run.
+    assert _train_losses(split) == _train_losses(straight)
+    assert [s for s, _ in _train_losses(straight)] == [1, 2, 3, 4, 5, 6]
