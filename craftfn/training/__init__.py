@@ -16,6 +16,12 @@ from craftfn.training.callbacks import (
     TensorBoardLogger,
     generate_tokens,
 )
+from craftfn.training.checkpointing import (
+    CheckpointManager,
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    export_params,
+)
 from craftfn.training.evaluation import Evaluator
 from craftfn.training.progress import ProgressTracker, default_peak_flops
 from craftfn.training.trainer import Event, Trainer, count_tokens, learning_rate_of
@@ -38,4 +44,8 @@ __all__ = [
     "generate_tokens",
     "count_tokens",
     "learning_rate_of",
+    "CheckpointManager",
+    "CorruptCheckpointError",
+    "CheckpointMismatchError",
+    "export_params",
 ]
