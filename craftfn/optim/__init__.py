@@ -58,6 +58,7 @@ from craftfn.optim.clipping import (
     zero_nans,
 )
 from craftfn.optim.combine import MaskedState, PartitionState, freeze, masked, named_chain, partition
+from craftfn.optim.factory import create_optimizer, no_decay_mask, optimizer_names
 from craftfn.optim.fused import (
     fused_adam_step_,
     fused_supported,
@@ -260,3 +261,6 @@ __all__ += [
     "fused_adam_step_",
     "fused_supported",
 ]
+
+# factory.py
+__all__ += ["create_optimizer", "optimizer_names", "no_decay_mask"]

@@ -50,7 +50,7 @@ NoDecay = Union[str, Sequence[str], Callable[[str, torch.Tensor], bool]]
 
 
 # Modules whose public functions taking a ``learning_rate`` are optimizer aliases.
-_ALIAS_MODULES = ("craftfn.optim.aliases", "craftfn.optim.muon", "craftfn.optim.schedule_free")
+_ALIAS_MODULES = ("craftfn.optim.aliases", "craftfn.optim.orthogonal", "craftfn.optim.schedulefree")
 
 
 def _aliases() -> dict[str, Callable[..., GradientTransformation]]:
@@ -65,10 +65,13 @@ def _aliases() -> dict[str, Callable[..., GradientTransformation]]:
             fn = getattr(module, name, None)
             if callable(fn) and not isinstance(fn, type) and not name.startswith("scale_by"):
                 try:
-                    if "learning_rate" in inspect.signature(fn).parameters:
-                        out[name] = fn
+                    params = inspect.signature(fn).parameters
                 except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
                     continue
+                # An alias needs nothing but hyperparameters (not, e.g., a base optimizer to wrap).
+                required = [n for n, p in params.items() if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+                if "learning_rate" in params and set(required) <= {"learning_rate"}:
+                    out[name] = fn
     return out
 
 

@@ -190,10 +190,27 @@ def test_compiled_step_with_a_scheduled_factory_optimizer_compiles_once():
     assert optim.tree_get(state.opt_state, "learning_rate").item() == pytest.approx(lr(19), rel=1e-6)
 
 
+@pytest.mark.parametrize("name", optimizer_names())
+def test_every_alias_builds_with_a_schedule_clipping_and_masked_decay(name):
+    params = named_params()
+    lr = schedules.linear(0.0, 0.1, transition_steps=4)
+    tx = optim.create_optimizer(name, learning_rate=lr, weight_decay=0.1, clip_norm=1.0, no_decay=("bias", "norm", "ln_"))
+    state = tx.init(params)
+    grads = {k: torch.full_like(v, 0.5) for k, v in params.items()}
+    p = params
+    for i in range(3):
+        updates, state = tx.update(grads, state, p)
+        p = optim.apply_updates(p, updates)
+        assert optim.tree_get(state, "learning_rate").item() == pytest.approx(lr(i))
+    assert all(torch.isfinite(v).all() for v in p.values())
+    assert not torch.equal(p["fc.weight"], params["fc.weight"])
+
+
 def test_unknown_name_lists_the_names_and_suggests_the_closest():
     with pytest.raises(ValueError, match=r"unknown optimizer name 'adamwx'; did you mean 'adamw'\?.*Known names: .*sgd"):
         create_optimizer("adamwx", learning_rate=0.1)
-    assert {"adamw", "sgd", "lion"} <= set(optimizer_names())
+    assert {"adamw", "sgd", "lion", "muon", "schedule_free_adamw"} <= set(optimizer_names())
+    assert "schedule_free" not in optimizer_names()  # a wrapper of another rule, not an alias
 
 
 @pytest.mark.parametrize(
