@@ -163,12 +163,13 @@ def _configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     if _QUIET not in logging.getLogger().filters:
         logging.getLogger().addFilter(_QUIET)  # type: ignore[arg-type]
 
-    # Importing these registers every configurable before parsing.
-    import craftfn.gin_training  # noqa: F401
-
-    # Optimizers and schedules (craftfn.gin_config); a real import error inside it must surface.
+    # Importing these registers every configurable before parsing. Optimizers and schedules
+    # come from craftfn.gin_config (a real import error inside it must surface).
     if importlib.util.find_spec("craftfn.gin_config") is not None:
         importlib.import_module("craftfn.gin_config")
+    from craftfn import gin_training
+
+    gin_training.ensure_optimizer_configurables()
     if not gin_files:
         raise UsageError("no --gin_file given: name a job, e.g. craftfn train --gin_file gin/char_gpt.gin")
     paths = [_find_gin_file(f) for f in gin_files]

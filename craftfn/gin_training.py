@@ -74,8 +74,24 @@ except ImportError:  # pragma: no cover - the checkpoint module is part of the p
     CheckpointManager, export_params = None, None  # type: ignore[assignment,misc]
 if CheckpointManager is not None:
     ConfiguredCheckpointManager = _register(CheckpointManager, "craftfn.training")
-# A fallback optimizer name for gin files that do not use create_optimizer.
-_register(optim.sgd, "craftfn.optim")
+
+
+def ensure_optimizer_configurables() -> None:
+    """Register ``create_optimizer`` and the schedules with gin unless :mod:`craftfn.gin_config` did.
+
+    The CLI imports ``craftfn.gin_config`` first; this only fills in names it lacks, so
+    the two never register the same name twice.
+    """
+    from craftfn import schedules
+    from craftfn.optim.factory import create_optimizer
+
+    wanted = [(create_optimizer, "craftfn.optim"), (optim.sgd, "craftfn.optim")]
+    wanted += [(getattr(schedules, n), "craftfn.schedules") for n in ("constant", "warmup_cosine_decay", "cosine_decay", "warmup_constant", "linear")]
+    for fn, module in wanted:
+        try:
+            gin.get_configurable(fn.__name__)
+        except ValueError:
+            gin.external_configurable(fn, module=module)
 
 
 def unigram_entropy(tokens: torch.Tensor) -> float:
@@ -241,15 +257,16 @@ def _prepare_training(
         echo=print_fn,
     )
     tensorboard = ConfiguredTensorBoardLogger(run, every=tensorboard_every)
+    # The sampler comes before the loggers: its end-of-training sample is logged before they close.
     all_callbacks = [
         ConfiguredNanGuard(),
+        sampler,
         ConfiguredProgressBar(),
         # Samples are printed by SampleText(echo=) and the final summary.
         ConfiguredConsoleLogger(every=console_every, print_text=False),
         ConfiguredJSONLLogger(run / "metrics.jsonl"),
         tensorboard,
         *callbacks,
-        sampler,
     ]
     if not main:  # the other ranks keep only callbacks that steer training, not the ones that report
         all_callbacks = [all_callbacks[0], *callbacks]
