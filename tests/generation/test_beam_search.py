@@ -1,0 +1,111 @@
+"""Beam search: exhaustive search equals brute force, one beam equals greedy, scores as documented."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from craftfn.generation import beam_search_generate, generate_text_sampling, left_pad
+from craftfn.models import GPT, GPTConfig
+
+V = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():  # sharper distributions make the ranking non-trivial
+        for p in m.parameters():
+            p.mul_(8)
+    # float64: cached, padded and recomputed logits then agree to ~1e-15, so scores compare tightly.
+    return m.double()
+
+
+def brute_force(model, prompt, length):
+    """Every continuation of ``length`` tokens with its total log-probability, best first."""
+    conts = torch.tensor(list(itertools.product(range(V), repeat=length)))
+    ids = torch.cat([torch.tensor(prompt).expand(len(conts), -1), conts], 1)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).double(), -1)
+    p = len(prompt)
+    scores = logprobs[:, p - 1 : -1].gather(-1, ids[:, p:, None]).squeeze(-1).sum(-1)
+    order = torch.argsort(scores, descending=True, stable=True)
+    return conts[order], scores[order]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("length", [2, 3])
+def test_exhaustive_beam_search_equals_brute_force(model, use_cache, length):
+    prompts = [[1, 2, 0], [3, 3, 1]]
+    beams = V ** (length - 1)
+    out = beam_search_generate(
+        model, torch.tensor(prompts), num_beams=beams, max_new_tokens=length,
+        length_penalty=0.0, num_return_sequences=beams, use_cache=use_cache,
+    )
+    for b, prompt in enumerate(prompts):
+        conts, scores = brute_force(model, prompt, length)
+        got = out.sequences[b * beams : (b + 1) * beams]
+        assert torch.equal(got[:, :3], torch.tensor(prompt).expand(beams, -1))
+        # The top num_beams continuations, in order, with their exact scores.
+        assert got[:, 3:].tolist() == conts[:beams].tolist()
+        torch.testing.assert_close(out.scores[b * beams : (b + 1) * beams], scores[:beams], atol=1e-10, rtol=1e-10)
+
+
+def test_one_beam_is_greedy(model):
+    prompts = torch.tensor([[1, 2, 0], [3, 3, 1], [0, 0, 0]])
+    greedy = generate_text_sampling(model, prompts, max_new_tokens=8, temperature=0.0)
+    assert torch.equal(beam_search_generate(model, prompts, num_beams=1, max_new_tokens=8).sequences, greedy)
+    eos = int(greedy[0, 5])
+    greedy_eos = generate_text_sampling(model, prompts, max_new_tokens=8, temperature=0.0, eos_token_id=eos)
+    beam_eos = beam_search_generate(model, prompts, num_beams=1, max_new_tokens=8, eos_token_id=eos, early_stopping=True)
+    assert torch.equal(beam_eos.sequences, greedy_eos)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0, -1.0])
+def test_scores_are_generated_logprob_over_generated_length(model, length_penalty):
+    """Every returned score equals its sequence's recomputed log-probability / generated length ** lp,
+    with the prompt excluded (two prompts of different lengths, left-padded, are scored alike)."""
+    ids, mask = left_pad([[1, 2, 0, 1, 1], [3]])
+    eos = 2
+    out = beam_search_generate(
+        model, ids, attention_mask=mask, num_beams=4, max_new_tokens=6, eos_token_id=eos, pad_token_id=0,
+        length_penalty=length_penalty, num_return_sequences=4,
+    )
+    assert out.scores.view(2, 4).diff(dim=1).le(1e-12).all()  # best first
+    for i, (seq, score) in enumerate(zip(out.sequences.tolist(), out.scores.tolist())):
+        prompt = [[1, 2, 0, 1, 1], [3]][i // 4]
+        gen = seq[5:]
+        gen = gen[: gen.index(eos) + 1] if eos in gen else gen
+        full = torch.tensor([prompt + gen])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(full).double(), -1)[0]
+        total = sum(float(logprobs[len(prompt) - 1 + j, t]) for j, t in enumerate(gen))
+        assert score == pytest.approx(total / len(gen) ** length_penalty, rel=1e-6, abs=1e-9)
+        assert all(t == 0 for t in seq[5 + len(gen) :])  # pad after EOS
+
+
+def test_length_penalty_changes_which_length_wins(model):
+    # Scores decrease with length for lp <= 0 ...; with a strong positive lp longer hypotheses win.
+    ids = torch.tensor([[1, 2, 0]])
+    short = beam_search_generate(model, ids, num_beams=4, max_new_tokens=8, eos_token_id=2, length_penalty=-2.0)
+    long = beam_search_generate(model, ids, num_beams=4, max_new_tokens=8, eos_token_id=2, length_penalty=4.0)
+    length = lambda s: (s[3:].index(2) + 1) if 2 in s[3:] else 8  # noqa: E731
+    assert length(short.sequences[0].tolist()) <= length(long.sequences[0].tolist())
+
+
+def test_bad_input(model):
+    ids = torch.tensor([[1, 2]])
+    with pytest.raises(ValueError, match="num_return_sequences=3 must be <= num_beams=2"):
+        beam_search_generate(model, ids, num_beams=2, max_new_tokens=3, num_return_sequences=3)
+    with pytest.raises(ValueError, match="num_beams"):
+        beam_search_generate(model, ids, num_beams=0, max_new_tokens=3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        beam_search_generate(model, ids, num_beams=2, max_new_tokens=-1)
+    with pytest.raises(ValueError, match="length_penalty"):
+        beam_search_generate(model, ids, num_beams=2, max_new_tokens=2, length_penalty=math.nan)
+    with pytest.raises(ValueError, match="empty prompt"):
+        beam_search_generate(model, ids[:, :0], num_beams=2, max_new_tokens=2)
+    with pytest.raises(ValueError, match="context of 16"):
+        beam_search_generate(model, torch.zeros(1, 20, dtype=torch.long), num_beams=2, max_new_tokens=2)
