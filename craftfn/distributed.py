@@ -551,12 +551,14 @@ def data_parallel(
         tx: the optimizer to run on the averaged gradients.
         shard_optimizer_state: ZeRO-1. Each rank keeps only its contiguous 1/N slice of
             the flattened optimizer state; gradients are reduce-scattered, ``tx`` runs on
-            the slice, and the updates are all-gathered. Needs an elementwise rule (sgd,
-            momentum, adam, adamw, ...): ``tx`` sees 1-D pieces of the parameters (named
-            as the parameters), so rules that couple elements of a tensor or across
-            tensors (global-norm clipping, LAMB/LARS trust ratios, factored moments,
-            masks that look at shapes) would see only the slice.
-        bucket_mb: size of the flat buffers gradients are packed into per all-reduce.
+            the slice, and the updates are all-gathered. ``tx`` sees 1-D pieces of the
+            parameters, named as the parameters, so elementwise rules (sgd, momentum,
+            adam, adamw, weight-decay masks by name) are exact, and so is
+            ``clip_by_global_norm`` (it sums over the slices through ``extra["shard_sum"]``);
+            rules that couple elements otherwise (LAMB/LARS trust ratios, factored
+            moments, masks that look at shapes, ``apply_if_finite``) see only the slice.
+        bucket_mb: size of the flat buffers gradients are packed into per all-reduce
+            (plain data parallel; ZeRO-1 reduce-scatters one flat buffer per dtype).
 
     Returns:
         A ``GradientTransformation`` whose state is a :class:`DataParallelState`.
@@ -739,8 +741,9 @@ def _sharded(tx: GradientTransformation, bucket_bytes: int) -> GradientTransform
         sq = torch.stack([torch.sum(s.float() ** 2) for s in shards]).sum() if shards else torch.zeros(())
         if n > 1:
             _guard("all_reduce of the gradient norm", dist.all_reduce, sq)
-        # 2. the rule on this rank's slice only.
-        u_pieces, inner = tx.update(g_pieces, state.inner, p_pieces, **extra)
+        # 2. the rule on this rank's slice only; rules that need a sum over the whole gradient
+        # (clip_by_global_norm) get it through extra["shard_sum"].
+        u_pieces, inner = tx.update(g_pieces, state.inner, p_pieces, shard_sum=_shard_sum, **extra)
         # 3. all-gather the updates; every rank adds them to its full parameters.
         out: list[Any] = [None] * len(p_leaves)
         fulls, pending = [], []
@@ -762,6 +765,15 @@ def _sharded(tx: GradientTransformation, bucket_bytes: int) -> GradientTransform
     update_fn.craftfn_data_parallel = _Config(tx, True, bucket_bytes)  # type: ignore[attr-defined]
     update_fn.craftfn_layout = layout  # type: ignore[attr-defined]
     return GradientTransformation(init_fn, update_fn)
+
+
+def _shard_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over the ranks' shards (an all-reduce; ``x`` itself is not modified)."""
+    if world_size() == 1:
+        return x
+    total = x.detach().clone()
+    _guard("all_reduce of a sum over optimizer shards", dist.all_reduce, total)
+    return total
 
 
 def _check_shard_sizes(inner: Any, pieces: Mapping[str, torch.Tensor], names: frozenset[str]) -> None:
@@ -810,8 +822,9 @@ def make_data_parallel_step(
         shard_global_batch: the step takes the *global* batch (the same on every rank)
             and keeps this rank's rows itself (:func:`shard_batch`); by default it takes
             the rank's shard.
-        step_options: ``accum_steps`` and ``donate`` as in :func:`craftfn.make_train_step`.
-            ``compile`` is not supported (the collectives are not traced); compile the model.
+        step_options: ``accum_steps``, ``donate``, ``policy``, ``remat`` as in
+            :func:`craftfn.make_train_step`. ``compile`` is not supported (the collectives are
+            not traced; compile the model), nor is ``loss_scale`` (fp16) yet.
 
     Returns:
         The step; give it this rank's shard of the global batch (:func:`shard_batch`),
@@ -824,6 +837,12 @@ def make_data_parallel_step(
         raise ValueError(
             "make_data_parallel_step: compile= is not supported (the gradient collectives run eagerly); "
             "compile the model inside loss_fn instead"
+        )
+    if step_options.get("loss_scale") not in (None, False):
+        raise ValueError(
+            "make_data_parallel_step: loss_scale= is not supported yet: the step checks its gradients for "
+            "inf/NaN before the optimizer averages them, so ranks could disagree on skipping a step; "
+            "train in bf16 (policy='bf16', no loss scaling) or in one process"
         )
     if not isinstance(shard_global_batch, bool):
         raise TypeError(f"shard_global_batch must be a bool, got {shard_global_batch!r}")

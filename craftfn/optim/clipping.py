@@ -97,14 +97,18 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         return ClipByGlobalNormState()
 
     def update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
-        del params, extra
+        del params
         _check_state("clip_by_global_norm", state, ClipByGlobalNormState)
         u, treedef = tree.flatten(updates)
         if not u:
             return updates, state
-        g_norm = tree.global_norm(updates)
+        # With a sharded optimizer (distributed.data_parallel(shard_optimizer_state=True)) the
+        # updates are this rank's slice; extra["shard_sum"] adds a value over all slices, so the
+        # norm is that of the whole gradient.
+        shard_sum = extra.get("shard_sum")
+        g_norm = tree.global_norm(updates) if shard_sum is None else torch.sqrt(shard_sum(tree.sum_of_squares(updates)))
         factor = torch.where(g_norm < max_norm, torch.ones_like(g_norm), max_norm / g_norm)
-        out = foreach_groups(lambda xs: torch._foreach_mul(xs, factor.to(device=xs[0].device)), u)
+        out = foreach_groups(lambda xs: torch._foreach_mul(xs, factor.to(device=xs[0].device, dtype=xs[0].dtype)), u)
         return tree.unflatten(treedef, out), state
 
     return GradientTransformation(init_fn, update_fn)

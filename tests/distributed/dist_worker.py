@@ -45,6 +45,9 @@ def optimizers() -> dict[str, optim.GradientTransformation]:
     out = {"sgd": optim.sgd(0.1, momentum=0.9)}
     if hasattr(optim, "adamw"):
         out["adamw"] = optim.adamw(1e-2, weight_decay=0.1)
+    if hasattr(optim, "adamw") and hasattr(optim, "clip_by_global_norm"):
+        # max_norm below the gradient norms here, so clipping acts (by the norm of the whole gradient).
+        out["clip_adamw"] = optim.chain(optim.clip_by_global_norm(0.3), optim.adamw(1e-2, weight_decay=0.1))
     return out
 
 

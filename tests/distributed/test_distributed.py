@@ -218,6 +218,10 @@ def test_errors_name_what_to_do(single_process):
         distributed.data_parallel(optim.sgd(0.1), shard_optimizer_state="yes")
     with pytest.raises(ValueError, match="compile= is not supported"):
         distributed.make_data_parallel_step(_loss, compile=True)
+    with pytest.raises(ValueError, match="loss_scale= is not supported yet"):
+        distributed.make_data_parallel_step(_loss, loss_scale=True)
+    with pytest.raises(TypeError, match="shard_global_batch must be a bool"):
+        distributed.make_data_parallel_step(_loss, shard_global_batch=1)
     plain = TrainState.create(model=_model(), tx=optim.sgd(0.1))
     with pytest.raises(TypeError, match=r"tx=distributed.data_parallel\(optim.adamw"):
         distributed.make_data_parallel_step(_loss)(plain, _batch(0))

@@ -189,3 +189,54 @@ def test_a_hung_rank_ends_the_other_after_the_timeout(tmp_path):
     rc, err = _fault(tmp_path, victim=1, hang=True, timeout_s=3.0)
     assert rc != 0
     assert "DistributedError" in err and "stopped responding for longer than the timeout (3 s" in err
+
+
+GIN = """
+include '{models}'
+BLOCK_SIZE = 16
+lm_task.text = @stdlib_corpus()
+stdlib_corpus.max_bytes = 20000
+lm_task.tokenizer = 'char'
+lm_task.model_config = @GPTConfig
+lm_task.block_size = %BLOCK_SIZE
+lm_task.batch_size = 8
+lm_task.eval_windows = 16
+GPTConfig.n_layer = 1
+GPTConfig.n_embd = 32
+train.optimizer = @sgd()
+sgd.learning_rate = 0.1
+sgd.momentum = 0.9
+Trainer.max_steps = 4
+Trainer.eval_every = 2
+Trainer.save_every = 2
+train.console_every = 1
+train.sample_tokens = 8
+"""
+
+
+def test_torchrun_cli_trains_data_parallel_and_matches_one_process(tmp_path):
+    from safetensors.torch import load_file
+
+    gin_file = tmp_path / "tiny.gin"
+    gin_file.write_text(GIN.format(models=Path(__file__).resolve().parents[2] / "gin" / "models" / "gpt_small.gin"))
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = str(_free_port())
+    two = subprocess.run(
+        [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "craftfn", "train",
+         "--gin_file", str(gin_file), "--run_dir", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run(
+        [sys.executable, "-m", "craftfn", "train", "--gin_file", str(gin_file), "--run_dir", str(tmp_path / "one")],
+        env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    # Only the main rank reports: one banner, one line per step, one metrics file.
+    assert two.stdout.count("craftfn: training a") == 1
+    assert two.stdout.count("step 4/4 | loss") == 1
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    a, b = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
