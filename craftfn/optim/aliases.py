@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import torch
 
+from craftfn import tree
 from craftfn.optim.base import (
     GradientTransformation,
     Params,
@@ -43,6 +44,7 @@ from craftfn.optim.transforms import (
     _flatten_like,
     add_decayed_weights,
     ema,
+    foreach_groups,
     scale,
     scale_by_adadelta,
     scale_by_adam,
@@ -123,8 +125,18 @@ def _adam_family(
     nesterov: bool,
     amsgrad: bool,
 ) -> GradientTransformation:
-    """``chain(scale_by_adam | scale_by_amsgrad, [add_decayed_weights], scale_by_learning_rate)``
-    plus, where the rule is torch's fused one, a ``donated_update`` on the fused kernel."""
+    """``chain(scale_by_adam | scale_by_amsgrad, [add_decayed_weights], scale_by_learning_rate)``.
+
+    Where the rule is exactly torch's fused one (no Nesterov, ``eps_root=0``, no separate
+    ``mu_dtype``) both paths run on the fused kernel (:mod:`craftfn.optim.fused`):
+
+    - ``update`` (pure): copies the moments, starts the updates at ``-lr * wd * p`` (or 0)
+      and lets the kernel add the Adam step to them, all in fresh buffers; the inputs are
+      never written. Same numbers as the generic chain up to rounding.
+    - ``donated_update``: the kernel steps params and moments in place.
+
+    Anything else (other dtypes or devices, a state from elsewhere) takes the generic chain.
+    """
     check_hyperparameter("learning_rate", learning_rate)
     core = scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype) if amsgrad else scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
     parts = [core]
@@ -132,52 +144,88 @@ def _adam_family(
         parts.append(add_decayed_weights(weight_decay, mask))
     parts.append(scale_by_learning_rate(learning_rate))
     tx = chain(*parts)
-    # The fused kernel is exactly this rule only without Nesterov, eps_root or a separate mu dtype.
     if nesterov or eps_root != 0.0 or mu_dtype is not None:
         return tx
     state_cls = ScaleByAmsgradState if amsgrad else ScaleByAdamState
 
-    def fallback(updates: Updates, state: Any, params: Params, **extra: Any) -> tuple[Params, Any]:
-        new_updates, new_state = tx.update(updates, state, params, **extra)
-        return apply_updates_(params, new_updates), new_state
-
-    def donated_fn(updates: Updates, state: Any, params: Params, **extra: Any) -> tuple[Params, Any]:
+    def plan(updates: Updates, state: Any, params: Optional[Params]) -> Optional[tuple]:
+        """The flat lists, lr and new small states for a fused step, or None to take the generic chain."""
         if not (isinstance(state, tuple) and len(state) == len(parts) and isinstance(state[0], state_cls)):
-            return fallback(updates, state, params, **extra)  # tx.update raises the precise error
+            return None  # the generic chain raises the precise error
+        if params is None and weight_decay is not None:
+            return None
         adam_state, lr_state = state[0], state[-1]
         moments = [adam_state.mu, adam_state.nu] + ([adam_state.nu_max] if amsgrad else [])
-        g, treedef, (p, *flat_moments) = _flatten_like(updates, name, params, *moments)
-        if not fused_supported(p, *flat_moments):
-            return fallback(updates, state, params, **extra)
-        count = adam_state.count + 1
+        g, treedef, (*flat_moments,) = _flatten_like(updates, name, *moments)
+        p = treedef.flatten_up_to(params) if params is not None else flat_moments[0]
+        if not fused_supported(p, *flat_moments) or not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in g):
+            return None
         if callable(learning_rate):
             if not isinstance(lr_state, ScaleByScheduleState):
-                return fallback(updates, state, params, **extra)
-            lr = learning_rate(lr_state.count)
-            new_lr_state = ScaleByScheduleState(count=lr_state.count + 1)
+                return None
+            lr, new_lr_state = learning_rate(lr_state.count), ScaleByScheduleState(count=lr_state.count + 1)
         else:
             lr, new_lr_state = learning_rate, lr_state
-        mu, nu = flat_moments[0], flat_moments[1]
-        nu_max = flat_moments[2] if amsgrad else None
-        if weight_decay is None:
-            groups = [(list(range(len(p))), 0.0)]
-        else:
+        decay = [False] * len(p)
+        if weight_decay is not None:
             from craftfn.optim.combine import _mask_list
 
-            keep = [True] * len(p) if mask is None else _mask_list(mask, params)
-            groups = [([i for i, k in enumerate(keep) if k], weight_decay), ([i for i, k in enumerate(keep) if not k], 0.0)]
-        for idx, wd in groups:
-            if not idx:
-                continue
+            decay = [True] * len(p) if mask is None else _mask_list(mask, params)
+        return treedef, g, p, flat_moments, lr, adam_state, new_lr_state, decay
+
+    def new_state(state: tuple, adam_state: Any, new_lr_state: Any, moments: list[list[torch.Tensor]], treedef: Any) -> tuple:
+        fields = {"count": adam_state.count + 1, "mu": tree.unflatten(treedef, moments[0]), "nu": tree.unflatten(treedef, moments[1])}
+        if amsgrad:
+            fields["nu_max"] = tree.unflatten(treedef, moments[2])
+        return (state_cls(**fields), *state[1:-1], new_lr_state)
+
+    def step_(target: list[torch.Tensor], g: list[torch.Tensor], moments: list[list[torch.Tensor]], count: torch.Tensor, lr: Any, wd_per_leaf: list[Any]) -> None:
+        for wd in {id(w): w for w in wd_per_leaf}.values():
+            idx = [i for i, w in enumerate(wd_per_leaf) if w is wd]
             pick = lambda xs, idx=idx: [xs[i] for i in idx]  # noqa: E731
             fused_adam_step_(
-                pick(p), pick(g), pick(mu), pick(nu), pick(nu_max) if amsgrad else None, count,
+                pick(target), pick(g), pick(moments[0]), pick(moments[1]), pick(moments[2]) if amsgrad else None, count,
                 lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, amsgrad=amsgrad,
             )
-        new_state = (adam_state._replace(count=count), *state[1:-1], new_lr_state)
-        return params, new_state
 
-    return GradientTransformation(tx.init, tx.update, donated_fn)
+    def update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
+        planned = plan(updates, state, params)
+        if planned is None:
+            return tx.update(updates, state, params, **extra)
+        treedef, g, p, moments, lr, adam_state, new_lr_state, decay = planned
+        fresh = [[torch.empty_like(x) for x in ms] for ms in moments]
+        for dst, src in zip(fresh, moments):
+            foreach_groups(torch._foreach_copy_, dst, src)
+        # The updates start as the decoupled decay term -lr * wd * p (0 elsewhere); the kernel,
+        # run with weight_decay=0 on them, then adds the Adam step: one pass for the whole rule.
+        out: list[Any] = [None] * len(p)
+        dec = [i for i, d in enumerate(decay) if d]
+        if dec:
+            coef = -lr * weight_decay
+            res = foreach_groups(lambda xs: torch._foreach_mul(xs, coef.to(device=xs[0].device, dtype=xs[0].dtype) if isinstance(coef, torch.Tensor) else coef), [p[i] for i in dec])
+            for j, i in enumerate(dec):
+                out[i] = res[j]
+        rest = [i for i, d in enumerate(decay) if not d]
+        if rest:
+            zeros = [torch.empty_like(p[i]) for i in rest]
+            foreach_groups(torch._foreach_zero_, zeros)
+            for j, i in enumerate(rest):
+                out[i] = zeros[j]
+        count = adam_state.count + 1
+        step_(out, g, fresh, count, lr, [0.0] * len(p))
+        return tree.unflatten(treedef, out), new_state(state, adam_state, new_lr_state, fresh, treedef)
+
+    def donated_fn(updates: Updates, state: Any, params: Params, **extra: Any) -> tuple[Params, Any]:
+        planned = plan(updates, state, params)
+        if planned is None:
+            new_updates, st = tx.update(updates, state, params, **extra)
+            return apply_updates_(params, new_updates), st
+        treedef, g, p, moments, lr, adam_state, new_lr_state, decay = planned
+        wd = weight_decay if weight_decay is not None else 0.0
+        step_(p, g, moments, adam_state.count + 1, lr, [wd if d else 0.0 for d in decay])
+        return params, new_state(state, adam_state, new_lr_state, moments, treedef)
+
+    return GradientTransformation(tx.init, update_fn, donated_fn)
 
 
 def adam(

@@ -206,6 +206,14 @@ def _check_betas(**betas: Any) -> None:
         check_hyperparameter(name, value, low=0.0, high=1.0)
 
 
+def _scale_tree(factor: float | torch.Tensor, updates: Updates) -> Updates:
+    """``factor * updates``; a tensor factor is cast to each group's dtype (0-d bf16 leaves stay bf16)."""
+    u, treedef = tree.flatten(updates)
+    if not isinstance(factor, torch.Tensor):
+        return tree.unflatten(treedef, foreach_groups(lambda xs: torch._foreach_mul(xs, factor), u))
+    return tree.unflatten(treedef, foreach_groups(lambda xs: torch._foreach_mul(xs, factor.to(device=xs[0].device, dtype=xs[0].dtype)), u))
+
+
 # ----------------------------------------------------------------------------- scaling
 
 
@@ -231,7 +239,7 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
     def update_fn(updates: Updates, state: ScaleState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, ScaleState]:
         del params, extra
         _check_state("scale", state, ScaleState)
-        return tree.scale(step_size, updates), state
+        return _scale_tree(step_size, updates), state
 
     return GradientTransformation(init_fn, update_fn)
 
@@ -263,7 +271,7 @@ def scale_by_schedule(step_size_fn: Schedule) -> GradientTransformation:
         del params, extra
         _check_state("scale_by_schedule", state, ScaleByScheduleState)
         factor = step_size_fn(state.count)
-        return tree.scale(factor, updates), ScaleByScheduleState(count=state.count + 1)
+        return _scale_tree(factor, updates), ScaleByScheduleState(count=state.count + 1)
 
     return GradientTransformation(init_fn, update_fn)
 
@@ -376,7 +384,7 @@ def ema(decay: float, debias: bool = True, accumulator_dtype: torch.dtype | None
         out = new_e
         if debias:
             bc = _bias_correction(decay, count)
-            out = foreach_groups(lambda ee: torch._foreach_div(ee, bc.to(ee[0].device)), new_e)
+            out = foreach_groups(lambda ee: torch._foreach_div(ee, bc.to(device=ee[0].device, dtype=ee[0].dtype)), new_e)
         return tree.unflatten(treedef, _cast_to(out, g)), EmaState(count=count, ema=tree.unflatten(treedef, new_e))
 
     return GradientTransformation(init_fn, update_fn)
@@ -402,7 +410,7 @@ def _ema_sq(v: list[torch.Tensor], g: list[torch.Tensor], decay: float) -> list[
 
 def _adam_denominator(v: list[torch.Tensor], bc2: torch.Tensor, eps: float, eps_root: float) -> list[torch.Tensor]:
     """``sqrt(v / bc2 + eps_root) + eps``, in torch.optim.Adam's operation order when eps_root == 0."""
-    bc2 = bc2.to(v[0].device)
+    bc2 = bc2.to(device=v[0].device, dtype=v[0].dtype)
     if eps_root == 0.0:
         d = torch._foreach_sqrt(v)
         torch._foreach_div_(d, torch.sqrt(bc2))
@@ -416,12 +424,12 @@ def _adam_denominator(v: list[torch.Tensor], bc2: torch.Tensor, eps: float, eps_
 
 def _adam_direction(m: list[torch.Tensor], d: list[torch.Tensor], g: list[torch.Tensor], count: torch.Tensor, b1: float, nesterov: bool) -> list[torch.Tensor]:
     """``mu_hat / d``; with Nesterov ``(b1 mu / (1 - b1^(t+1)) + (1 - b1) g / (1 - b1^t)) / d`` (optax)."""
-    bc1 = _bias_correction(b1, count).to(m[0].device)
+    bc1 = _bias_correction(b1, count).to(device=m[0].device, dtype=m[0].dtype)
     if not nesterov:
         out = torch._foreach_div(m, d)
         torch._foreach_div_(out, bc1)
         return out
-    bc1_next = _bias_correction(b1, count + 1).to(m[0].device)
+    bc1_next = _bias_correction(b1, count + 1).to(device=m[0].device, dtype=m[0].dtype)
     num = torch._foreach_mul(m, b1 / bc1_next)
     torch._foreach_add_(num, torch._foreach_mul(g, (1.0 - b1) / bc1))
     torch._foreach_div_(num, d)
@@ -465,7 +473,7 @@ def scale_by_adam(
         >>> tx = optim.scale_by_adam()
         >>> u, _ = tx.update({"w": torch.tensor([2.0])}, tx.init({"w": torch.zeros(1)}))
         >>> u
-        {'w': tensor([1.0000])}
+        {'w': tensor([1.])}
     """
     _check_adam_args(b1, b2, eps, eps_root)
 
@@ -524,7 +532,7 @@ def scale_by_amsgrad(
         >>> tx = optim.scale_by_amsgrad()
         >>> u, _ = tx.update({"w": torch.tensor([2.0])}, tx.init({"w": torch.zeros(1)}))
         >>> u
-        {'w': tensor([1.0000])}
+        {'w': tensor([1.])}
     """
     _check_adam_args(b1, b2, eps, eps_root)
 
@@ -614,10 +622,10 @@ def scale_by_nadam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, moment
         def direction(v: list[torch.Tensor], m: list[torch.Tensor], gg: list[torch.Tensor]) -> list[torch.Tensor]:
             dev = v[0].device
             d = torch._foreach_sqrt(v)
-            torch._foreach_div_(d, sqrt_bc2.to(dev))
+            torch._foreach_div_(d, sqrt_bc2.to(device=dev, dtype=v[0].dtype))
             torch._foreach_add_(d, eps)
-            out = torch._foreach_mul(gg, coef_g.to(dev))
-            torch._foreach_add_(out, torch._foreach_mul(m, coef_m.to(dev)))
+            out = torch._foreach_mul(gg, coef_g.to(device=dev, dtype=v[0].dtype))
+            torch._foreach_add_(out, torch._foreach_mul(m, coef_m.to(device=dev, dtype=v[0].dtype)))
             torch._foreach_div_(out, d)
             return out
 
@@ -663,7 +671,7 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
 
         def direction(m: list[torch.Tensor], v: list[torch.Tensor]) -> list[torch.Tensor]:
             out = torch._foreach_div(m, v)
-            torch._foreach_div_(out, bc1.to(m[0].device))
+            torch._foreach_div_(out, bc1.to(device=m[0].device, dtype=m[0].dtype))
             return out
 
         out = foreach_groups(direction, new_mu, new_nu)
@@ -712,7 +720,7 @@ def scale_by_radam(
         def direction(m: list[torch.Tensor], v: list[torch.Tensor], gg: list[torch.Tensor]) -> list[torch.Tensor]:
             dev = m[0].device
             adaptive = _adam_direction(m, _adam_denominator(v, bc2, eps, eps_root), gg, count, b1, nesterov)
-            torch._foreach_mul_(adaptive, rect.to(dev))
+            torch._foreach_mul_(adaptive, rect.to(device=dev, dtype=m[0].dtype))
             plain = _adam_direction(m, [torch.ones((), dtype=x.dtype, device=dev) for x in m], gg, count, b1, nesterov)
             # Both branches are computed and blended with a 0/1 weight: choosing by a tensor
             # condition in Python would read it to the host.
@@ -745,7 +753,7 @@ class ScaleByRmsWithCountState(NamedTuple):
 
 def _rms_denominator(v: list[torch.Tensor], eps: float, eps_in_sqrt: bool, bc: torch.Tensor | None) -> list[torch.Tensor]:
     if bc is not None:
-        v = torch._foreach_div(v, bc.to(v[0].device))
+        v = torch._foreach_div(v, bc.to(device=v[0].device, dtype=v[0].dtype))
     if eps_in_sqrt:
         d = torch._foreach_add(v, eps)
         torch._foreach_sqrt_(d)
@@ -853,8 +861,8 @@ def scale_by_stddev(
 
         def direction(v: list[torch.Tensor], m: list[torch.Tensor], gg: list[torch.Tensor]) -> list[torch.Tensor]:
             if bc is not None:
-                m = torch._foreach_div(m, bc.to(m[0].device))
-                v = torch._foreach_div(v, bc.to(m[0].device))
+                m = torch._foreach_div(m, bc.to(device=m[0].device, dtype=m[0].dtype))
+                v = torch._foreach_div(v, bc.to(device=m[0].device, dtype=m[0].dtype))
             # torch: square_avg.addcmul(grad_avg, grad_avg, value=-1)
             var = torch._foreach_addcmul(v, m, m, -1.0)
             return torch._foreach_div(gg, _rms_denominator(var, eps, eps_in_sqrt, None))
@@ -1249,7 +1257,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: MaskOrFn
         u, treedef, (p,) = _flatten_like(updates, "add_decayed_weights", params)
         p = _cast_to(p, u)
         if isinstance(weight_decay, torch.Tensor):
-            out = foreach_groups(lambda a, b: torch._foreach_add(a, torch._foreach_mul(b, weight_decay.to(a[0].device))), u, p)
+            out = foreach_groups(lambda a, b: torch._foreach_add(a, torch._foreach_mul(b, weight_decay.to(device=a[0].device, dtype=a[0].dtype))), u, p)
         else:
             out = foreach_groups(lambda a, b: torch._foreach_add(a, b, alpha=weight_decay), u, p)
         return tree.unflatten(treedef, out), state
@@ -1306,7 +1314,7 @@ def add_noise(eta: float, gamma: float, seed: Union[int, torch.Tensor]) -> Gradi
         next_key, draw_key = keys[0], keys[1]
         std = torch.sqrt(eta / torch.pow(count.to(_scalar_dtype(count)), gamma))
         noise = [random.normal(random.fold_in(draw_key, i), tuple(x.shape), dtype=x.dtype, device=x.device) for i, x in enumerate(u)]
-        out = foreach_groups(lambda a, n: torch._foreach_add(a, torch._foreach_mul(n, std.to(a[0].device))), u, noise)
+        out = foreach_groups(lambda a, n: torch._foreach_add(a, torch._foreach_mul(n, std.to(device=a[0].device, dtype=a[0].dtype))), u, noise)
         return tree.unflatten(treedef, out), AddNoiseState(count=count, rng_key=next_key)
 
     return GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,141 @@
+"""Every alias converges on a quadratic and on Rosenbrock, keeps its state stable, and is pure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from craftfn import optim, tree
+from craftfn.testing import check_pure, check_state_stable
+
+
+def quadratic(p: dict) -> torch.Tensor:
+    w = p["w"]
+    curvature = torch.arange(1, w.numel() + 1, dtype=w.dtype).reshape(w.shape) * (4.0 / w.numel())
+    return 0.5 * (curvature * w * w).sum()
+
+
+def rosenbrock(p: dict) -> torch.Tensor:
+    x, y = p["xy"][0], p["xy"][1]
+    return (1 - x) ** 2 + 100 * (y - x * x) ** 2
+
+
+def minimise(tx: optim.GradientTransformation, f, params: dict, steps: int) -> float:
+    state = tx.init(params)
+    for _ in range(steps):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        grads = dict(zip(leaves, torch.autograd.grad(f(leaves), list(leaves.values()))))
+        updates, state = tx.update(grads, state, params)
+        params = optim.apply_updates(params, updates)
+    return float(f(params))
+
+
+def decay(lr: float, rate: float):
+    return lambda n: lr * rate**n
+
+
+# alias -> (factory for the quadratic, factory for Rosenbrock). Learning rates were picked per
+# rule (sign-based rules and Adadelta need a decaying step to settle).
+ALIASES = {
+    "sgd": (lambda: optim.sgd(0.1, momentum=0.9), lambda: optim.sgd(1e-3, momentum=0.9)),
+    "adam": (lambda: optim.adam(0.1), lambda: optim.adam(0.05)),
+    "adamw": (lambda: optim.adamw(0.1), lambda: optim.adamw(0.05)),
+    "nadam": (lambda: optim.nadam(0.1), lambda: optim.nadam(0.05)),
+    "nadam_torch": (lambda: optim.nadam(0.1, momentum_decay=4e-3), lambda: optim.nadam(0.02, momentum_decay=4e-3)),
+    "nadamw": (lambda: optim.nadamw(0.1), lambda: optim.nadamw(0.05, weight_decay=1e-5)),
+    "radam": (lambda: optim.radam(0.1), lambda: optim.radam(0.05)),
+    "adamax": (lambda: optim.adamax(0.1), lambda: optim.adamax(0.05)),
+    "amsgrad": (lambda: optim.amsgrad(0.1), lambda: optim.amsgrad(0.05)),
+    "lion": (lambda: optim.lion(decay(0.1, 0.98), weight_decay=0.0), lambda: optim.lion(decay(0.01, 0.995), weight_decay=0.0)),
+    "rmsprop": (lambda: optim.rmsprop(decay(0.05, 0.98)), lambda: optim.rmsprop(decay(0.01, 0.997), momentum=0.9)),
+    "rmsprop_centered": (lambda: optim.rmsprop(decay(0.05, 0.98), centered=True), lambda: optim.rmsprop(decay(0.01, 0.997), centered=True, momentum=0.9)),
+    "adagrad": (lambda: optim.adagrad(0.5), lambda: optim.adagrad(1.0)),
+    "adadelta": (lambda: optim.adadelta(0.5, rho=0.95, eps=1e-3), lambda: optim.adadelta(decay(0.5, 0.997), rho=0.95, eps=1e-3)),
+    "adafactor": (
+        lambda: optim.adafactor(decay(0.1, 0.98), multiply_by_parameter_scale=False),
+        lambda: optim.adafactor(decay(0.05, 0.997), multiply_by_parameter_scale=False, momentum=0.9),
+    ),
+    "lamb": (lambda: optim.lamb(0.05), lambda: optim.lamb(decay(0.05, 0.997))),
+    "lars": (lambda: optim.lars(1.0, trust_coefficient=0.1), lambda: optim.lars(1.0, trust_coefficient=0.01)),
+    "sign_sgd": (lambda: optim.sign_sgd(decay(0.1, 0.99)), lambda: optim.sign_sgd(decay(0.01, 0.997))),
+    "muon": (lambda: optim.muon(decay(0.1, 0.98)), lambda: optim.muon(0.05)),
+    "schedule_free_adamw": (lambda: optim.schedule_free_adamw(0.1, warmup_steps=10), lambda: optim.schedule_free_adamw(0.05, warmup_steps=10)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ALIASES))
+def test_converges_on_quadratic(name: str) -> None:
+    params = {"w": torch.randn(4, 4, generator=torch.Generator().manual_seed(0))}
+    start = float(quadratic(params))
+    assert minimise(ALIASES[name][0](), quadratic, params, 300) < 1e-3 * start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ALIASES))
+def test_converges_on_rosenbrock(name: str) -> None:
+    params = {"xy": torch.tensor([0.0, 0.0])}  # f = 1 here; the minimum is f(1, 1) = 0
+    assert minimise(ALIASES[name][1](), rosenbrock, params, 1000) < 5e-2
+
+
+def _params(dtype: torch.dtype = torch.float32) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {"w": torch.randn(4, 3, generator=g).to(dtype), "b": torch.randn(3, generator=g).to(dtype), "s": torch.randn((), generator=g).to(dtype)}
+
+
+@pytest.mark.parametrize("name", sorted(ALIASES))
+def test_pure_and_state_stable(name: str) -> None:
+    tx = ALIASES[name][0]()
+    params = _params()
+    grads = tree.map(lambda x: torch.randn(x.shape, generator=torch.Generator().manual_seed(x.numel())), params)
+    check_pure(tx, params, grads, steps=2)
+    check_state_stable(tx, params, steps=3)
+
+
+@pytest.mark.parametrize("name", sorted(ALIASES))
+def test_bf16_params_stay_bf16(name: str) -> None:
+    tx = ALIASES[name][0]()
+    params = _params(torch.bfloat16)
+    state = tx.init(params)
+    for _ in range(2):
+        updates, state = tx.update(tree.ones_like(params), state, params)
+        params = optim.apply_updates(params, updates)
+    assert all(x.dtype == torch.bfloat16 for x in tree.leaves(params))
+    assert all(x.dtype == torch.bfloat16 for x in tree.leaves(updates))
+    check_state_stable(tx, params, steps=2)
+
+
+def test_adafactor_factors_large_matrices() -> None:
+    tx = optim.adafactor(1e-2)
+    params = {"w": torch.randn(130, 128), "b": torch.randn(128)}
+    state = tx.init(params)
+    assert state[0].v_row["w"].shape == (128,) and state[0].v_col["w"].shape == (130,)  # means over dim 0 and dim 1
+    assert state[0].v["b"].shape == (128,)
+    check_state_stable(tx, params, steps=2)
+
+
+def test_muon_routes_matrices_through_newton_schulz() -> None:
+    tx = optim.muon(1.0, adam_weight_decay=0.0)
+    params = {"w": torch.zeros(8, 4), "b": torch.zeros(4)}
+    g = {"w": torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), "b": torch.ones(4)}
+    updates, state = tx.update(g, tx.init(params), params)
+    s = torch.linalg.svdvals(-updates["w"] / 2.0**0.5)  # scaled by sqrt(8 / 4)
+    assert ((s > 0.5) & (s < 1.3)).all()
+    assert torch.allclose(updates["b"], -torch.ones(4), atol=1e-4)  # adam's first step: -lr * sign(g)
+    assert isinstance(state.inner_states["muon"][0], optim.MuonState)
+
+
+def test_schedule_free_eval_params() -> None:
+    tx = optim.schedule_free_adamw(0.1, warmup_steps=2)
+    params = {"w": torch.randn(3, generator=torch.Generator().manual_seed(0))}
+    state = tx.init(params)
+    for _ in range(5):
+        updates, state = tx.update(tree.map(lambda w: 2 * w, params), state, params)
+        params = optim.apply_updates(params, updates)
+    x = optim.schedule_free_eval_params(state, params)
+    b1 = 0.9
+    assert torch.allclose(x["w"], (params["w"] - (1 - b1) * state.z["w"]) / b1)
+    # y is the interpolation of x and z
+    assert torch.allclose(params["w"], b1 * x["w"] + (1 - b1) * state.z["w"], atol=1e-6)
+    with pytest.raises(ValueError, match="ScheduleFreeState"):
+        optim.schedule_free_eval_params(optim.adam(0.1).init(params), params)
