@@ -6,6 +6,8 @@ Usage::
                   [--gin.NAME=VALUE ...] [--gin_bindings 'Trainer.max_steps = 100' ...]
                   [--run_dir runs/char_gpt] [--resume]
     craftfn eval  --gin_file gin/char_gpt.gin --run_dir runs/char_gpt [--checkpoint FILE]
+    craftfn generate --run_dir runs/char_gpt --prompt 'def ' [--num_samples N --max_new_tokens N
+                  --temperature T --top_k K --top_p P --num_beams B --seed S --checkpoint FILE --compile]
 
 Files are read in order, then bindings in command-line order: later ones win.
 ``--gin.NAME=VALUE`` is the binding ``NAME = VALUE`` (a bare word such as a path is
@@ -108,6 +110,18 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint (automatic when one exists)")
         else:
             p.add_argument("--checkpoint", default=None, help="model weights (default RUN_DIR/model.safetensors)")
+    gen = sub.add_parser("generate", help="generate text from a trained run (craftfn.generation)")
+    gen.add_argument("--run_dir", required=True, help="the run directory of craftfn train")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--num_samples", type=int, default=1, help="samples (with beams: best hypotheses) to print")
+    gen.add_argument("--max_new_tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    gen.add_argument("--top_k", type=int, default=0, help="0: off")
+    gen.add_argument("--top_p", type=float, default=1.0, help="1: off")
+    gen.add_argument("--num_beams", type=int, default=1, help="> 1: beam search")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--checkpoint", default=None, help="model weights (default RUN_DIR/model.safetensors)")
+    gen.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
     return parser
 
 
@@ -239,6 +253,26 @@ def _eval(args: argparse.Namespace, bindings: Sequence[str]) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+    if bindings:
+        raise UsageError(f"generate takes no gin bindings, got {list(bindings)}")
+    from craftfn.generation.run import generate_from_run_dir
+
+    try:
+        texts = generate_from_run_dir(
+            args.run_dir, args.prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
+            seed=args.seed, checkpoint=args.checkpoint, compile=args.compile,
+        )
+    except (ValueError, TypeError, OSError) as e:
+        raise UsageError(_one_paragraph(str(e))) from None
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"--- sample {i + 1} ---")
+        print(text)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit status (2 for user errors, with one paragraph on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -247,9 +281,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = _parser().parse_args(rest)
         if args.command == "train":
             return _train(args, bindings)
+        if args.command == "generate":
+            return _generate(args, bindings)
         return _eval(args, bindings)
     except UsageError as e:
-        command = f"craftfn {argv[0]}" if argv and argv[0] in ("train", "eval") else "craftfn"
+        command = f"craftfn {argv[0]}" if argv and argv[0] in ("train", "eval", "generate") else "craftfn"
         print(textwrap.fill(f"{command}: error: {e}", width=100), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -54,6 +54,8 @@ class TextGenerator:
         eos_token_id: ends a sequence (default: the tokenizer's ``eos_token_id`` attribute, if any).
         pad_token_id: pads prompts on the left and sequences after EOS (default: EOS, else 0).
         compile: for craftfn models, compile the decode step (``True`` or ``torch.compile`` options).
+        use_cache: for craftfn models: ``False`` recomputes the window each token (and can slide past
+            the context); default: use the KV cache when the model has one.
 
     Example:
         >>> gen = TextGenerator(model, ByteTokenizer())
@@ -69,6 +71,7 @@ class TextGenerator:
         eos_token_id: Optional[int] = None,
         pad_token_id: Optional[int] = None,
         compile: Union[bool, Mapping[str, Any]] = False,
+        use_cache: Optional[bool] = None,
     ) -> None:
         if not (callable(getattr(tokenizer, "encode", None)) and callable(getattr(tokenizer, "decode", None))):
             raise TypeError(f"tokenizer must have encode() and decode(), got {type(tokenizer).__name__}")
@@ -82,6 +85,7 @@ class TextGenerator:
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         kvc.eos_and_pad(eos_token_id, pad_token_id)
         self.compile = compile
+        self.use_cache = use_cache
 
     def generate(
         self,
@@ -163,7 +167,10 @@ class TextGenerator:
     def _generate_craftfn(self, encoded: list[list[int]], *, do_sample, num_beams, num_return_sequences, temperature,
                           length_penalty, early_stopping, top_k, top_p, min_p, repetition_penalty, suppress_tokens,
                           max_new_tokens, seed) -> list[list[int]]:
-        common = dict(eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, max_new_tokens=max_new_tokens)
+        common = dict(
+            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, max_new_tokens=max_new_tokens,
+            use_cache=self.use_cache,
+        )
         if num_beams > 1:
             outs = batch_generate(
                 self.model, encoded, num_beams=num_beams, num_return_sequences=num_return_sequences,
