@@ -155,3 +155,16 @@ def test_fused_adam_step_rejects_mismatched_lists() -> None:
         fused_adam_step_([torch.zeros(2)], [], [torch.zeros(2)], [torch.zeros(2)], None, torch.tensor(1), lr=0.1, b1=0.9, b2=0.9, eps=0.0)
     with pytest.raises(ValueError, match="max_nu"):
         fused_adam_step_([torch.zeros(2)], [torch.zeros(2)], [torch.zeros(2)], [torch.zeros(2)], None, torch.tensor(1), lr=0.1, b1=0.9, b2=0.9, eps=0.0, amsgrad=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["update", "donated_update"])
+def test_adamw_paths_trace_without_graph_breaks(path: str) -> None:
+    torch._dynamo.reset()
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(lambda n: 1e-2 * 0.9**n, weight_decay=0.1))
+    params, grads = _params(), _grads(_params(), 0)
+    fn = getattr(tx, path)
+    compiled = torch.compile(lambda g, s, p: fn(g, s, p), backend="eager", fullgraph=True)
+    expected = fn(tree.clone(grads), tx.init(params), tree.clone(params))
+    got = compiled(tree.clone(grads), tx.init(params), tree.clone(params))
+    assert tree.allclose(got, expected, rtol=1e-6, atol=1e-7)
