@@ -704,9 +704,8 @@ def _sharded(tx: GradientTransformation, bucket_bytes: int) -> GradientTransform
         full = dict(zip(tree.paths(params), tree.leaves(params)))
         return DataParallelState(inner=tx.init(_slice_params_dict(full, groups)), grad_norm=_norm_init(params))
 
-    def update_fn(
-        updates: Updates, state: DataParallelState, params: Optional[Params] = None, **extra: Any
-    ) -> tuple[Updates, DataParallelState]:
+    def scatter_grads(updates: Updates, state: DataParallelState, params: Params) -> tuple[Any, ...]:
+        """Reduce-scatter the gradients: this rank's averaged slice, as pieces named like the params."""
         _check_dp_state(state)
         if params is None:
             raise ValueError("data_parallel(shard_optimizer_state=True): update needs params (apply_gradients passes them)")
@@ -714,7 +713,6 @@ def _sharded(tx: GradientTransformation, bucket_bytes: int) -> GradientTransform
         names, groups = layout(params)
         p_leaves, treedef = tree.flatten(params)
         g_leaves = treedef.flatten_up_to(updates)
-        # 1. reduce-scatter: each rank receives the rank-sum of its slice of the flat gradient.
         shards, pending = [], []
         for g in groups:
             flat = _flat([g_leaves[i] for i in g.indices], g.dtype, pad=g.shard * n - sum(map(math.prod, g.shapes)))
@@ -727,44 +725,86 @@ def _sharded(tx: GradientTransformation, bucket_bytes: int) -> GradientTransform
         for work in pending:
             _guard("reduce_scatter of gradients", work.wait)
         if n > 1:
-            for s in shards:
-                s.div_(n)
-        g_pieces, p_pieces = {}, {}
-        for g, s in zip(groups, shards):
+            for sh in shards:
+                sh.div_(n)
+        g_pieces = {}
+        for g, sh in zip(groups, shards):
             at = 0
-            for i, name, (lo, hi) in zip(g.indices, g.names, g.pieces):
-                g_pieces[name] = s[at : at + hi - lo]
-                p_pieces[name] = p_leaves[i].reshape(-1)[lo:hi]
+            for name, (lo, hi) in zip(g.names, g.pieces):
+                g_pieces[name] = sh[at : at + hi - lo]
                 at += hi - lo
         _check_shard_sizes(state.inner, g_pieces, frozenset(names))
         # The global norm: squares summed on each slice (padding is zero), then over ranks.
-        sq = torch.stack([torch.sum(s.float() ** 2) for s in shards]).sum() if shards else torch.zeros(())
-        if n > 1:
-            _guard("all_reduce of the gradient norm", dist.all_reduce, sq)
-        # 2. the rule on this rank's slice only; rules that need a sum over the whole gradient
-        # (clip_by_global_norm) get it through extra["shard_sum"].
-        u_pieces, inner = tx.update(g_pieces, state.inner, p_pieces, shard_sum=_shard_sum, **extra)
-        # 3. all-gather the updates; every rank adds them to its full parameters.
-        out: list[Any] = [None] * len(p_leaves)
+        sq = torch.stack([torch.sum(sh.float() ** 2) for sh in shards]).sum() if shards else torch.zeros(())
+        return groups, p_leaves, treedef, g_pieces, torch.sqrt(_shard_sum(sq))
+
+    def gather(groups: list[_Group], mine: list[torch.Tensor]) -> list[torch.Tensor]:
+        """All-gather every rank's flat slice: the whole flat buffer of each group."""
+        if world_size() == 1:
+            return mine
         fulls, pending = [], []
-        for g in groups:
-            mine = _flat([u_pieces[name] for name in g.names], g.dtype, pad=g.shard - sum(hi - lo for lo, hi in g.pieces))
-            if n == 1:
-                fulls.append(mine)
-                continue
-            full = mine.new_empty(g.shard * n)
-            pending.append(_guard("all_gather of updates", dist.all_gather_single, full, mine, async_op=True))
+        for g, m in zip(groups, mine):
+            full = m.new_empty(g.shard * world_size())
+            pending.append(_guard("all_gather of updates", dist.all_gather_single, full, m, async_op=True))
             fulls.append(full)
         for work in pending:
             _guard("all_gather of updates", work.wait)
-        for g, full in zip(groups, fulls):
+        return fulls
+
+    def update_fn(
+        updates: Updates, state: DataParallelState, params: Optional[Params] = None, **extra: Any
+    ) -> tuple[Updates, DataParallelState]:
+        groups, p_leaves, treedef, g_pieces, norm = scatter_grads(updates, state, params)
+        p_pieces = {
+            name: p_leaves[i].reshape(-1)[lo:hi] for g in groups for i, name, (lo, hi) in zip(g.indices, g.names, g.pieces)
+        }
+        # The rule on this rank's slice only; rules that need a sum over the whole gradient
+        # (clip_by_global_norm) get it through extra["shard_sum"].
+        u_pieces, inner = tx.update(g_pieces, state.inner, p_pieces, shard_sum=_shard_sum, **extra)
+        # All-gather the updates; every rank adds them to its full parameters (apply_updates).
+        mine = [
+            _flat([u_pieces[name] for name in g.names], g.dtype, pad=g.shard - sum(hi - lo for lo, hi in g.pieces))
+            for g in groups
+        ]
+        out: list[Any] = [None] * len(p_leaves)
+        for g, full in zip(groups, gather(groups, mine)):
             for i, shape, o in zip(g.indices, g.shapes, g.offsets):
                 out[i] = full[o : o + math.prod(shape)].view(shape)
-        return tree.unflatten(treedef, out), DataParallelState(inner, torch.sqrt(sq))
+        return tree.unflatten(treedef, out), DataParallelState(inner, norm)
+
+    def donated_fn(updates: Updates, state: DataParallelState, params: Params, **extra: Any) -> tuple[Params, DataParallelState]:
+        groups, p_leaves, treedef, g_pieces, norm = scatter_grads(updates, state, params)
+        # A contiguous copy of this rank's parameter slice that the rule may update in place
+        # (fused kernels); the whole parameters are then overwritten from the gathered slices.
+        mine = [
+            _flat([p_leaves[i].reshape(-1)[lo:hi] for i, (lo, hi) in zip(g.indices, g.pieces)], g.dtype,
+                  pad=g.shard - sum(hi - lo for lo, hi in g.pieces))
+            for g in groups
+        ]
+        p_pieces = {}
+        for g, m in zip(groups, mine):
+            at = 0
+            for name, (lo, hi) in zip(g.names, g.pieces):
+                p_pieces[name] = m[at : at + hi - lo]
+                at += hi - lo
+        if tx.donated_update is not None:
+            new_pieces, inner = tx.donated_update(g_pieces, state.inner, p_pieces, shard_sum=_shard_sum, **extra)
+            for name, piece in p_pieces.items():
+                if new_pieces[name] is not piece and piece.numel():
+                    piece.copy_(new_pieces[name])  # the rule returned fresh tensors
+        else:
+            u_pieces, inner = tx.update(g_pieces, state.inner, p_pieces, shard_sum=_shard_sum, **extra)
+            names = [n for g in groups for n in g.names]
+            torch._foreach_add_([p_pieces[n] for n in names], [u_pieces[n].to(p_pieces[n].dtype) for n in names])
+        for g, full in zip(groups, gather(groups, mine)):
+            dst = [p_leaves[i] for i in g.indices]
+            src = [full[o : o + math.prod(shape)].view(shape) for shape, o in zip(g.shapes, g.offsets)]
+            torch._foreach_copy_(dst, src)
+        return params, DataParallelState(inner, norm)
 
     update_fn.craftfn_data_parallel = _Config(tx, True, bucket_bytes)  # type: ignore[attr-defined]
     update_fn.craftfn_layout = layout  # type: ignore[attr-defined]
-    return GradientTransformation(init_fn, update_fn)
+    return GradientTransformation(init_fn, update_fn, donated_fn)
 
 
 def _shard_sum(x: torch.Tensor) -> torch.Tensor:

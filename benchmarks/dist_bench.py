@@ -1,0 +1,180 @@
+"""Per-step communication overhead of data parallelism at 2 processes (gloo, loopback).
+
+    python benchmarks/dist_bench.py                 # launches 2 ranks itself (as torchrun would)
+    python benchmarks/dist_bench.py --config small --steps 10 --repeats 5 --json out.json
+
+Every rank trains a GPT on its shard of the global batch with one thread. Per step, rank 0 times:
+
+* ``local``: the plain step on the rank's rows, no communication (the compute a rank does anyway);
+* ``local + barrier``: the same, then a barrier: the waiting for the slower rank that any
+  synchronous step pays, without moving gradients;
+* ``data parallel``: ``distributed.make_data_parallel_step`` with ``data_parallel(adamw)``
+  (gradient all-reduce in flat buckets + one small metrics all-reduce);
+* ``ZeRO-1``: the same with ``shard_optimizer_state=True`` (reduce-scatter + all-gather);
+* ``all-reduce only``: ``all_reduce_mean`` of a gradient-sized tree, alone.
+
+Overhead = (data parallel - local), split into waiting (local + barrier - local) and the
+gradient exchange itself (the rest); share = overhead / data parallel. Variants alternate within
+each repeat and the median per-step time is reported, so drift in machine load hits all alike.
+Both ranks share the same cores, so this is a weak proxy for separate machines: communication
+here competes with the other rank's compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from craftfn import TrainState, distributed, make_train_step, optim
+from craftfn.models.gpt import GPT, GPTConfig, lm_loss
+
+CONFIGS = {
+    # (n_layer, n_head, n_embd, block_size, rows per rank)
+    "small": (2, 4, 128, 64, 8),
+    "medium": (4, 4, 256, 64, 8),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: argparse.Namespace) -> int:
+    port = str(_free_port())
+    procs = []
+    for r in range(args.world):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(args.world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", *sys.argv[1:]], env=env))
+    return max(p.wait() for p in procs)
+
+
+def batch_for(step: int, vocab: int, rows: int, block: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    x = torch.randint(0, vocab, (rows, block + 1), generator=g)
+    return {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+
+
+def bench_config(name: str, args: argparse.Namespace, world: int) -> dict:
+    """Time the variants on one model size; returns rank-local medians (ms) and optimizer-state bytes."""
+    n_layer, n_head, n_embd, block, rows = CONFIGS[name]
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=256, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=0.0)
+    model = GPT(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    tx = optim.adamw(1e-3, weight_decay=0.1)
+    local_step = make_train_step(lm_loss, donate=True)
+
+    def local_synced(state, batch):
+        # The local step, then a barrier: the ranks wait for each other as in data parallel,
+        # but exchange no gradients. Separates waiting for the slower rank from moving data.
+        out = local_step(state, batch)
+        distributed.barrier()
+        return out
+
+    states = {
+        "local": TrainState.create(model=model, tx=tx),
+        "local + barrier": TrainState.create(model=model, tx=tx),
+        "data parallel": TrainState.create(model=model, tx=distributed.data_parallel(tx)),
+        "ZeRO-1": TrainState.create(model=model, tx=distributed.data_parallel(tx, shard_optimizer_state=True)),
+    }
+    steps = {
+        "local": local_step,
+        "local + barrier": local_synced,
+        "data parallel": distributed.make_data_parallel_step(lm_loss, donate=True),
+        "ZeRO-1": distributed.make_data_parallel_step(lm_loss, donate=True),
+    }
+    grads_like = {k: torch.randn_like(v) for k, v in states["local"].params.items()}
+    times: dict[str, list[float]] = {k: [] for k in [*steps, "all-reduce only"]}
+    counter = [0]
+
+    def one(variant: str) -> None:
+        batch = distributed.shard_batch(batch_for(counter[0], 256, rows * world, block))
+        states[variant], metrics = steps[variant](states[variant], batch)
+        float(metrics["loss"])  # the Trainer reads every step's metrics too
+        counter[0] += 1
+
+    def timed(fn, n: int) -> float:
+        distributed.barrier()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        distributed.barrier()
+        return (time.perf_counter() - t0) / n
+
+    for rep in range(args.repeats + 1):  # the first round warms up
+        for variant in steps:
+            t = timed(lambda variant=variant: one(variant), args.steps)
+            if rep:
+                times[variant].append(t)
+        t = timed(lambda: distributed.all_reduce_mean(grads_like), args.steps)
+        if rep:
+            times["all-reduce only"].append(t)
+    return {
+        "params": n_params, "grad_mb": n_params * 4 / 2**20, "rows_per_rank": rows, "block": block,
+        "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+        "opt_state_bytes_rank0": {k: distributed.opt_state_bytes(s.opt_state) for k, s in states.items()},
+    }
+
+
+def worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    distributed.init(timeout=120)
+    world = distributed.world_size()
+    results = {name: bench_config(name, args, world) for name in args.config}
+    if distributed.is_main():
+        meta = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+            "nproc": os.cpu_count(), "world": world, "torch": torch.__version__, "platform": platform.platform(),
+            "steps": args.steps, "repeats": args.repeats,
+        }
+        print(json.dumps({"meta": meta, "results": results}, indent=1))
+        print()
+        print("| model | params | grads MB | local ms | local+barrier ms | DP ms | overhead ms (share) | of it: waiting | of it: gradients | "
+              "all-reduce alone ms | ZeRO-1 ms | opt state/rank DP -> ZeRO-1 |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for name, r in results.items():
+            ms = r["ms"]
+            over = ms["data parallel"] - ms["local"]
+            wait = ms["local + barrier"] - ms["local"]
+            ob = r["opt_state_bytes_rank0"]
+            print(f"| {name} | {r['params'] / 1e6:.2f}M | {r['grad_mb']:.1f} | {ms['local']:.1f} | {ms['local + barrier']:.1f} | "
+                  f"{ms['data parallel']:.1f} | {over:.1f} ({over / ms['data parallel']:.0%}) | {wait:.1f} | {over - wait:.1f} | "
+                  f"{ms['all-reduce only']:.1f} | {ms['ZeRO-1']:.1f} | "
+                  f"{ob['data parallel'] / 2**20:.2f} MB -> {ob['ZeRO-1'] / 2**20:.2f} MB |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "results": results}, f, indent=1)
+    distributed.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", nargs="+", default=["small", "medium"], choices=sorted(CONFIGS))
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--json", default="")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker or "RANK" in os.environ:
+        worker(args)
+    else:
+        sys.exit(launch(args))
+
+
+if __name__ == "__main__":
+    main()
