@@ -338,8 +338,8 @@ def train_language_model(
             (every ``Trainer.save_every`` steps and at the end).
         num_threads: ``torch.set_num_threads`` for the run (default: torch's).
         shard_optimizer_state: under torchrun, keep each rank's 1/N slice of the optimizer
-            state only (ZeRO-1, see :func:`craftfn.distributed.data_parallel`; exact for
-            elementwise rules, while clipping by global norm would see the slice only).
+            state only (ZeRO-1, see :func:`craftfn.distributed.data_parallel`: exact for
+            elementwise rules and clipping by global norm).
 
     Returns:
         A summary: final eval metrics, unigram entropy, the final sample, steps, seconds.
