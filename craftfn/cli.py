@@ -139,7 +139,10 @@ def _find_gin_file(name: str) -> Path:
 
 
 def _one_paragraph(message: str) -> str:
-    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    # gin appends "In call to configurable 'x' (<function ...>)" to errors raised inside a
+    # configurable: the cause is what comes before.
+    lines = [ln.strip() for ln in str(message).splitlines()]
+    return " ".join(ln for ln in lines if ln and not ln.startswith("In call to configurable"))
 
 
 def _gin_error(e: BaseException) -> str:
@@ -188,7 +191,8 @@ def _configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
         raise UsageError("no --gin_file given: name a job, e.g. craftfn train --gin_file gin/char_gpt.gin")
     paths = [_find_gin_file(f) for f in gin_files]
     gin.clear_config()
-    # `include 'models/x.gin'` resolves against these folders.
+    # `include 'gin/models/x.gin'` resolves against these folders. (Includes name the gin/ folder:
+    # gin also looks a relative include up as a Python package, and a bare 'models/...' can hit one.)
     for folder in {str(p.resolve().parent) for p in paths} | {str(_REPO_GIN), str(_REPO_GIN.parent)}:
         gin.add_config_file_search_path(folder)
     try:
@@ -249,7 +253,7 @@ def _eval(args: argparse.Namespace, bindings: Sequence[str]) -> int:
     try:
         gin_training.evaluate_language_model(str(run_dir), checkpoint=args.checkpoint)
     except (ValueError, TypeError, OSError) as e:
-        raise UsageError(gin_training._clean_gin_message(e)) from None
+        raise UsageError(_one_paragraph(str(e))) from None
     return 0
 
 
@@ -286,7 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _eval(args, bindings)
     except UsageError as e:
         command = f"craftfn {argv[0]}" if argv and argv[0] in ("train", "eval", "generate") else "craftfn"
-        print(textwrap.fill(f"{command}: error: {e}", width=100), file=sys.stderr)
+        print(textwrap.fill(f"{command}: error: {e}", width=100, break_on_hyphens=False, break_long_words=False), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("craftfn: interrupted", file=sys.stderr)

@@ -90,8 +90,10 @@ def ensure_optimizer_configurables() -> None:
     for fn, module in wanted:
         try:
             gin.get_configurable(fn.__name__)
-        except ValueError:
+        except ValueError:  # not registered under any module
             gin.external_configurable(fn, module=module)
+        except KeyError:  # ambiguous: registered already (e.g. craftfn.schedules.constant and gin.constant)
+            pass
 
 
 def unigram_entropy(tokens: torch.Tensor) -> float:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +9,15 @@ import torch.nn.functional as F
 from craftfn import TrainState, data, make_eval_step, make_train_step, optim, tree
 from craftfn.models.gpt import GPT, GPTConfig, lm_eval_metrics, lm_loss
 from craftfn.training import Callback, EarlyStopping, Evaluator, Trainer, count_tokens, learning_rate_of
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: one intra-op thread avoids thread-pool stalls on a busy 2-core machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def mse_loss(state, params, batch, rng):
@@ -181,25 +186,6 @@ def test_batches_follow_random_window_batch_of_seed_and_step():
         assert torch.equal(batch["input_ids"], expected["input_ids"])
         assert torch.equal(batch["labels"], expected["labels"])
     assert not torch.equal(seen[0]["input_ids"], seen[1]["input_ids"])
-
-
-def _batch_digest(tokens, step):
-    b = data.random_window_batch(tokens, 4, 8, seed=3, step=step)
-    return hashlib.sha256(b["input_ids"].numpy().tobytes()).hexdigest()
-
-
-def test_batch_for_seed_and_step_is_identical_in_another_process():
-    code = (
-        "import hashlib, torch; from craftfn import data\n"
-        "t = torch.arange(500) % 37\n"
-        "for s in (0, 7):\n"
-        "    b = data.random_window_batch(t, 4, 8, seed=3, step=s)\n"
-        "    print(hashlib.sha256(b['input_ids'].numpy().tobytes()).hexdigest())\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    tokens = torch.arange(500) % 37
-    assert out == [_batch_digest(tokens, 0), _batch_digest(tokens, 7)]
-    assert out[0] != out[1]
 
 
 class Batches:

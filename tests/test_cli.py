@@ -1,0 +1,163 @@
+"""The gin CLI: a tiny end-to-end run (TensorBoard tags, metrics.jsonl, config.gin, resume, eval)
+and user errors (one paragraph on stderr, exit status 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from craftfn.cli import main, parse_gin_arguments
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: one intra-op thread avoids thread-pool stalls on a busy 2-core machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_GIN = str(REPO / "gin" / "char_gpt.gin")
+TEXT_GIN = str(REPO / "gin" / "text_file_gpt.gin")
+
+# The default job shrunk to seconds: a tiny GPT, a small corpus, 10 steps.
+TINY = [
+    "--gin.MAX_STEPS=10",
+    "--gin.warmup_cosine_decay.warmup_steps=2",
+    "--gin.Trainer.eval_every=5",
+    "--gin.Trainer.save_every=5",
+    "--gin.GPTConfig.n_layer=1",
+    "--gin.GPTConfig.n_head=2",
+    "--gin.GPTConfig.n_embd=16",
+    "--gin.BLOCK_SIZE=16",
+    "--gin.lm_task.batch_size=8",
+    "--gin.lm_task.eval_windows=16",
+    "--gin.stdlib_corpus.max_bytes=20000",
+    "--gin.train.sample_tokens=20",
+    "--gin.train.tensorboard_every=1",
+    "--gin.train.num_threads=1",
+    "--gin_bindings",
+    "train.console_every = 5",
+]
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "craftfn", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_parse_gin_arguments_keeps_order_and_quotes_bare_words():
+    rest, bindings = parse_gin_arguments(
+        ["train", "--gin.A=1", "--gin_bindings", "B = 'x'", "--run_dir", "r", "--gin.PATH=data/in.txt", "--gin.C=@f()"]
+    )
+    assert rest == ["train", "--run_dir", "r"]
+    assert bindings == ["A = 1", "B = 'x'", "PATH = 'data/in.txt'", "C = @f()"]
+
+
+@pytest.mark.slow
+def test_tiny_default_job_end_to_end_with_resume_and_eval(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", "--gin_file", DEFAULT_GIN, "--run_dir", str(run_dir), *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final validation loss" in proc.stdout and "unigram entropy" in proc.stdout
+    assert "sample after 10 steps" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+    for name in ("config.gin", "metrics.jsonl", "model.safetensors", "tokenizer.json"):
+        assert (run_dir / name).is_file(), name
+    config = (run_dir / "config.gin").read_text()
+    assert "Trainer.max_steps = %MAX_STEPS" in config and "MAX_STEPS = 10" in config and "GPTConfig.n_embd = 16" in config
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/loss", "eval/loss", "lr", "grad_norm", "throughput/tokens_per_sec", "mfu"} <= scalars
+    assert {"config/text_summary", "samples/text_summary"} <= set(acc.Tags()["tensors"])
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 11))
+    lrs = [e.value for e in acc.Scalars("lr")]
+    assert lrs[1] > lrs[0] and lrs[-1] < max(lrs)  # warm-up then decay, read from the optimizer state
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [5, 10]
+    weights = safetensors.torch.load_file(str(run_dir / "model.safetensors"))
+    assert "transformer.wte.weight" in weights
+
+    # Running again with more steps resumes from the checkpoint at step 10.
+    proc = run_cli("train", "--gin_file", DEFAULT_GIN, "--run_dir", str(run_dir), *TINY, "--gin.MAX_STEPS=14")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from the checkpoints" in proc.stdout
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 15))
+
+    # craftfn eval reproduces the final evaluation of the run.
+    status = main(["eval", "--gin_file", DEFAULT_GIN, "--run_dir", str(run_dir), *TINY, "--gin.MAX_STEPS=14"])
+    assert status == 0
+    out = capsys.readouterr().out
+    final_eval = [r for r in records if r["kind"] == "eval"][-1]
+    assert f"loss {final_eval['loss']:.4f}" in out
+
+
+def _assert_one_paragraph_error(status, err, *needles):
+    assert status == 2
+    assert "Traceback" not in err
+    text = err.strip()
+    assert text and "\n\n" not in text and len(text.splitlines()) <= 6, err
+    assert "error:" in text
+    flat = " ".join(text.split())
+    assert "In call to configurable" not in flat
+    for needle in needles:
+        assert needle in flat, text
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--gin_file", "no/such/job.gin"], ["no/such/job.gin", "not found"]),
+        (["--gin_file", DEFAULT_GIN, "--gin.Trainer.max_stepz=3"], ["unknown gin binding", "max_stepz"]),
+        (["--gin_file", DEFAULT_GIN, "--gin_bindings", "NoSuchThing.x = 1"], ["unknown gin binding", "NoSuchThing"]),
+        (["--gin_file", TEXT_GIN], ["DATA_PATH", "required", "--gin.DATA_PATH="]),
+        (["--gin_file", TEXT_GIN, "--gin.DATA_PATH=/no/such/file.txt"], ["/no/such/file.txt", "does not exist"]),
+    ],
+)
+def test_user_errors_exit_2_with_one_paragraph(args, needles, tmp_path, capsys):
+    status = main(["train", *args, "--run_dir", str(tmp_path / "run")])
+    _assert_one_paragraph_error(status, capsys.readouterr().err, *needles)
+
+
+def test_empty_data_file_is_a_user_error(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    status = main(["train", "--gin_file", TEXT_GIN, f"--gin.DATA_PATH={empty}", "--run_dir", str(tmp_path / "run")])
+    _assert_one_paragraph_error(status, capsys.readouterr().err, str(empty), "empty")
+
+
+def test_user_error_in_a_real_process_has_no_traceback(tmp_path):
+    # The data file is read deepest in the build (inside gin configurables): the likeliest to leak a traceback.
+    proc = run_cli("train", "--gin_file", TEXT_GIN, "--gin.DATA_PATH=/no/such/file.txt", "--run_dir", str(tmp_path / "run"))
+    _assert_one_paragraph_error(proc.returncode, proc.stderr, "/no/such/file.txt", "does not exist")
+    assert proc.stdout == ""
+
+
+def test_eval_without_weights_is_a_user_error(tmp_path, capsys):
+    status = main(["eval", "--gin_file", DEFAULT_GIN, "--run_dir", str(tmp_path / "nothing"), *TINY])
+    _assert_one_paragraph_error(status, capsys.readouterr().err, "no model weights")
+
+
+def test_text_file_job_trains_on_a_users_file(tmp_path):
+    data = tmp_path / "input.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog.\n" * 40)
+    status = main(["train", "--gin_file", TEXT_GIN, f"--gin.DATA_PATH={data}", "--run_dir", str(tmp_path / "run"), *TINY, "--gin.train.save_checkpoints=False"])
+    assert status == 0
+    vocab = json.loads((tmp_path / "run" / "tokenizer.json").read_text())
+    assert "q" in json.dumps(vocab) and (tmp_path / "run" / "model.safetensors").is_file()
