@@ -387,7 +387,8 @@ def generate_text_sampling(
     decoder = kvc.as_decoder(model)
     prompt_ids, attention_mask = kvc.check_prompt(prompt_ids, attention_mask, decoder)
     eos, pad = kvc.eos_and_pad(eos_token_id, pad_token_id)
-    key = random.key(seed) if key is None else key
+    # Keys live with the tokens: deriving per-token keys then never copies to or from the host.
+    key = (random.key(seed) if key is None else key).to(prompt_ids.device)
     compile_options = _compile_options(compile)
     use_cache = decoder.supports_cache if use_cache is None else use_cache
     if use_cache and not decoder.supports_cache:
