@@ -37,6 +37,7 @@ from craftfn.optim.base import (
     OptState,
     Params,
     Updates,
+    _state_error,
     apply_updates_,
 )
 
@@ -52,13 +53,6 @@ __all__ = [
 # A tree of labels/bools (possibly a prefix of the params tree), a function of the whole tree,
 # or a function ``(name, leaf) -> label`` of each parameter's dotted name.
 LabelSpec = Union[Any, Callable[[Params], Any], Callable[[str, torch.Tensor], Hashable]]
-
-
-def _state_error(name: str, expected: str, state: Any) -> ValueError:
-    return ValueError(
-        f"{name}: opt_state {type(state).__name__} is not a state made by this transformation's init "
-        f"(expected {expected}); call tx.init(params) before tx.update(...)"
-    )
 
 
 def _is_per_leaf_fn(fn: Callable[..., Any]) -> bool:

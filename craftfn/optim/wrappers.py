@@ -36,8 +36,10 @@ from craftfn.optim.base import (
     OptState,
     Params,
     Updates,
+    _state_error,
     apply_updates_,
     check_hyperparameter,
+    check_updates_match,
 )
 from craftfn.optim.transforms import foreach_groups
 
@@ -54,13 +56,6 @@ __all__ = [
     "tree_get",
     "tree_set",
 ]
-
-
-def _state_error(name: str, expected: str, state: Any) -> ValueError:
-    return ValueError(
-        f"{name}: opt_state {type(state).__name__} is not a state made by this transformation's init "
-        f"(expected {expected}); call tx.init(params) before tx.update(...)"
-    )
 
 
 def _device_of(t: Any) -> Optional[torch.device]:
@@ -82,14 +77,6 @@ def _select(pred: torch.Tensor, on_true: Any, on_false: Any, argname: str = "sta
         else:
             out.append(a)
     return tree.unflatten(treedef, out)
-
-
-def _check_tree(updates: Any, reference: Any, name: str, what: str) -> None:
-    if tree.structure(updates) != tree.structure(reference):
-        names_u, names_r = set(tree.paths(updates)), set(tree.paths(reference))
-        missing, extra = sorted(names_r - names_u), sorted(names_u - names_r)
-        detail = f"missing {missing[:8]}, unexpected {extra[:8]}" if (missing or extra) else "structures differ"
-        raise ValueError(f"{name}: updates must have the tree structure of the {what}: {detail}")
 
 
 # ----------------------------------------------------------------------------- MultiSteps
@@ -211,7 +198,7 @@ class MultiSteps(GradientTransformation):
         def update_fn(updates: Updates, state: MultiStepsState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, MultiStepsState]:
             if not isinstance(state, MultiStepsState):
                 raise _state_error("MultiSteps", "a MultiStepsState", state)
-            _check_tree(updates, state.acc_grads, "MultiSteps", "accumulated gradients (the params given to init)")
+            check_updates_match(updates, state.acc_grads, "MultiSteps: updates")
             k = torch.as_tensor(every_k(state.gradient_step), dtype=torch.int64, device=state.mini_step.device)
             if should_skip_update_fn is not None:
                 skip, skip_state = should_skip_update_fn(updates, state.gradient_step, params)
@@ -546,7 +533,7 @@ def lookahead(fast_optimizer: GradientTransformation, sync_period: int, slow_ste
             raise _state_error("lookahead", "a LookaheadState", state)
         if params is None:
             raise ValueError("lookahead: update needs params (the fast weights): tx.update(grads, state, params)")
-        _check_tree(updates, state.slow, "lookahead", "slow weights (the params given to init)")
+        check_updates_match(updates, state.slow, "lookahead: updates")
         fast_updates, fast_state = fast_optimizer.update(updates, state.fast_state, params, **extra)
         sync = state.steps_since_sync >= sync_period - 1
         u_leaves, treedef = tree.flatten(fast_updates)

@@ -102,6 +102,7 @@ def test_injected_schedule_matches_plain_schedule():
     testing.check_injected_equivalent(optim.sgd, learning_rate=sched, momentum=0.9, steps=4)
 
 
+@pytest.mark.slow
 def test_changing_injected_hyperparams_never_recompiles():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
