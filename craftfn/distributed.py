@@ -550,7 +550,8 @@ def data_parallel(
     Args:
         tx: the optimizer to run on the averaged gradients.
         shard_optimizer_state: ZeRO-1. Each rank keeps only its contiguous 1/N slice of
-            the flattened optimizer state; gradients are reduce-scattered, ``tx`` runs on
+            the flattened optimizer state; gradients are reduce-scattered (all-reduced
+            on gloo, whose reduce-scatter is slower than its all-reduce), ``tx`` runs on
             the slice, and the updates are all-gathered. ``tx`` sees 1-D pieces of the
             parameters, named as the parameters, so elementwise rules (sgd, momentum,
             adam, adamw, weight-decay masks by name) are exact, and so is
@@ -705,7 +706,10 @@ def _sharded(tx: GradientTransformation, bucket_bytes: int) -> GradientTransform
         return DataParallelState(inner=tx.init(_slice_params_dict(full, groups)), grad_norm=_norm_init(params))
 
     def scatter_grads(updates: Updates, state: DataParallelState, params: Params) -> tuple[Any, ...]:
-        """Reduce-scatter the gradients: this rank's averaged slice, as pieces named like the params."""
+        """Reduce-scatter the gradients: this rank's averaged slice, as pieces named like the params.
+
+        The slices are views into a fresh buffer, so sh.div_ below touches no caller tensor.
+        """
         _check_dp_state(state)
         if params is None:
             raise ValueError("data_parallel(shard_optimizer_state=True): update needs params (apply_gradients passes them)")
@@ -718,12 +722,17 @@ def _sharded(tx: GradientTransformation, bucket_bytes: int) -> GradientTransform
             flat = _flat([g_leaves[i] for i in g.indices], g.dtype, pad=g.shard * n - sum(map(math.prod, g.shapes)))
             if n == 1:
                 shards.append(flat)
-                continue
-            shard = flat.new_empty(g.shard)
-            pending.append(_guard("reduce_scatter of gradients", dist.reduce_scatter_single, shard, flat, async_op=True))
-            shards.append(shard)
+            elif dist.get_backend() == "gloo":
+                # gloo's reduce-scatter is several times slower than its all-reduce on CPU (measured:
+                # ~96 vs ~15-55 ms for 12 MB at 2 ranks), so reduce everything and keep the slice.
+                pending.append(_guard("all_reduce of gradients", dist.all_reduce, flat, async_op=True))
+                shards.append(flat[rank() * g.shard : (rank() + 1) * g.shard])
+            else:
+                shard = flat.new_empty(g.shard)
+                pending.append(_guard("reduce_scatter of gradients", dist.reduce_scatter_single, shard, flat, async_op=True))
+                shards.append(shard)
         for work in pending:
-            _guard("reduce_scatter of gradients", work.wait)
+            _guard("reduce-scatter of gradients", work.wait)
         if n > 1:
             for sh in shards:
                 sh.div_(n)
