@@ -150,3 +150,30 @@ def test_inductor_compiled_tokens_equal_eager():
     eager = generate_text_sampling(model, ids, **kwargs)
     compiled = generate_text_sampling(model, ids, compile=True, **kwargs)
     assert torch.equal(compiled, eager)
+
+
+def test_sample_text_returns_strings_cut_at_eos():
+    from craftfn.data import CharTokenizer
+    from craftfn.generation import sample_text
+
+    tok = CharTokenizer("abcdefghijklmnopqrstuvw")  # 23 characters: the model's vocabulary
+    model = tiny_gpt()
+    texts = sample_text(model, tok, "abc", max_new_tokens=10, num_samples=3, top_k=5, seed=0)
+    assert len(texts) == 3 and all(t.startswith("abc") and len(t) == 13 for t in texts)
+    assert texts == sample_text(model, tok, "abc", max_new_tokens=10, num_samples=3, top_k=5, seed=0)
+    eos = tok.encode(texts[0][5])[0]
+    cut = sample_text(model, tok, "abc", max_new_tokens=10, num_samples=3, top_k=5, seed=0, eos_token_id=eos)
+    assert cut[0] == texts[0][: texts[0].index(texts[0][5], 3)]
+    with pytest.raises(ValueError, match="prompt"):
+        sample_text(model, tok, "", max_new_tokens=3)
+    with pytest.raises(ValueError, match="num_samples"):
+        sample_text(model, tok, "a", max_new_tokens=3, num_samples=0)
+
+
+def test_kv_cache_is_a_pytree_of_two_preallocated_tensors():
+    cache = kv_cache.init_cache(tiny_gpt(), batch_size=3, max_len=10)
+    leaves = craftfn.tree.leaves(cache)
+    assert [tuple(x.shape) for x in leaves] == [(2, 3, 2, 10, 8)] * 2
+    assert craftfn.tree.paths(cache) == ["k", "v"]
+    moved = craftfn.tree.map(lambda x: x + 1, cache)
+    assert isinstance(moved, kv_cache.KVCache) and moved.max_len == 10
