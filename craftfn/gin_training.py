@@ -25,7 +25,6 @@ Example (a gin file)::
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -39,6 +38,7 @@ from craftfn import distributed, make_eval_step, make_train_step, optim
 from craftfn.models.gpt import GPT, GPTConfig, lm_eval_metrics, lm_loss
 from craftfn.state import TrainState
 from craftfn.training import callbacks as cb
+from craftfn.training.checkpointing import CheckpointManager, CheckpointMismatchError, export_params
 from craftfn.training.evaluation import Evaluator
 from craftfn.training.trainer import Trainer
 
@@ -68,12 +68,7 @@ ConfiguredSampleText = _register(cb.SampleText, "craftfn.training")
 ConfiguredJSONLLogger = _register(cb.JSONLLogger, "craftfn.training")
 ConfiguredTensorBoardLogger = _register(cb.TensorBoardLogger, "craftfn.training")
 _register(cb.EarlyStopping, "craftfn.training")
-try:
-    from craftfn.training.checkpointing import CheckpointManager, export_params
-except ImportError:  # pragma: no cover - the checkpoint module is part of the package
-    CheckpointManager, export_params = None, None  # type: ignore[assignment,misc]
-if CheckpointManager is not None:
-    ConfiguredCheckpointManager = _register(CheckpointManager, "craftfn.training")
+ConfiguredCheckpointManager = _register(CheckpointManager, "craftfn.training")
 
 
 def ensure_optimizer_configurables() -> None:
@@ -197,23 +192,12 @@ def build_language_model_task(
     )
 
 
-def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
     cdata.atomic_write_text(path, text)
 
 
 def _export(state: TrainState, path: Path) -> None:
-    if export_params is not None:
-        export_params(state, path)
-    else:  # pragma: no cover
-        _atomic_save_safetensors(dict(state.params), path)
+    export_params(state, path)
 
 
 def _clean_gin_message(e: BaseException) -> str:
@@ -273,7 +257,7 @@ def _prepare_training(
     if not main:  # the other ranks keep only callbacks that steer training, not the ones that report
         all_callbacks = [all_callbacks[0], *callbacks]
     manager = None
-    if save_checkpoints and CheckpointManager is not None:
+    if save_checkpoints:
         manager = ConfiguredCheckpointManager(run / "checkpoints") if main else None
         if data_parallel:  # every rank calls it; the main rank's manager writes
             manager = distributed.CheckpointCoordinator(manager)
@@ -363,6 +347,13 @@ def train_language_model(
     )
     try:
         state = trainer.fit(state, resume=resume and manager is not None)
+    except CheckpointMismatchError as e:
+        detail = _clean_gin_message(e)
+        detail = detail if len(detail) <= 200 else detail[:200] + " ..."
+        raise ConfigError(
+            f"the checkpoints in {run / 'checkpoints'} were made with a different model or optimizer than this "
+            f"configuration ({detail}); train in a fresh --run_dir, or use the configuration they were made with"
+        ) from e
     finally:
         if manager is not None:
             manager.close()

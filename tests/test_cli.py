@@ -161,3 +161,11 @@ def test_text_file_job_trains_on_a_users_file(tmp_path):
     assert status == 0
     vocab = json.loads((tmp_path / "run" / "tokenizer.json").read_text())
     assert "q" in json.dumps(vocab) and (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_resuming_with_a_different_model_is_a_user_error(tmp_path, capsys):
+    run = ["train", "--gin_file", DEFAULT_GIN, "--run_dir", str(tmp_path / "run"), *TINY, "--gin.MAX_STEPS=3", "--gin.Trainer.eval_every=3"]
+    assert main(run) == 0
+    capsys.readouterr()
+    status = main([*run, "--gin.GPTConfig.n_embd=32", "--gin.MAX_STEPS=6"])
+    _assert_one_paragraph_error(status, capsys.readouterr().err, "different model", "fresh --run_dir")

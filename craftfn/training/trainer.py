@@ -486,7 +486,8 @@ class Trainer:
             if lr is None:
                 self._lr_absent = True
             else:
-                metrics["lr"] = lr
+                # A copy: a donated next step may update the state's hyperparameters in place.
+                metrics["lr"] = lr.detach().clone()
             step += 1
             self.step = step
             self.state = state
