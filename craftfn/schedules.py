@@ -80,9 +80,11 @@ def _prepare(count: Step) -> tuple[torch.Tensor, bool]:
     if isinstance(count, torch.Tensor):
         if count.dtype == torch.bool or count.is_complex():
             raise TypeError(f"step must be an int or a real tensor, got a {count.dtype} tensor")
-        # clamp, not a check: reading the value would sync, and join() feeds pieces
-        # that have not started yet a negative step they must treat as 0.
-        return count.to(torch.float64).clamp(min=0.0), True
+        # float64 keeps int and tensor steps in agreement (MPS has no float64). clamp, not a
+        # check: reading the value would sync, and join() feeds pieces not started yet a
+        # negative step they must treat as 0.
+        dtype = torch.float32 if count.device.type == "mps" else torch.float64
+        return count.to(dtype).clamp(min=0.0), True
     if isinstance(count, bool) or not isinstance(count, numbers.Real):
         raise TypeError(f"step must be an int or a tensor, got {count!r}")
     if count < 0:

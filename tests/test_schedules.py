@@ -325,6 +325,7 @@ class CountingBackend:
 
 
 def test_compiled_train_step_driven_by_a_schedule_compiles_once_over_50_steps():
+    torch._dynamo.reset()  # count this step's graphs only, not caches left by earlier tests
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     lr = schedules.warmup_cosine_decay(0.0, 0.1, warmup_steps=10, decay_steps=40)
@@ -349,6 +350,7 @@ def test_compiled_train_step_driven_by_a_schedule_compiles_once_over_50_steps():
 
 
 def test_every_schedule_traces_into_one_graph_without_recompiling():
+    torch._dynamo.reset()  # count this step's graphs only, not caches left by earlier tests
     backend = CountingBackend()
     names = sorted(ALL)
 
