@@ -348,6 +348,13 @@ def rank_key(key: torch.Tensor, rank: Optional[int] = None) -> torch.Tensor:
 # --------------------------------------------------------------------------- collectives on pytrees
 
 
+def _wire_device(device: torch.device) -> torch.device:
+    """Where a tensor on ``device`` travels: NCCL moves only CUDA tensors, so CPU values (step, key) go via the GPU."""
+    if device.type == "cpu" and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[int]]:
     """Split consecutive tensors into buckets of at most ``bucket_bytes`` (a bigger tensor is its own bucket)."""
     out: list[list[int]] = []
@@ -427,12 +434,12 @@ def average_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor) and v.dim() == 0 and v.is_floating_point()]
     if not keys:
         return out
-    device = metrics[keys[0]].device
+    device = _wire_device(metrics[keys[0]].device)
     vec = torch.stack([metrics[k].detach().to(device=device, dtype=torch.float64) for k in keys])
     _guard("all_reduce of metrics", dist.all_reduce, vec)
     vec = vec / world_size()
     for k, v in zip(keys, vec.unbind()):
-        out[k] = v.to(metrics[k].dtype)
+        out[k] = v.to(device=metrics[k].device, dtype=metrics[k].dtype)
     return out
 
 
@@ -455,7 +462,9 @@ def broadcast_tree(x: Any, src: int = 0) -> Any:
         # gloo has no bool reduction type; bytes travel the same.
         wire = torch.uint8 if group.dtype == torch.bool else group.dtype
         flat = _flat([t.view(wire) if wire != t.dtype else t for t in group.tensors], wire)
+        flat = flat.to(_wire_device(group.device))
         _guard(f"broadcast from rank {src}", dist.broadcast, flat, src)
+        flat = flat.to(group.device)
         offset = 0
         for j, t in zip(group.indices, group.tensors):
             piece = flat[offset : offset + t.numel()].view(t.shape)
@@ -820,9 +829,9 @@ def _shard_sum(x: torch.Tensor) -> torch.Tensor:
     """The sum of ``x`` over the ranks' shards (an all-reduce; ``x`` itself is not modified)."""
     if world_size() == 1:
         return x
-    total = x.detach().clone()
+    total = x.detach().to(_wire_device(x.device), copy=True)
     _guard("all_reduce of a sum over optimizer shards", dist.all_reduce, total)
-    return total
+    return total.to(x.device)
 
 
 def _check_shard_sizes(inner: Any, pieces: Mapping[str, torch.Tensor], names: frozenset[str]) -> None:
