@@ -517,7 +517,7 @@ class CheckpointManager:
                 and the cause, and earlier checkpoints are untouched.
 
         Example:
-            >>> ckpt.save(100, state, metrics={"loss": 0.25}, extra={"data": {"epoch": 1}})
+            >>> ckpt.save(100, state, metrics={"loss": 0.25}, extra={"data": {"epoch": 1}})  # doctest: +SKIP
         """
         with self._lock:
             self._check_open()
@@ -573,7 +573,7 @@ class CheckpointManager:
             CheckpointMismatchError: keys, shapes or dtypes differ from the template (listed).
 
         Example:
-            >>> state = ckpt.restore(TrainState.create(model=model, tx=tx), step="latest", fallback=True)
+            >>> state = ckpt.restore(TrainState.create(model=model, tx=tx), step="latest", fallback=True)  # doctest: +SKIP
         """
         with self._lock:
             self._check_open()
@@ -611,7 +611,7 @@ class CheckpointManager:
         """The verified contents of a step's meta.json (``step``, ``metrics``, ``extra``, ``files``, versions, time).
 
         Example:
-            >>> ckpt.metadata(100)["metrics"]
+            >>> ckpt.metadata(100)["metrics"]  # doctest: +SKIP
             {'loss': 0.25}
         """
         with self._lock:
@@ -622,7 +622,7 @@ class CheckpointManager:
         """The saved steps, oldest first (after any pending write completes).
 
         Example:
-            >>> ckpt.all_steps()
+            >>> ckpt.all_steps()  # doctest: +SKIP
             [100, 200]
         """
         with self._lock:
@@ -983,7 +983,7 @@ def export_params(state: TrainState, path: Union[str, os.PathLike]) -> list[str]
         The keys written.
 
     Example:
-        >>> export_params(state, "model.safetensors")
+        >>> export_params(state, "model.safetensors")  # doctest: +SKIP
         ['bias', 'weight']
     """
     check_live(state)
