@@ -62,6 +62,7 @@ def test_cached_equals_recompute_and_trainstate_equals_module():
     assert not torch.equal(cached, generate_text_sampling(model, PROMPTS, **{**kwargs, "seed": 6}))
 
 
+@pytest.mark.slow
 def test_compiled_tokens_equal_eager_and_one_compilation_per_generation():
     model = tiny_gpt()
     ids, mask = left_pad([[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]])

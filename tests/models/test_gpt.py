@@ -99,7 +99,7 @@ def test_bad_input():
 
 def test_trains_with_make_train_step():
     model = make(dropout=0.1)
-    state = craftfn.TrainState.create(model=model, tx=optim.sgd(0.5), seed=0)
+    state = craftfn.TrainState.create(model=model, tx=optim.adamw(1e-2), seed=0)
     assert state.buffers == {}
     step = craftfn.make_train_step(lm_loss)
     seq = torch.arange(17) % 5  # a periodic sequence is easy to learn
@@ -107,10 +107,10 @@ def test_trains_with_make_train_step():
     eval_step = craftfn.make_eval_step(lm_eval_metrics)
     first = eval_step(state, batch)
     assert int(first["num_tokens"]) == 64
-    for _ in range(30):
+    for _ in range(15):
         state, metrics = step(state, batch)
     assert torch.isfinite(metrics["loss"])
-    assert eval_step(state, batch)["loss"] < first["loss"] - 0.5
+    assert eval_step(state, batch)["loss"] < first["loss"] - 0.3
     # Same state and batch -> the same step, dropout included.
     a, _ = step(state, batch)
     b, _ = step(state, batch)
