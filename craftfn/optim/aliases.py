@@ -42,6 +42,7 @@ from craftfn.optim.transforms import (
     ScaleByAmsgradState,
     ScaleByScheduleState,
     _flatten_like,
+    _is_zero,
     add_decayed_weights,
     ema,
     foreach_groups,
@@ -101,7 +102,7 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: Optional[float] = None, neste
         2
     """
     check_hyperparameter("learning_rate", learning_rate)
-    if nesterov and not momentum:
+    if nesterov and (momentum is None or _is_zero(momentum)):
         raise ValueError(f"sgd: nesterov=True needs a positive momentum, got momentum={momentum!r}")
     if momentum is None:
         return chain(scale_by_learning_rate(learning_rate))
@@ -144,7 +145,7 @@ def _adam_family(
         parts.append(add_decayed_weights(weight_decay, mask))
     parts.append(scale_by_learning_rate(learning_rate))
     tx = chain(*parts)
-    if nesterov or eps_root != 0.0 or mu_dtype is not None:
+    if nesterov or not _is_zero(eps_root) or mu_dtype is not None:
         return tx
     state_cls = ScaleByAmsgradState if amsgrad else ScaleByAdamState
 
@@ -345,7 +346,7 @@ def nadam(
 
 
 def _torch_nadam_args(name: str, eps_root: float, mu_dtype: Optional[torch.dtype]) -> None:
-    if eps_root != 0.0 or mu_dtype is not None:
+    if not _is_zero(eps_root) or mu_dtype is not None:
         raise ValueError(f"{name}: momentum_decay (torch's NAdam rule) does not take eps_root or mu_dtype; got eps_root={eps_root}, mu_dtype={mu_dtype}")
 
 
@@ -465,7 +466,7 @@ def rmsprop(
         3
     """
     check_hyperparameter("learning_rate", learning_rate)
-    if nesterov and not momentum:
+    if nesterov and (momentum is None or _is_zero(momentum)):
         raise ValueError(f"rmsprop: nesterov=True needs a positive momentum, got momentum={momentum!r}")
     if momentum is not None:
         check_hyperparameter("momentum", momentum, low=0.0, high=1.0)

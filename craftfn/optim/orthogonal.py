@@ -36,6 +36,7 @@ from craftfn.optim.transforms import (
     _check_state,
     _count_like,
     _flatten_like,
+    _lerp,
     add_decayed_weights,
     foreach_map,
     scale_by_learning_rate,
@@ -123,8 +124,8 @@ def scale_by_muon(
                 raise ValueError(f"scale_by_muon: leaf {name!r} has shape {tuple(x.shape)}; Muon needs matrices (use optim.muon, which sends other leaves to AdamW)")
 
         def step(m: list[torch.Tensor], gg: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-            new_m = torch._foreach_lerp(m, gg, 1.0 - beta)
-            look = torch._foreach_lerp(gg, new_m, beta) if nesterov else new_m
+            new_m = _lerp(m, gg, 1.0 - beta)
+            look = _lerp(gg, new_m, beta) if nesterov else new_m
             return new_m, look
 
         new_mu, look = foreach_map(step, mu, _cast_to(g, mu), num_outputs=2)

@@ -184,6 +184,35 @@ def _cast_to(xs: list[torch.Tensor], refs: list[torch.Tensor]) -> list[torch.Ten
     return [x if x.dtype == r.dtype else x.to(r.dtype) for x, r in zip(xs, refs)]
 
 
+def _scalar(x: Any, like: list[torch.Tensor]) -> Any:
+    """A hyperparameter ready to combine with a group: 0-d tensors (``inject_hyperparams``) take the
+    group's device and dtype, so a 0-d low-precision leaf is not promoted; numbers pass through."""
+    return x.to(device=like[0].device, dtype=like[0].dtype) if isinstance(x, torch.Tensor) else x
+
+
+def _is_zero(x: Any) -> bool:
+    """True for the number 0; a 0-d tensor (an injected hyperparameter) counts as nonzero, since
+    reading it would sync: the rule then takes its general form, which is the same math."""
+    return not isinstance(x, torch.Tensor) and x == 0
+
+
+def _lerp(a: list[torch.Tensor], b: list[torch.Tensor], weight: Any) -> list[torch.Tensor]:
+    """Fresh ``a + weight * (b - a)``; ``torch._foreach_lerp`` when ``weight`` is a number (torch's op)."""
+    if not isinstance(weight, torch.Tensor):
+        return torch._foreach_lerp(a, b, weight)
+    out = torch._foreach_sub(b, a)
+    torch._foreach_mul_(out, _scalar(weight, a))
+    torch._foreach_add_(out, a)
+    return out
+
+
+def _add_scaled(a: list[torch.Tensor], b: list[torch.Tensor], alpha: Any) -> list[torch.Tensor]:
+    """Fresh ``a + alpha * b`` (``alpha`` a number or a 0-d tensor)."""
+    if not isinstance(alpha, torch.Tensor):
+        return torch._foreach_add(a, b, alpha=alpha)
+    return torch._foreach_add(a, torch._foreach_mul(b, _scalar(alpha, b)))
+
+
 def _count_like(params: Params) -> torch.Tensor:
     leaves_ = tree.leaves(params)
     return torch.zeros((), dtype=torch.int64, device=leaves_[0].device if leaves_ else None)
@@ -335,9 +364,9 @@ def trace(decay: float, nesterov: bool = False, accumulator_dtype: torch.dtype |
 
         def step(tt: list[torch.Tensor], gg: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
             # torch.optim.SGD: buf.mul_(momentum).add_(grad); nesterov: grad.add(buf, alpha=momentum)
-            new_t = torch._foreach_mul(tt, decay)
+            new_t = torch._foreach_mul(tt, _scalar(decay, tt))
             torch._foreach_add_(new_t, gg)
-            out = torch._foreach_add(gg, new_t, alpha=decay) if nesterov else new_t
+            out = _add_scaled(gg, new_t, decay) if nesterov else new_t
             return new_t, out
 
         new_t, out = foreach_map(step, t, g_acc, num_outputs=2)
@@ -380,7 +409,7 @@ def ema(decay: float, debias: bool = True, accumulator_dtype: torch.dtype | None
         _check_state("ema", state, EmaState)
         g, treedef, (e,) = _flatten_like(updates, "ema", state.ema)
         count = state.count + 1
-        new_e = foreach_groups(lambda ee, gg: torch._foreach_lerp(ee, gg, 1.0 - decay), e, _cast_to(g, e))
+        new_e = foreach_groups(lambda ee, gg: _lerp(ee, gg, 1.0 - decay), e, _cast_to(g, e))
         out = new_e
         if debias:
             bc = _bias_correction(decay, count)
@@ -403,22 +432,27 @@ class ScaleByAdamState(NamedTuple):
 
 def _ema_sq(v: list[torch.Tensor], g: list[torch.Tensor], decay: float) -> list[torch.Tensor]:
     # torch.optim.Adam: exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    out = torch._foreach_mul(v, decay)
-    torch._foreach_addcmul_(out, g, g, 1.0 - decay)
+    out = torch._foreach_mul(v, _scalar(decay, v))
+    if isinstance(decay, torch.Tensor):  # addcmul's tensor `value` would be read to the host
+        g2 = torch._foreach_mul(g, g)
+        torch._foreach_mul_(g2, _scalar(1.0 - decay, g2))
+        torch._foreach_add_(out, g2)
+    else:
+        torch._foreach_addcmul_(out, g, g, 1.0 - decay)
     return out
 
 
 def _adam_denominator(v: list[torch.Tensor], bc2: torch.Tensor, eps: float, eps_root: float) -> list[torch.Tensor]:
     """``sqrt(v / bc2 + eps_root) + eps``, in torch.optim.Adam's operation order when eps_root == 0."""
     bc2 = bc2.to(device=v[0].device, dtype=v[0].dtype)
-    if eps_root == 0.0:
+    if _is_zero(eps_root):
         d = torch._foreach_sqrt(v)
         torch._foreach_div_(d, torch.sqrt(bc2))
     else:
         d = torch._foreach_div(v, bc2)
-        torch._foreach_add_(d, eps_root)
+        torch._foreach_add_(d, _scalar(eps_root, d))
         torch._foreach_sqrt_(d)
-    torch._foreach_add_(d, eps)
+    torch._foreach_add_(d, _scalar(eps, d))
     return d
 
 
@@ -430,8 +464,8 @@ def _adam_direction(m: list[torch.Tensor], d: list[torch.Tensor], g: list[torch.
         torch._foreach_div_(out, bc1)
         return out
     bc1_next = _bias_correction(b1, count + 1).to(device=m[0].device, dtype=m[0].dtype)
-    num = torch._foreach_mul(m, b1 / bc1_next)
-    torch._foreach_add_(num, torch._foreach_mul(g, (1.0 - b1) / bc1))
+    num = torch._foreach_mul(m, _scalar(b1 / bc1_next, m))
+    torch._foreach_add_(num, torch._foreach_mul(g, _scalar((1.0 - b1) / bc1, g)))
     torch._foreach_div_(num, d)
     return num
 
@@ -485,7 +519,7 @@ def scale_by_adam(
         _check_state("scale_by_adam", state, ScaleByAdamState)
         g, treedef, (mu, nu) = _flatten_like(updates, "scale_by_adam", state.mu, state.nu)
         count = state.count + 1
-        new_mu = foreach_groups(lambda m, gg: torch._foreach_lerp(m, gg, 1.0 - b1), mu, _cast_to(g, mu))
+        new_mu = foreach_groups(lambda m, gg: _lerp(m, gg, 1.0 - b1), mu, _cast_to(g, mu))
         g_nu = _cast_to(g, nu)
         new_nu = foreach_groups(lambda v, gg: _ema_sq(v, gg, b2), nu, g_nu)
         bc2 = _bias_correction(b2, count)
@@ -546,7 +580,7 @@ def scale_by_amsgrad(
         _check_state("scale_by_amsgrad", state, ScaleByAmsgradState)
         g, treedef, (mu, nu, nu_max) = _flatten_like(updates, "scale_by_amsgrad", state.mu, state.nu, state.nu_max)
         count = state.count + 1
-        new_mu = foreach_groups(lambda m, gg: torch._foreach_lerp(m, gg, 1.0 - b1), mu, _cast_to(g, mu))
+        new_mu = foreach_groups(lambda m, gg: _lerp(m, gg, 1.0 - b1), mu, _cast_to(g, mu))
         g_nu = _cast_to(g, nu)
         new_nu = foreach_groups(lambda v, gg: _ema_sq(v, gg, b2), nu, g_nu)
         new_max = foreach_groups(torch._foreach_maximum, _cast_to(nu_max, new_nu), new_nu)
@@ -616,14 +650,14 @@ def scale_by_nadam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, moment
         coef_m = m_next / (1.0 - mu_product.to(t.dtype) * m_next)
         sqrt_bc2 = torch.sqrt(_bias_correction(b2, count))
         g = _cast_to(g, nu)
-        new_mu = foreach_groups(lambda m, gg: torch._foreach_lerp(m, gg, 1.0 - b1), mu, g)
+        new_mu = foreach_groups(lambda m, gg: _lerp(m, gg, 1.0 - b1), mu, g)
         new_nu = foreach_groups(lambda v, gg: _ema_sq(v, gg, b2), nu, g)
 
         def direction(v: list[torch.Tensor], m: list[torch.Tensor], gg: list[torch.Tensor]) -> list[torch.Tensor]:
             dev = v[0].device
             d = torch._foreach_sqrt(v)
             torch._foreach_div_(d, sqrt_bc2.to(device=dev, dtype=v[0].dtype))
-            torch._foreach_add_(d, eps)
+            torch._foreach_add_(d, _scalar(eps, d))
             out = torch._foreach_mul(gg, coef_g.to(device=dev, dtype=v[0].dtype))
             torch._foreach_add_(out, torch._foreach_mul(m, coef_m.to(device=dev, dtype=v[0].dtype)))
             torch._foreach_div_(out, d)
@@ -659,12 +693,12 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
         g, treedef, (mu, nu) = _flatten_like(updates, "scale_by_adamax", state.mu, state.nu)
         count = state.count + 1
         g = _cast_to(g, mu)
-        new_mu = foreach_groups(lambda m, gg: torch._foreach_lerp(m, gg, 1.0 - b1), mu, g)
+        new_mu = foreach_groups(lambda m, gg: _lerp(m, gg, 1.0 - b1), mu, g)
 
         def inf_norm(v: list[torch.Tensor], gg: list[torch.Tensor]) -> list[torch.Tensor]:
             a = torch._foreach_abs(gg)
-            torch._foreach_add_(a, eps)
-            return torch._foreach_maximum(torch._foreach_mul(v, b2), a)
+            torch._foreach_add_(a, _scalar(eps, a))
+            return torch._foreach_maximum(torch._foreach_mul(v, _scalar(b2, v)), a)
 
         new_nu = foreach_groups(inf_norm, nu, g)
         bc1 = _bias_correction(b1, count)
@@ -709,7 +743,7 @@ def scale_by_radam(
         g, treedef, (mu, nu) = _flatten_like(updates, "scale_by_radam", state.mu, state.nu)
         count = state.count + 1
         g = _cast_to(g, mu)
-        new_mu = foreach_groups(lambda m, gg: torch._foreach_lerp(m, gg, 1.0 - b1), mu, g)
+        new_mu = foreach_groups(lambda m, gg: _lerp(m, gg, 1.0 - b1), mu, g)
         new_nu = foreach_groups(lambda v, gg: _ema_sq(v, gg, b2), nu, g)
         t = count.to(_scalar_dtype(count))
         bc2 = _bias_correction(b2, count)
@@ -755,12 +789,12 @@ def _rms_denominator(v: list[torch.Tensor], eps: float, eps_in_sqrt: bool, bc: t
     if bc is not None:
         v = torch._foreach_div(v, bc.to(device=v[0].device, dtype=v[0].dtype))
     if eps_in_sqrt:
-        d = torch._foreach_add(v, eps)
+        d = torch._foreach_add(v, _scalar(eps, v))
         torch._foreach_sqrt_(d)
     else:
         # torch.optim.RMSprop: square_avg.sqrt().add_(eps)
         d = torch._foreach_sqrt(v)
-        torch._foreach_add_(d, eps)
+        torch._foreach_add_(d, _scalar(eps, d))
     return d
 
 
@@ -854,7 +888,7 @@ def scale_by_stddev(
         _check_state("scale_by_stddev", state, cls)
         g, treedef, (mu, nu) = _flatten_like(updates, "scale_by_stddev", state.mu, state.nu)
         g = _cast_to(g, nu)
-        new_mu = foreach_groups(lambda m, gg: torch._foreach_lerp(m, gg, 1.0 - decay), mu, g)
+        new_mu = foreach_groups(lambda m, gg: _lerp(m, gg, 1.0 - decay), mu, g)
         new_nu = foreach_groups(lambda v, gg: _ema_sq(v, gg, decay), nu, g)
         count = state.count + 1 if bias_correction else None
         bc = _bias_correction(decay, count) if bias_correction else None
@@ -911,13 +945,13 @@ def scale_by_rss(initial_accumulator_value: float = 0.1, eps: float = 1e-7, eps_
 
         def direction(ss: list[torch.Tensor], gg: list[torch.Tensor]) -> list[torch.Tensor]:
             if eps_in_sqrt:
-                d = torch._foreach_add(ss, eps)
+                d = torch._foreach_add(ss, _scalar(eps, ss))
                 torch._foreach_sqrt_(d)
                 out = torch._foreach_div(gg, d)
                 # optax: 0 where the accumulator is 0 (0/0 would be NaN when eps == 0).
-                return [torch.where(x > 0, o, torch.zeros_like(o)) for x, o in zip(ss, out)] if eps == 0.0 else out
+                return [torch.where(x > 0, o, torch.zeros_like(o)) for x, o in zip(ss, out)] if _is_zero(eps) else out
             d = torch._foreach_sqrt(ss)
-            torch._foreach_add_(d, eps)
+            torch._foreach_add_(d, _scalar(eps, d))
             return torch._foreach_div(gg, d)
 
         out = foreach_groups(direction, new_s, g)
@@ -956,9 +990,9 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: Optional[torch.dt
         gm = _cast_to(g, mu)
 
         def step(m: list[torch.Tensor], gg: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-            out = torch._foreach_lerp(m, gg, 1.0 - b1)
+            out = _lerp(m, gg, 1.0 - b1)
             torch._foreach_sign_(out)
-            return torch._foreach_lerp(m, gg, 1.0 - b2), out
+            return _lerp(m, gg, 1.0 - b2), out
 
         new_mu, out = foreach_map(step, mu, gm, num_outputs=2)
         return tree.unflatten(treedef, _cast_to(out, g)), ScaleByLionState(count=state.count + 1, mu=tree.unflatten(treedef, new_mu))
@@ -997,9 +1031,9 @@ def scale_by_adadelta(rho: float = 0.9, eps: float = 1e-6) -> GradientTransforma
         def step(eg: list[torch.Tensor], ex: list[torch.Tensor], gg: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
             # torch.optim.Adadelta's order: std = (e_g + eps).sqrt(); delta = (e_x + eps).sqrt() / std * g
             new_eg = _ema_sq(eg, gg, rho)
-            std = torch._foreach_add(new_eg, eps)
+            std = torch._foreach_add(new_eg, _scalar(eps, new_eg))
             torch._foreach_sqrt_(std)
-            delta = torch._foreach_add(ex, eps)
+            delta = torch._foreach_add(ex, _scalar(eps, ex))
             torch._foreach_sqrt_(delta)
             torch._foreach_div_(delta, std)
             torch._foreach_mul_(delta, gg)
@@ -1259,7 +1293,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: MaskOrFn
         if isinstance(weight_decay, torch.Tensor):
             out = foreach_groups(lambda a, b: torch._foreach_add(a, torch._foreach_mul(b, weight_decay.to(device=a[0].device, dtype=a[0].dtype))), u, p)
         else:
-            out = foreach_groups(lambda a, b: torch._foreach_add(a, b, alpha=weight_decay), u, p)
+            out = foreach_groups(lambda a, b: _add_scaled(a, b, weight_decay), u, p)
         return tree.unflatten(treedef, out), state
 
     tx = GradientTransformation(init_fn, update_fn)

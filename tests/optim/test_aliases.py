@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from craftfn import optim, tree
-from craftfn.testing import check_pure, check_state_stable
+from craftfn.testing import check_injected_equivalent, check_pure, check_state_stable
 
 
 def quadratic(p: dict) -> torch.Tensor:
@@ -139,3 +139,32 @@ def test_schedule_free_eval_params() -> None:
     assert torch.allclose(params["w"], b1 * x["w"] + (1 - b1) * state.z["w"], atol=1e-6)
     with pytest.raises(ValueError, match="ScheduleFreeState"):
         optim.schedule_free_eval_params(optim.adam(0.1).init(params), params)
+
+
+INJECTABLE = {
+    "sgd": (optim.sgd, {"learning_rate": 0.1, "momentum": 0.9}),
+    "sgd_nesterov": (optim.sgd, {"learning_rate": 0.1, "momentum": 0.9, "nesterov": True}),
+    "adam": (optim.adam, {"learning_rate": 1e-2, "b1": 0.8, "b2": 0.99, "eps": 1e-6}),
+    "adamw": (optim.adamw, {"learning_rate": 1e-2, "b1": 0.8, "b2": 0.99, "eps": 1e-6, "weight_decay": 0.1}),
+    "amsgrad": (optim.amsgrad, {"learning_rate": 1e-2, "b2": 0.99}),
+    "nadam": (optim.nadam, {"learning_rate": 1e-2, "b1": 0.8}),
+    "nadam_torch": (optim.nadam, {"learning_rate": 1e-2, "b1": 0.8, "momentum_decay": 4e-3}),
+    "radam": (optim.radam, {"learning_rate": 1e-2, "b2": 0.9}),
+    "adamax": (optim.adamax, {"learning_rate": 1e-2, "b1": 0.8, "eps": 1e-6}),
+    "lion": (optim.lion, {"learning_rate": 1e-3, "b1": 0.8, "b2": 0.9, "weight_decay": 0.1}),
+    "rmsprop": (optim.rmsprop, {"learning_rate": 1e-2, "decay": 0.8, "eps": 1e-6, "momentum": 0.5}),
+    "rmsprop_centered": (optim.rmsprop, {"learning_rate": 1e-2, "decay": 0.8, "centered": True, "eps_in_sqrt": False}),
+    "adagrad": (optim.adagrad, {"learning_rate": 1e-2, "initial_accumulator_value": 0.1, "eps": 1e-6}),
+    "adadelta": (optim.adadelta, {"learning_rate": 0.5, "rho": 0.8, "eps": 1e-4, "weight_decay": 0.01}),
+    "lamb": (optim.lamb, {"learning_rate": 1e-2, "b1": 0.8, "weight_decay": 0.1}),
+    "lars": (optim.lars, {"learning_rate": 0.1, "weight_decay": 0.01, "momentum": 0.8}),
+    "sign_sgd": (optim.sign_sgd, {"learning_rate": 1e-2}),
+    "muon": (optim.muon, {"learning_rate": 1e-2, "beta": 0.9}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INJECTABLE))
+def test_tensor_hyperparameters_give_the_same_rule(name: str) -> None:
+    """inject_hyperparams hands the factory 0-d tensors; every alias must take them (no host reads)."""
+    factory, hparams = INJECTABLE[name]
+    check_injected_equivalent(factory, params=_params(), steps=3, rtol=1e-5, atol=1e-6, **hparams)
