@@ -755,7 +755,10 @@ def scale_by_radam(
             dev = m[0].device
             adaptive = _adam_direction(m, _adam_denominator(v, bc2, eps, eps_root), gg, count, b1, nesterov)
             torch._foreach_mul_(adaptive, rect.to(device=dev, dtype=m[0].dtype))
-            plain = _adam_direction(m, [torch.ones((), dtype=x.dtype, device=dev) for x in m], gg, count, b1, nesterov)
+            if nesterov:
+                plain = _adam_direction(m, [torch.ones((), dtype=x.dtype, device=dev) for x in m], gg, count, b1, True)
+            else:
+                plain = torch._foreach_div(m, _scalar(_bias_correction(b1, count), m))  # mu_hat
             # Both branches are computed and blended with a 0/1 weight: choosing by a tensor
             # condition in Python would read it to the host.
             w = use_rect.to(device=dev, dtype=m[0].dtype)

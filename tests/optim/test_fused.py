@@ -168,3 +168,14 @@ def test_adamw_paths_trace_without_graph_breaks(path: str) -> None:
     expected = fn(tree.clone(grads), tx.init(params), tree.clone(params))
     got = compiled(tree.clone(grads), tx.init(params), tree.clone(params))
     assert tree.allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_muon_donated_equals_pure() -> None:
+    """muon's AdamW part (non-matrix leaves) keeps the fused donated path through partition."""
+    tx = optim.muon(1e-2, adam_weight_decay=0.1)
+    assert tx.donated_update is not None
+    p0 = _params()
+    pure_p, pure_s = _run_pure(tx, p0, 5)
+    don_p, don_s = _run_donated(tx, p0, 5)
+    assert tree.allclose(pure_p, don_p, rtol=1e-5, atol=1e-6)
+    assert tree.allclose(pure_s, don_s, rtol=1e-5, atol=1e-6)
