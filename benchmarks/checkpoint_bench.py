@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -69,86 +70,74 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def bench_save_restore(millions: float, repeats: int, root: Path) -> dict:
+    """Save and restore times, the methods interleaved within each round (machine load hits all alike)."""
     state = big_state(millions)
     n = num_elements(state)
-    nbytes = n * 4
     flat = state_dict_of(state)
     results: dict[str, list[float]] = {}
     counter = iter(range(10**6))
 
-    def fresh(name: str) -> Path:
-        d = root / f"{name}-{next(counter)}"
-        return d
+    def record(name: str, seconds: float) -> None:
+        results.setdefault(name, []).append(seconds)
 
-    # craftfn, synchronous: returns when the step directory is renamed in and fsynced.
-    sync_dirs = []
+    def clean() -> None:
+        for p in root.iterdir():
+            shutil.rmtree(p, ignore_errors=True)
 
-    def craftfn_sync() -> None:
-        d = fresh("sync")
-        sync_dirs.append(d)
+    # The async manager is reused so its staging buffers are warm, as in a run that saves repeatedly.
+    async_manager = CheckpointManager(root / "async", async_save=True, keep_last=1)
+    async_manager.save(0, state)
+    async_manager.wait()
+    sizes: dict[str, int] = {}
+    for r in range(repeats):
+        # craftfn, synchronous: returns when the step directory is renamed in and fsynced.
+        d = root / f"sync-{next(counter)}"
+        t0 = time.perf_counter()
         with CheckpointManager(d, async_save=False) as m:
             m.save(1, state)
-
-    results["craftfn save (sync: sha256 + fsync)"] = timed(craftfn_sync, repeats)
-
-    # craftfn, asynchronous: blocking part (host copy) and completion. The manager is reused so the
-    # staging buffers are warm, as in a training run that saves repeatedly.
-    d = fresh("async")
-    manager = CheckpointManager(d, async_save=True, keep_last=1)
-    manager.save(0, state)
-    manager.wait()
-    returns, totals = [], []
-    for i in range(repeats):
+        record("craftfn save (sync: sha256 + fsync)", time.perf_counter() - t0)
+        # craftfn, asynchronous: the blocking part (host copy) and the completion.
         t0 = time.perf_counter()
-        manager.save(i + 1, state)
+        async_manager.save(r + 1, state)
         t1 = time.perf_counter()
-        manager.wait()
-        t2 = time.perf_counter()
-        returns.append(t1 - t0)
-        totals.append(t2 - t0)
-    manager.close()
-    shutil.rmtree(d)
-    results["craftfn save (async: until save returns)"] = returns
-    results["craftfn save (async: until written)"] = totals
-
-    torch_files = []
-
-    def torch_save(sync: bool) -> None:
-        path = fresh("torch")
-        path.mkdir()
-        torch.save(flat, path / "state.pt")
-        if sync:
-            fsync_path(path / "state.pt")
-            fsync_path(path)
-        torch_files.append(path / "state.pt")
-
-    results["torch.save (no fsync)"] = timed(lambda: torch_save(False), repeats)
-    results["torch.save + fsync"] = timed(lambda: torch_save(True), repeats)
-
-    # Restore (files are in the page cache for both).
-    template = state
-    ckpt_dir = sync_dirs[-1]
-    with CheckpointManager(ckpt_dir) as m:
-        results["craftfn restore (sha256 verified)"] = timed(lambda: m.restore(template), repeats)
-    results["torch.load (weights_only)"] = timed(lambda: torch.load(torch_files[-1], weights_only=True), repeats)
-
-    sizes = {
-        "craftfn state.safetensors bytes": (ckpt_dir / "step_00000001" / "state.safetensors").stat().st_size,
-        "torch .pt bytes": torch_files[-1].stat().st_size,
-    }
-    for p in root.iterdir():
-        shutil.rmtree(p, ignore_errors=True)
-    return {"elements": n, "bytes": nbytes, "seconds": results, "sizes": sizes}
+        async_manager.wait()
+        record("craftfn save (async: until save returns)", t1 - t0)
+        record("craftfn save (async: until written)", time.perf_counter() - t0)
+        # torch.save, without and with fsync (it never fsyncs by itself).
+        for sync in (False, True):
+            path = root / f"torch-{next(counter)}"
+            path.mkdir()
+            t0 = time.perf_counter()
+            torch.save(flat, path / "state.pt")
+            if sync:
+                fsync_path(path / "state.pt")
+                fsync_path(path)
+            record("torch.save + fsync" if sync else "torch.save (no fsync)", time.perf_counter() - t0)
+        torch_file = path / "state.pt"
+        # Restore (both files are in the page cache).
+        with CheckpointManager(d) as m:
+            t0 = time.perf_counter()
+            restored = m.restore(state)
+            record("craftfn restore (sha256 verified)", time.perf_counter() - t0)
+        del restored
+        t0 = time.perf_counter()
+        loaded = torch.load(torch_file, weights_only=True)
+        record("torch.load (weights_only)", time.perf_counter() - t0)
+        del loaded
+        # What verification costs by itself: hashlib's sha256 over the same bytes (one core).
+        blob = (d / "step_00000001" / "state.safetensors").read_bytes()
+        t0 = time.perf_counter()
+        hashlib.sha256(blob).hexdigest()
+        record("sha256 alone (hashlib, one core)", time.perf_counter() - t0)
+        sizes = {"craftfn state.safetensors bytes": len(blob), "torch .pt bytes": torch_file.stat().st_size}
+        del blob
+        for p in root.iterdir():
+            if p.name != "async":
+                shutil.rmtree(p, ignore_errors=True)
+    async_manager.close()
+    clean()
+    return {"elements": n, "bytes": n * 4, "seconds": results, "sizes": sizes}
 
 
 def bench_training(steps: int, save_every: int, root: Path, n_layer: int, n_embd: int, rounds: int) -> dict:
@@ -245,12 +234,14 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=10)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no spinning threads on a shared 2-core machine)")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--small", action="store_true", help="a quick check: 3M elements, 20 steps")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     if args.small:
         args.millions, args.train_steps, args.repeats, args.n_layer, args.n_embd, args.rounds = 3.0, 20, 2, 2, 64, 1
+    torch.set_num_threads(args.threads)
     root = Path(args.dir or tempfile.mkdtemp(prefix="ckpt-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     info = machine()
@@ -264,7 +255,7 @@ def main() -> None:
         print("|---|---|---|---|")
         med = {k: statistics.median(v) for k, v in part1["seconds"].items()}
         for k, v in med.items():
-            ref = med["torch.load (weights_only)"] if "restore" in k or "load" in k else med["torch.save (no fsync)"]
+            ref = med["torch.load (weights_only)"] if ("restore" in k or "load" in k or "sha256 alone" in k) else med["torch.save (no fsync)"]
             print(f"| {k} | {v:.3f} | {gb / v:.2f} | {v / ref:.2f}x |")
         print(json.dumps(part1["sizes"]))
     part2 = bench_training(args.train_steps, args.save_every, root, args.n_layer, args.n_embd, args.rounds)

@@ -86,7 +86,7 @@ META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
 _OLD_DIR = re.compile(r"^\.tmp-old-(step_\d+)-[0-9a-f]+$")
-_CHUNK = 64 << 20  # bytes per write/read/hash call: large enough to stream, small enough to overlap
+_CHUNK = 16 << 20  # bytes per write/read/hash call: large enough to stream, small enough to stay in cache for the hash
 _MAX_HEADER = 256 << 20
 
 StepSpec = Union[int, str]

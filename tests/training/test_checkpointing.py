@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import multiprocessing
@@ -137,6 +138,27 @@ def test_mixed_dtypes_views_and_scalars(tmp_path, async_save):
     restored["view_a"].fill_(100.0)
     assert torch.equal(restored["view_b"], value["view_b"])
     assert restored["view_a"].untyped_storage().nbytes() == 16
+
+
+def test_streaming_in_many_chunks_with_overlapped_hashing(tmp_path, monkeypatch):
+    """Tiny chunks force the multi-chunk read/write loops and the hashing thread on a small state."""
+    monkeypatch.setattr(checkpointing, "_CHUNK", 40)
+    value = mixed_tree()
+    with CheckpointManager(tmp_path, async_save=True) as ckpt:
+        ckpt.save(1, value)
+        template = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+        restored = ckpt.restore(template)
+    assert all(torch.equal(restored[k], v) for k, v in value.items() if isinstance(v, torch.Tensor))
+    assert restored["label"] == "run-7"
+    meta = json.loads((tmp_path / "step_00000001" / "meta.json").read_text())
+    data = (tmp_path / "step_00000001" / "state.safetensors").read_bytes()
+    assert meta["files"]["state.safetensors"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert meta["files"]["state.safetensors"]["bytes"] == len(data) > 4 * 40
+    corrupted = bytearray(data)
+    corrupted[-3] ^= 0x10
+    (tmp_path / "step_00000001" / "state.safetensors").write_bytes(bytes(corrupted))
+    with CheckpointManager(tmp_path) as ckpt, pytest.raises(CorruptCheckpointError, match="sha256"):
+        ckpt.restore(template)
 
 
 def test_async_save_copies_before_returning(tmp_path):
