@@ -95,6 +95,12 @@ def train(out: str, steps: int, save_every: int, resume: bool, ckpt_dir: str) ->
     state = distributed.broadcast_state(state)
     manager = CheckpointManager(ckpt_dir, keep_last=None, async_save=True) if distributed.is_main() else None
     with distributed.CheckpointCoordinator(manager) as ckpt:
+        restore_error = None
+        if not resume:
+            try:  # nothing saved yet: rank 0's FileNotFoundError must reach every rank
+                ckpt.restore(state)
+            except FileNotFoundError as e:
+                restore_error = type(e).__name__
         trainer = Trainer(
             distributed.make_data_parallel_step(loss_fn),
             lambda i: distributed.shard_batch(global_batch(i)),
@@ -104,7 +110,8 @@ def train(out: str, steps: int, save_every: int, resume: bool, ckpt_dir: str) ->
         )
         state = trainer.fit(state, resume=resume)
     full = distributed.gather_state(state, dst=None)
-    torch.save({"state": tree.leaves(full), "paths": tree.paths(full), "step": int(state.step)}, os.path.join(out, f"rank{distributed.rank()}.pt"))
+    result = {"state": tree.leaves(full), "paths": tree.paths(full), "step": int(state.step), "restore_error": restore_error}
+    torch.save(result, os.path.join(out, f"rank{distributed.rank()}.pt"))
 
 
 def kill(out: str, victim: int, hang: bool) -> None:

@@ -139,6 +139,8 @@ def test_resumed_two_rank_run_equals_a_straight_one_and_restores_on_one(tmp_path
     shutil.copytree(straight / "ckpt" / "step_00000002", resumed / "ckpt" / "step_00000002")
     _run(["train", str(resumed), "--steps", "4", "--save-every", "2", "--ckpt", str(resumed / "ckpt"), "--resume"])
     a = torch.load(straight / "rank0.pt", weights_only=False)
+    # Before the first save, restoring failed on rank 0 and the same error reached rank 1.
+    assert [torch.load(straight / f"rank{r}.pt", weights_only=False)["restore_error"] for r in range(2)] == ["FileNotFoundError"] * 2
     for r in range(2):
         b = torch.load(resumed / f"rank{r}.pt", weights_only=False)
         assert a["step"] == b["step"] == 4 and a["paths"] == b["paths"]
