@@ -277,6 +277,9 @@ def _prepare_training(
     if main:
         _atomic_write_text(run / "config.gin", config_text)
     tensorboard.config_text = config_text
+    if data_parallel and trainer.tracker.peak_flops:
+        # The throughput counts the global batch, so MFU compares it with every rank's peak together.
+        trainer.tracker.peak_flops *= distributed.world_size()
     trainer.checkpoint_extra["gin_config"] = config_text
     return trainer, state, task, sampler, manager, run
 
