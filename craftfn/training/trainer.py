@@ -12,7 +12,10 @@ so logging never stalls the device between steps. Callbacks therefore see step
 ``t``'s event while step ``t + 1`` is already running.
 
 Steps are counted from 1: step ``s`` is the update that takes ``state.step`` from
-``s - 1`` to ``s``, and it trains on ``train_data`` at index ``s - 1``.
+``s - 1`` to ``s``, and it trains on ``train_data`` at index ``s - 1``. Because reads are
+late, a callback that stops training (``EarlyStopping`` on train metrics, ``NanGuard``)
+acts up to ``log_every`` steps after the step it saw; evaluations, saves and epoch ends
+read everything first, so they always see every step before them.
 
 Example:
     >>> import torch
