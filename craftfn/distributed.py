@@ -41,6 +41,7 @@ instead of hanging.
 from __future__ import annotations
 
 import datetime
+import itertools
 import math
 import os
 import sys
@@ -643,7 +644,7 @@ def _layout(params: Params, rank_: int, world: int) -> tuple[list[str], list[_Gr
     groups = []
     for g in tree.group_by_device_dtype(leaves) if leaves else []:
         numels = [t.numel() for t in g.tensors]
-        offsets = [sum(numels[:i]) for i in range(len(numels))]
+        offsets = [0, *itertools.accumulate(numels)][:-1]
         shard = -(-sum(numels) // world)
         lo_r, hi_r = rank_ * shard, (rank_ + 1) * shard
         pieces = []
