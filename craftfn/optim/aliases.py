@@ -24,6 +24,21 @@ from typing import Any, Optional
 import torch
 
 from craftfn import tree
+from craftfn.optim.adaptive import (
+    ScaleByAdamState,
+    ScaleByAmsgradState,
+    scale_by_adadelta,
+    scale_by_adam,
+    scale_by_adamax,
+    scale_by_amsgrad,
+    scale_by_factored_rms,
+    scale_by_lion,
+    scale_by_nadam,
+    scale_by_radam,
+    scale_by_rms,
+    scale_by_rss,
+    scale_by_stddev,
+)
 from craftfn.optim.base import (
     GradientTransformation,
     Params,
@@ -38,8 +53,6 @@ from craftfn.optim.clipping import clip_by_block_rms
 from craftfn.optim.fused import fused_adam_step_, fused_supported
 from craftfn.optim.transforms import (
     MaskOrFn,
-    ScaleByAdamState,
-    ScaleByAmsgradState,
     ScaleByScheduleState,
     _flatten_like,
     _is_zero,
@@ -47,20 +60,9 @@ from craftfn.optim.transforms import (
     ema,
     foreach_groups,
     scale,
-    scale_by_adadelta,
-    scale_by_adam,
-    scale_by_adamax,
-    scale_by_amsgrad,
-    scale_by_factored_rms,
     scale_by_learning_rate,
-    scale_by_lion,
-    scale_by_nadam,
     scale_by_param_block_rms,
-    scale_by_radam,
-    scale_by_rms,
-    scale_by_rss,
     scale_by_sign,
-    scale_by_stddev,
     scale_by_trust_ratio,
     trace,
 )

@@ -24,6 +24,9 @@ import optree
 import torch
 
 from craftfn import tree
+from craftfn.optim.adaptive import (
+    scale_by_adam,
+)
 from craftfn.optim.base import (
     GradientTransformation,
     OptState,
@@ -39,7 +42,6 @@ from craftfn.optim.transforms import (
     _flatten_like,
     add_decayed_weights,
     foreach_groups,
-    scale_by_adam,
     scale_by_learning_rate,
 )
 

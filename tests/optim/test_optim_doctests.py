@@ -10,7 +10,7 @@ import torch
 
 from craftfn import optim, tree
 
-MODULES = ["transforms", "clipping", "aliases", "fused", "orthogonal", "schedulefree"]
+MODULES = ["transforms", "adaptive", "clipping", "aliases", "fused", "orthogonal", "schedulefree"]
 
 
 @pytest.mark.parametrize("name", MODULES)
