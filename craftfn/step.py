@@ -29,6 +29,7 @@ support saved-tensor hooks, so activation checkpointing fails under it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -181,6 +182,12 @@ def _check_param_dtypes(params: Any, policy: precision.Policy) -> None:
             )
 
 
+def _cast_metrics(metrics: dict[str, Any], policy: precision.Policy) -> dict[str, Any]:
+    return {
+        k: v.to(policy.output_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in metrics.items()
+    }
+
+
 def _select(pred: torch.Tensor, on_true: Any, on_false: Any) -> Any:
     """Leafwise ``torch.where(pred, a, b)``: a skipped update without reading ``pred`` to the host."""
     return tree.map(lambda a, b: torch.where(pred, a, b), on_true, on_false)
@@ -326,13 +333,13 @@ def make_train_step(
         if ls is None:
             metrics = {"loss": loss, "grad_norm": tree.global_norm(grads), **aux}
             if policy_ is not None:
-                metrics = {k: v.to(policy_.output_dtype) if v.is_floating_point() else v for k, v in metrics.items()}
+                metrics = _cast_metrics(metrics, policy_)
             return work.apply_gradients(grads, donate=donate), metrics
         grads = ls.unscale(grads)
         finite = tree.all_finite(grads)
         metrics = {"loss": loss, "grad_norm": tree.global_norm(grads), **aux}
         if policy_ is not None:
-            metrics = {k: v.to(policy_.output_dtype) if v.is_floating_point() else v for k, v in metrics.items()}
+            metrics = _cast_metrics(metrics, policy_)
         metrics.update(loss_scale=ls.scale, grads_finite=finite.to(torch.float32))
         # Out of place, so a non-finite step can keep the old values.
         updated = work.apply_gradients(grads, donate=False)
@@ -405,6 +412,7 @@ def make_eval_step(
     metric_fn: MetricFn,
     *,
     compile: Union[bool, Mapping[str, Any]] = False,
+    policy: Union[None, str, precision.Policy] = None,
 ) -> Callable[[TrainState, Any], dict[str, torch.Tensor]]:
     """Build ``eval_step(state, batch) -> metrics``: no gradients, eval mode, nothing mutated.
 
@@ -412,6 +420,8 @@ def make_eval_step(
         metric_fn: ``metric_fn(state, params, batch, rng) -> loss | dict of 0-d tensors``.
             A bare tensor is reported as ``{"loss": value}``.
         compile: as in :func:`make_train_step`.
+        policy: as in :func:`make_train_step`: ``metric_fn`` runs under the policy's
+            autocast and floating metrics come out in its ``output_dtype``.
 
     Example:
         >>> eval_step = make_eval_step(lambda s, p, b, rng: {"mse": torch.mean((s.apply(p, b["x"]) - b["y"]) ** 2)})
@@ -421,15 +431,21 @@ def make_eval_step(
     if not callable(metric_fn):
         raise TypeError(f"metric_fn must be callable, got {type(metric_fn).__name__}")
 
+    policy_ = precision.get_policy(policy) if policy is not None else None
+    cast_batch = policy_ is not None and not policy_.is_mixed and policy_.compute_dtype != torch.float32
+
     def core(state: TrainState, batch: Any, rng: torch.Tensor) -> dict[str, torch.Tensor]:
         work = state.replace(buffers=tree.clone(state.buffers))
-        with torch.no_grad():
+        if cast_batch:
+            batch = policy_.cast_to_compute(batch)
+        device_type = next((x.device.type for x in tree.leaves(work.params)), "cpu")
+        with torch.no_grad(), policy_.autocast(device_type) if policy_ is not None else contextlib.nullcontext():
             out = metric_fn(work, work.params, batch, rng)
         if isinstance(out, torch.Tensor):
-            return {"loss": out}
+            out = {"loss": out}
         if not isinstance(out, Mapping):
             raise TypeError(f"metric_fn must return a tensor or a dict of tensors, got {type(out).__name__}")
-        return dict(out)
+        return _cast_metrics(dict(out), policy_) if policy_ is not None else dict(out)
 
     run = _maybe_compile(core, compile)
 

@@ -285,3 +285,13 @@ def test_fp16_autocast_with_loss_scale_on_gpt():
     assert bool(m16["grads_finite"])
     assert torch.allclose(m16["loss"], m32["loss"], rtol=1e-2)
     assert _update_cosine(state.params, s16.params, s32.params) > 0.99
+
+
+def test_eval_step_with_policy():
+    from craftfn import make_eval_step
+
+    state, batch = gpt_state(), lm_batch()
+    m16 = make_eval_step(lm_loss, policy="bf16")(state, batch)
+    m32 = make_eval_step(lm_loss)(state, batch)
+    assert m16["loss"].dtype == torch.float32
+    assert torch.allclose(m16["loss"], m32["loss"], rtol=1e-2) and not torch.equal(m16["loss"], m32["loss"])
