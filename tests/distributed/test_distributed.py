@@ -261,3 +261,16 @@ def test_checkpoint_coordinator_writes_a_plain_checkpoint(single_process, tmp_pa
     assert tree.equal(plain.opt_state, distributed.gather_state(state).opt_state)
     with pytest.raises(ValueError, match="the main rank needs a manager"):
         distributed.CheckpointCoordinator(None)
+
+
+def test_data_parallel_step_takes_the_step_options_and_the_global_batch(single_process):
+    tx = optim.sgd(0.05, momentum=0.9)
+    plain = TrainState.create(model=_model(), tx=tx, seed=2)
+    dp = TrainState.create(model=_model(), tx=distributed.data_parallel(tx), seed=2)
+    step = make_train_step(_loss, policy="bf16")
+    dp_step = distributed.make_data_parallel_step(_loss, policy="bf16", shard_global_batch=True)
+    for i in range(2):
+        plain, m = step(plain, _batch(i))
+        dp, m_dp = dp_step(dp, _batch(i))
+    assert tree.equal(plain.params, dp.params)
+    assert m["loss"].dtype == m_dp["loss"].dtype and torch.equal(m["loss"], m_dp["loss"])
