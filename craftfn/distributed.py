@@ -63,6 +63,7 @@ __all__ = [
     "DataParallelState",
     "init",
     "shutdown",
+    "set_timeout",
     "is_initialized",
     "rank",
     "world_size",
@@ -184,6 +185,29 @@ def init(backend: Optional[str] = None, timeout: Union[float, datetime.timedelta
             f"(are all {world} ranks started, and is MASTER_ADDR reachable?): {e}"
         ) from e
     return True
+
+
+def set_timeout(timeout: Union[float, datetime.timedelta]) -> None:
+    """Change how long collectives wait for the other ranks (e.g. generous for joining, tight afterwards).
+
+    Every rank should call it at the same point. A no-op without a process group.
+
+    Args:
+        timeout: seconds or a ``timedelta``, positive and finite.
+
+    Example:
+        >>> distributed.set_timeout(60)
+    """
+    seconds = _timeout_seconds(timeout)
+    if not is_initialized():
+        return
+    from torch.distributed import distributed_c10d
+
+    setter = getattr(distributed_c10d, "_set_pg_timeout", None)
+    if setter is None:  # pragma: no cover - present in the torch versions craftfn supports
+        raise NotImplementedError("this torch cannot change a process group's timeout; pass it to distributed.init(timeout=...)")
+    setter(datetime.timedelta(seconds=seconds))
+    _TIMEOUT_S[0] = seconds
 
 
 def shutdown() -> None:

@@ -114,9 +114,13 @@ def train(out: str, steps: int, save_every: int, resume: bool, ckpt_dir: str) ->
     torch.save(result, os.path.join(out, f"rank{distributed.rank()}.pt"))
 
 
-def kill(out: str, victim: int, hang: bool) -> None:
+def kill(out: str, victim: int, hang: bool, timeout: float) -> None:
     state = TrainState.create(model=make_model(), tx=distributed.data_parallel(optim.sgd(0.1)), seed=1)
     step = distributed.make_data_parallel_step(loss_fn)
+    state, _ = step(state, distributed.shard_batch(global_batch(0)))
+    # Joined and warmed up under a generous timeout (a loaded machine starts ranks seconds apart);
+    # the collectives from here on use the one under test.
+    distributed.set_timeout(timeout)
     for i in range(10_000):
         if i == 3 and distributed.rank() == victim:
             with open(os.path.join(out, "fault_time"), "w") as f:
@@ -141,14 +145,14 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    distributed.init(timeout=args.timeout)
+    distributed.init(timeout=max(args.timeout, 120.0))
     try:
         if args.scenario == "equivalence":
             equivalence(args.out)
         elif args.scenario == "train":
             train(args.out, args.steps, args.save_every, args.resume, args.ckpt)
         else:
-            kill(args.out, args.victim, args.hang)
+            kill(args.out, args.victim, args.hang, args.timeout)
     finally:
         if sys.exc_info()[0] is None:
             distributed.shutdown()

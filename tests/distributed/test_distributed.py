@@ -41,6 +41,9 @@ def test_init_without_torchrun_is_a_noop(single_process):
     assert (distributed.rank(), distributed.world_size(), distributed.local_rank()) == (0, 1, 0)
     assert distributed.is_main() and not distributed.is_initialized()
     distributed.barrier()
+    distributed.set_timeout(5)
+    with pytest.raises(ValueError, match="timeout"):
+        distributed.set_timeout(-1)
     distributed.shutdown()
 
 
