@@ -114,7 +114,7 @@ CASES = {
 def test_trajectory_matches_torch(name: str) -> None:
     hparams, ours, theirs = CASES[name]
 
-    @settings(max_examples=6, deadline=None)
+    @settings(max_examples=10, deadline=None)
     @given(h=hparams, shape_list=shapes, seed=st.integers(0, 2**16))
     def run(h: dict, shape_list: list, seed: int) -> None:
         check_matches_torch(ours(h), theirs(h), _params(shape_list, seed), steps=STEPS, rtol=1e-5, atol=1e-6, seed=seed)
