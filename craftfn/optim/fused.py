@@ -134,7 +134,11 @@ def fused_adam_step_(
         gmax = group[4].tensors if amsgrad else []
         device = gp.device
         step = count.to(device=device, dtype=torch.float32)
-        group_lr = lr.to(device) if isinstance(lr, torch.Tensor) else float(lr)
+        if isinstance(lr, torch.Tensor):
+            # The CUDA kernel reads a float32 lr tensor on the params' device; the CPU one takes any.
+            group_lr = lr.to(device=device, dtype=torch.float32 if device.type == "cuda" else lr.dtype)
+        else:
+            group_lr = float(lr)
         if use_kernel:
             # One float step tensor shared by every leaf: the kernel reads it and never writes it.
             torch._fused_adamw_(
