@@ -240,6 +240,20 @@ def test_replacing_a_step(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["step_00000003"]
 
 
+def test_non_finite_metrics_and_stray_names(tmp_path):
+    with CheckpointManager(tmp_path, best_metric="loss", keep_best=1, keep_last=1, async_save=False) as ckpt:
+        ckpt.save(1, {"w": torch.zeros(1)}, metrics={"loss": 0.5})
+        ckpt.save(2, {"w": torch.zeros(1)}, metrics={"loss": float("nan"), "acc": float("inf")})
+        meta = ckpt.metadata(2)  # verifies the meta.json checksum and layout with NaN/inf inside
+        assert math.isnan(meta["metrics"]["loss"]) and meta["metrics"]["acc"] == math.inf
+        assert ckpt.all_steps() == [1, 2] and ckpt.best_step() == 1  # NaN is never the best
+    (tmp_path / "step_00000009").write_text("a file, not a step directory")
+    (tmp_path / "corrupt-step_00000007-abcd").mkdir()
+    (tmp_path / "step_x").mkdir()
+    with CheckpointManager(tmp_path) as ckpt:
+        assert ckpt.all_steps() == [1, 2]
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="keep_last"):
         CheckpointManager(tmp_path, keep_last=0)
@@ -392,6 +406,23 @@ def test_non_os_error_in_write_cleans_up(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         ckpt.wait()
     assert sorted(os.listdir(tmp_path)) == ["step_00000001"]
+    ckpt.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores directory permissions")
+@pytest.mark.parametrize("async_save", [True, False])
+def test_read_only_directory_gives_a_clear_error(tmp_path, async_save):
+    ckpt = _fill([1], tmp_path, async_save)
+    before = _snapshot_files(tmp_path)
+    os.chmod(tmp_path, 0o500)
+    try:
+        with pytest.raises(OSError, match="could not save step 2") as info:
+            ckpt.save(2, {"w": torch.zeros(4)})
+            ckpt.wait()
+        assert info.value.errno == errno.EACCES and str(tmp_path) in str(info.value)
+    finally:
+        os.chmod(tmp_path, 0o700)
+    assert _snapshot_files(tmp_path) == before
     ckpt.close()
 
 
