@@ -914,7 +914,11 @@ def make_data_parallel_step(
         or the global batch with ``shard_global_batch=True``.
 
     Example:
-        >>> step = distributed.make_data_parallel_step(loss_fn, accum_steps=2)
+        >>> step = distributed.make_data_parallel_step(lambda s, p, b, rng: s.apply(p, b["x"]).pow(2).mean(), accum_steps=2)
+        >>> state = TrainState.create(model=torch.nn.Linear(3, 1), tx=distributed.data_parallel(optim.adamw(1e-3)))
+        >>> state, metrics = step(state, distributed.shard_batch({"x": torch.ones(8, 3)}))
+        >>> int(state.step)
+        1
     """
     if step_options.get("compile"):
         raise ValueError(

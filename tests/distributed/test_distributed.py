@@ -6,12 +6,14 @@ The multi-process behaviour (2 ranks over gloo) is in test_multiprocess.py.
 from __future__ import annotations
 
 import datetime
+import doctest
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import craftfn.distributed
 from craftfn import TrainState, distributed, make_train_step, optim, random, tree
 from craftfn.distributed import _buckets, _layout
 
@@ -277,3 +279,9 @@ def test_data_parallel_step_takes_the_step_options_and_the_global_batch(single_p
         dp, m_dp = dp_step(dp, _batch(i))
     assert tree.equal(plain.params, dp.params)
     assert m["loss"].dtype == m_dp["loss"].dtype and torch.equal(m["loss"], m_dp["loss"])
+
+
+def test_docstring_examples(single_process):
+    globs = dict(vars(craftfn.distributed), distributed=distributed, optim=optim, torch=torch, tree=tree, random=random, TrainState=TrainState)
+    result = doctest.testmod(craftfn.distributed, extraglobs=globs, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 30, result
