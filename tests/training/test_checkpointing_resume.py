@@ -170,3 +170,59 @@ def test_cli_resume_is_bit_exact(tmp_path):
     # Logged losses: the two halves of the split run (one metrics.jsonl, appended) equal the straight run.
     assert _train_losses(split) == _train_losses(straight)
     assert [s for s, _ in _train_losses(straight)] == [1, 2, 3, 4, 5, 6]
+
+
+# --------------------------------------------------------------------------------------------
+# A training process killed at a random moment, then resumed, ends where an uninterrupted run ends
+# --------------------------------------------------------------------------------------------
+
+
+def _train_in_child(directory: str, max_steps: int) -> None:
+    torch.set_num_threads(1)
+    manager = CheckpointManager(directory, keep_last=2, async_save=True)
+    trainer, _, _ = make_trainer(manager, max_steps, batch_fn, save_every=2)
+    trainer.fit(fresh_state(), resume=True)
+    manager.close()
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_same_final_state(tmp_path):
+    import multiprocessing
+    import os
+    import random as pyrandom
+    import signal
+    import time
+
+    max_steps = 60
+    with CheckpointManager(tmp_path / "straight") as manager:
+        trainer, _, _ = make_trainer(manager, max_steps, batch_fn, save_every=2)
+        straight = trainer.fit(fresh_state())
+
+    ctx = multiprocessing.get_context("fork")
+    rng = pyrandom.Random(5)
+    run_dir = tmp_path / "killed"
+    kills, reached = 0, []
+    for _ in range(3):
+        child = ctx.Process(target=_train_in_child, args=(str(run_dir), max_steps), daemon=True)
+        child.start()
+        # Kill at a random moment after this process's first new checkpoint appeared.
+        before = set(os.listdir(run_dir)) if run_dir.exists() else set()
+        deadline = time.monotonic() + 60
+        while child.is_alive() and time.monotonic() < deadline:
+            if run_dir.exists() and any(n.startswith("step_") for n in set(os.listdir(run_dir)) - before):
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if child.is_alive():
+            os.kill(child.pid, signal.SIGKILL)
+            kills += 1
+        child.join()
+        with CheckpointManager(run_dir) as manager:
+            reached.append(manager.latest_step())
+    # The last process runs to the end (resuming from whatever the kills left).
+    with CheckpointManager(run_dir, keep_last=2) as manager:
+        trainer, _, _ = make_trainer(manager, max_steps, batch_fn, save_every=2)
+        resumed = trainer.fit(fresh_state(seed=1), resume=True)
+    assert kills >= 1 and any(step is not None and step < max_steps for step in reached), reached
+    assert int(resumed.step) == max_steps
+    assert tree.equal(tree.leaves(resumed), tree.leaves(straight))
