@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from craftfn import random, tree
+from craftfn import precision, random, tree
 from craftfn.training.callbacks import Callback, CallbackList
 from craftfn.training.evaluation import Evaluator
 from craftfn.training.progress import ProgressTracker
@@ -436,6 +436,11 @@ class Trainer:
         latest = manager.latest_step()
         if latest is None:
             return state
+        # A step with loss scaling keeps the scale in the state (precision.LossScaledTrainState), so
+        # the checkpoint holds it: give the template that field, with the step's static settings.
+        initial_scale = getattr(self.train_step, "loss_scale", None)
+        if isinstance(initial_scale, precision.DynamicLossScale) and getattr(state, "loss_scale", None) is None:
+            state = precision.with_loss_scale(state, tree.clone(initial_scale))
         state = manager.restore(state, step="latest", fallback=True)
         restored_step = int(state.step)
         try:
@@ -490,7 +495,7 @@ class Trainer:
                 self._lr_absent = True
             else:
                 # A copy: a donated next step may update the state's hyperparameters in place.
-                metrics["lr"] = lr.detach().clone()
+                metrics["lr"] = lr
             step += 1
             self.step = step
             self.state = state

@@ -226,3 +226,31 @@ def test_killed_training_resumes_to_the_same_final_state(tmp_path):
     assert kills >= 1 and any(step is not None and step < max_steps for step in reached), reached
     assert int(resumed.step) == max_steps
     assert tree.equal(tree.leaves(resumed), tree.leaves(straight))
+
+
+def test_trainer_resume_with_dynamic_loss_scale_is_bit_exact(tmp_path):
+    """The loss scale lives in the state (LossScaledTrainState): it must come back on resume."""
+    from craftfn import precision
+
+    initial = precision.DynamicLossScale(scale=2.0**4, growth_interval=2)  # grows during the run
+
+    def trainer_for(manager, max_steps):
+        return Trainer(
+            make_train_step(lm_loss, loss_scale=initial),
+            batch_fn,
+            max_steps=max_steps,
+            checkpoint_manager=manager,
+            save_every=3,
+            warmup_steps=0,
+        )
+
+    with CheckpointManager(tmp_path / "straight") as manager:
+        straight = trainer_for(manager, 6).fit(fresh_state())
+    with CheckpointManager(tmp_path / "split") as manager:
+        trainer_for(manager, 3).fit(fresh_state())
+    with CheckpointManager(tmp_path / "split") as manager:
+        resumed = trainer_for(manager, 6).fit(fresh_state(seed=5), resume=True)
+    assert isinstance(resumed, precision.LossScaledTrainState)
+    assert resumed.loss_scale.scale.item() == straight.loss_scale.scale.item() > 2.0**4
+    assert resumed.loss_scale.growth_interval == 2
+    assert tree.equal(tree.leaves(resumed), tree.leaves(straight))
