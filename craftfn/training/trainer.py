@@ -495,7 +495,7 @@ class Trainer:
                 self._lr_absent = True
             else:
                 # A copy: a donated next step may update the state's hyperparameters in place.
-                metrics["lr"] = lr
+                metrics["lr"] = lr.detach().clone()
             step += 1
             self.step = step
             self.state = state

@@ -346,3 +346,21 @@ def test_evaluator_weights_by_samples_without_num_tokens_and_refuses_generators(
         Evaluator(step, (b for b in batches))
     with pytest.raises(ValueError, match="empty"):
         Evaluator(step, []).evaluate(state)
+
+
+def test_logged_lr_follows_the_schedule_with_a_donated_fused_step():
+    from craftfn import schedules
+
+    schedule = schedules.warmup_cosine_decay(0.0, 0.1, 3, 10, 0.01)
+    events = []
+
+    class Collect(Callback):
+        def on_step_end(self, trainer, event):
+            events.append(event)
+
+    torch.manual_seed(0)
+    tx = optim.create_optimizer("adamw", learning_rate=schedule, weight_decay=0.1)
+    state = TrainState.create(model=torch.nn.Linear(3, 1), tx=tx)
+    Trainer(make_train_step(mse_loss, donate=True), linear_data, max_steps=8, callbacks=[Collect()]).fit(state)
+    # Step s's event is read after step s + 1 updated the state in place: the value is still step s's.
+    assert [e.metrics["lr"] for e in events] == pytest.approx([schedule(t) for t in range(8)], rel=1e-6, abs=1e-9)
