@@ -77,7 +77,11 @@ class DonatedUpdateFn(Protocol):
 class GradientTransformation(NamedTuple):
     """An update rule: ``init(params) -> state`` and ``update(updates, state, params=None, **extra)``.
 
-    ``donated_update`` is optional (see the module docstring). Extra keyword
+    ``donated_update`` is optional (see the module docstring). ``inplace_update`` is
+    optional too: the same contract as ``update``, but it may overwrite the buffers of
+    ``updates`` (never ``state`` or ``params``) instead of allocating new ones; a chain's
+    donated path uses it for the transformations before the last (for instance
+    ``clip_by_global_norm`` scales the donated gradients in place). Extra keyword
     arguments given to ``update`` (for example ``value=loss``) are passed to every
     transformation in a chain; transformations ignore the ones they do not use.
 
@@ -90,6 +94,7 @@ class GradientTransformation(NamedTuple):
     init: TransformInitFn
     update: TransformUpdateFn
     donated_update: Optional[DonatedUpdateFn] = None
+    inplace_update: Optional[TransformUpdateFn] = None
 
 
 class EmptyState(NamedTuple):
@@ -127,7 +132,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Compose transformations left to right; the state is a tuple of their states.
 
     When the last transformation has a ``donated_update``, the chain has one too: the
-    leading transformations run their pure ``update`` (their outputs are fresh tensors)
+    leading transformations run their ``inplace_update`` where they have one (the
+    gradients are donated too, so they may be overwritten), else their pure ``update``,
     and the last one applies in place.
 
     Example:
@@ -162,7 +168,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             _check(state)
             new_state = []
             for t, s in zip(transforms[:-1], state[:-1]):
-                updates, s = t.update(updates, s, params, **extra)
+                updates, s = (t.inplace_update or t.update)(updates, s, params, **extra)
                 new_state.append(s)
             params, s = last.donated_update(updates, state[-1], params, **extra)
             new_state.append(s)

@@ -96,8 +96,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         del params
         return ClipByGlobalNormState()
 
-    def update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
-        del params
+    def clip(updates: Updates, state: Any, extra: dict[str, Any], inplace: bool) -> tuple[Updates, Any]:
         _check_state("clip_by_global_norm", state, ClipByGlobalNormState)
         u, treedef = tree.flatten(updates)
         if not u:
@@ -108,10 +107,20 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         shard_sum = extra.get("shard_sum")
         g_norm = tree.global_norm(updates) if shard_sum is None else torch.sqrt(shard_sum(tree.sum_of_squares(updates)))
         factor = torch.where(g_norm < max_norm, torch.ones_like(g_norm), max_norm / g_norm)
-        out = foreach_groups(lambda xs: torch._foreach_mul(xs, factor.to(device=xs[0].device, dtype=xs[0].dtype)), u)
-        return tree.unflatten(treedef, out), state
+        mul = torch._foreach_mul_ if inplace else torch._foreach_mul
+        out = foreach_groups(lambda xs: mul(xs, factor.to(device=xs[0].device, dtype=xs[0].dtype)), u)
+        return (updates if inplace else tree.unflatten(treedef, out)), state
 
-    return GradientTransformation(init_fn, update_fn)
+    def update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
+        del params
+        return clip(updates, state, extra, inplace=False)
+
+    def inplace_update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
+        # Donated gradients are scaled where they lie: no second gradient-sized buffer.
+        del params
+        return clip(updates, state, extra, inplace=True)
+
+    return GradientTransformation(init_fn, update_fn, inplace_update=inplace_update_fn)
 
 
 class ClipByBlockRMSState(NamedTuple):

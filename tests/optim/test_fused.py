@@ -179,3 +179,20 @@ def test_muon_donated_equals_pure() -> None:
     don_p, don_s = _run_donated(tx, p0, 5)
     assert tree.allclose(pure_p, don_p, rtol=1e-5, atol=1e-6)
     assert tree.allclose(pure_s, don_s, rtol=1e-5, atol=1e-6)
+
+
+def test_chain_donated_path_clips_the_donated_gradients_in_place():
+    # chain's donated path runs clip_by_global_norm's inplace_update: the gradients are scaled
+    # where they lie (no second gradient-sized buffer) and the result equals the pure path.
+    params = {"w": torch.randn(4, 3), "b": torch.randn(3)}
+    grads = {"w": torch.randn(4, 3) * 10, "b": torch.randn(3) * 10}
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
+    pure_updates, pure_state = tx.update(tree.clone(grads), tx.init(params), params)
+    pure_params = optim.apply_updates(params, pure_updates)
+    donated_grads = tree.clone(grads)
+    ptrs = [g.data_ptr() for g in tree.leaves(donated_grads)]
+    new_params, new_state = tx.donated_update(donated_grads, tx.init(params), tree.clone(params))
+    assert tree.allclose(new_params, pure_params, rtol=1e-6, atol=1e-7)
+    assert tree.allclose(new_state, pure_state, rtol=1e-6, atol=1e-7)
+    assert [g.data_ptr() for g in tree.leaves(donated_grads)] == ptrs
+    assert torch.allclose(tree.global_norm(donated_grads), torch.tensor(1.0), rtol=1e-5)
