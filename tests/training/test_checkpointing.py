@@ -426,7 +426,7 @@ def test_read_only_directory_gives_a_clear_error(tmp_path, async_save):
     ckpt.close()
 
 
-def test_background_error_surfaces_on_restore_and_close(tmp_path, monkeypatch):
+def test_background_error_surfaces_on_save_restore_and_close(tmp_path, monkeypatch):
     ckpt = _fill([1], tmp_path, True)
 
     def fail(*args, **kwargs):
@@ -434,7 +434,10 @@ def test_background_error_surfaces_on_restore_and_close(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpointing, "_write_safetensors", fail)
     ckpt.save(2, {"w": torch.zeros(4)})
-    with pytest.raises(OSError, match="Input/output error"):
+    with pytest.raises(OSError, match="could not save step 2.*Input/output error"):
+        ckpt.save(3, {"w": torch.zeros(4)})  # the next save raises the previous write's error
+    ckpt.save(4, {"w": torch.zeros(4)})
+    with pytest.raises(OSError, match="could not save step 4.*Input/output error"):
         ckpt.restore({"w": torch.zeros(4)})
     ckpt.save(3, {"w": torch.zeros(4)})
     with pytest.raises(OSError, match="could not save step 3"):
