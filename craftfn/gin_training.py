@@ -346,7 +346,7 @@ def train_language_model(
         raise ConfigError(_clean_gin_message(e)) from e
     print_fn(
         f"craftfn: training a {task.model.num_params():,}-parameter GPT on {task.train_tokens.numel():,} tokens "
-        f"(vocab {task.tokenizer.vocab_size}) for {trainer.total_steps} steps; run directory {run}"
+        f"(vocab {task.tokenizer.vocab_size}) up to step {trainer.total_steps}; run directory {run}"
     )
     try:
         state = trainer.fit(state, resume=resume and manager is not None)

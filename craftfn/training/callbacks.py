@@ -739,9 +739,8 @@ class ProgressBar(Callback):
     def on_step_end(self, trainer: Trainer, event: Event) -> None:
         self._last_event = event
         if self._bar is not None:
-            self._bar.n = event.step
             self._bar.set_postfix(self._summary(event), refresh=False)
-            self._bar.refresh()
+            self._bar.update(event.step - self._bar.n)  # redraws at most every tqdm mininterval
             return
         now = time.monotonic()
         if now - self._last_print >= self.interval_s:
