@@ -15,8 +15,8 @@ Example:
     >>> from craftfn.generation import kv_cache
     >>> model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_head=2, n_embd=8))
     >>> cache = kv_cache.init_cache(model, batch_size=2, max_len=10)
-    >>> tuple(cache.k.shape)
-    (1, 2, 2, 10, 4)
+    >>> tuple(cache.k[0].shape)
+    (2, 2, 10, 4)
 """
 
 from __future__ import annotations

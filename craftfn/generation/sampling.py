@@ -298,6 +298,9 @@ def _compiled_decode_step(compile_options: Mapping[str, Any]) -> Any:
 
     Dynamo then caches one graph per (model, batch size, cache length, sampling options) and
     reuses it for every position: positions, keys and masks are tensors, so they never recompile.
+    A ``TrainState``'s params are inputs of the graph, so new weights (a later training step) reuse
+    it too. Dynamo keeps at most ``torch._dynamo.config.recompile_limit`` graphs per function; past
+    that it runs the step eagerly (same tokens, with a warning).
     """
     options = {"fullgraph": True, "dynamic": False, **compile_options}
     cache_key = tuple(sorted((k, v if _hashable(v) else id(v)) for k, v in options.items()))

@@ -79,28 +79,30 @@ class GPTConfig:
 
 @struct.dataclass
 class KVCache:
-    """Preallocated keys and values of every layer: two tensors ``(n_layer, B, n_head, max_len, head_dim)``.
+    """Preallocated keys and values: per layer, one ``(B, n_head, max_len, head_dim)`` tensor each.
 
-    A pytree (``craftfn.tree`` sees ``k`` and ``v`` as leaves). The model writes a call's keys
-    and values into the slots ``input_pos`` with ``index_copy_``: the cache is *donated* to the
-    forward, which returns it; keep using the returned one. Slot ``i`` holds the token at cache
-    position ``i`` (with left padding, a row's padding occupies its first slots and is masked).
+    A pytree (``craftfn.tree`` sees the ``2 * n_layer`` tensors as leaves). The model writes a call's
+    keys and values into the slots ``input_pos`` in place: the cache is *donated* to the forward,
+    which returns it; keep using the returned one. Slot ``i`` holds the token at cache position
+    ``i`` (with left padding, a row's padding occupies its first slots and is masked). One tensor
+    per layer (not one stacked tensor) lets ``torch.compile`` write each in place: a write into a
+    slice of a stacked input is compiled as a copy of the whole input.
     """
 
-    k: torch.Tensor
-    v: torch.Tensor
+    k: tuple[torch.Tensor, ...]
+    v: tuple[torch.Tensor, ...]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     def index_select(self, indices: torch.Tensor) -> KVCache:
         """A new cache whose batch row ``i`` is this cache's row ``indices[i]`` (beam reordering)."""
-        return KVCache(self.k.index_select(1, indices), self.v.index_select(1, indices))
+        return KVCache(tuple(t.index_select(0, indices) for t in self.k), tuple(t.index_select(0, indices) for t in self.v))
 
 
 class CausalSelfAttention(nn.Module):
@@ -128,9 +130,11 @@ class CausalSelfAttention(nn.Module):
             # Write this call's keys/values into their slots, then attend over the whole
             # (static-size) cache; the mask hides empty, future and padding slots.
             k_cache, v_cache = layer_cache
-            k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
-            v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
-            k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
+            # index_put_ (as gpt-fast): inductor writes it in place; index_copy_ became a full copy.
+            k_cache[:, :, input_pos] = k if k.dtype == k_cache.dtype else k.to(k_cache.dtype)
+            v_cache[:, :, input_pos] = v if v.dtype == v_cache.dtype else v.to(v_cache.dtype)
+            # (A same-dtype .to() is free eagerly, but compiled it becomes a copy of the whole cache.)
+            k, v = (k_cache, v_cache) if k_cache.dtype == q.dtype else (k_cache.to(q.dtype), v_cache.to(q.dtype))
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
@@ -251,10 +255,14 @@ class GPT(nn.Module):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         weight = self.transformer.wte.weight
-        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        shape = (batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
         dtype = weight.dtype if dtype is None else dtype
         device = weight.device if device is None else device
-        return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+        def zeros() -> tuple[torch.Tensor, ...]:
+            return tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer))
+
+        return KVCache(zeros(), zeros())
 
     def forward(
         self,

@@ -174,7 +174,24 @@ def test_sample_text_returns_strings_cut_at_eos():
 def test_kv_cache_is_a_pytree_of_two_preallocated_tensors():
     cache = kv_cache.init_cache(tiny_gpt(), batch_size=3, max_len=10)
     leaves = craftfn.tree.leaves(cache)
-    assert [tuple(x.shape) for x in leaves] == [(2, 3, 2, 10, 8)] * 2
-    assert craftfn.tree.paths(cache) == ["k", "v"]
+    assert [tuple(x.shape) for x in leaves] == [(3, 2, 10, 8)] * 4  # (batch, heads, max_len, head_dim) per layer
+    assert craftfn.tree.paths(cache) == ["k.0", "k.1", "v.0", "v.1"]
     moved = craftfn.tree.map(lambda x: x + 1, cache)
     assert isinstance(moved, kv_cache.KVCache) and moved.max_len == 10
+
+
+@pytest.mark.slow
+def test_compiled_step_from_a_trainstate_reuses_its_graph_for_new_weights():
+    # A sampler called during training sees new params every time: they are graph inputs, not constants.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=1, n_head=2, n_embd=8)).eval()
+    state = craftfn.TrainState.create(model=model, tx=None)
+    backend = CountingBackend()
+    kwargs = dict(max_new_tokens=8, top_k=5, seed=0)
+    first = generate_text_sampling(state, PROMPTS, compile={"backend": backend}, **kwargs)
+    updated = state.replace(params=craftfn.tree.map(lambda x: x * 3.0, state.params))
+    second = generate_text_sampling(updated, PROMPTS, compile={"backend": backend}, **kwargs)
+    assert backend.graphs == 1
+    assert torch.equal(first, generate_text_sampling(state, PROMPTS, **kwargs))
+    assert torch.equal(second, generate_text_sampling(updated, PROMPTS, **kwargs))
+    assert not torch.equal(first, second)
