@@ -156,7 +156,12 @@ def _gin_error(e: BaseException) -> str:
         )
     m = re.search(r"Required bindings for `(\S+)` not provided in config: \[(.*?)\]", text)
     if m:
-        return f"gin: {m.group(1)} needs a value for {m.group(2)} (a gin.REQUIRED parameter); bind it in a gin file or with --gin.{m.group(1)}.<name>=VALUE."
+        names = [n.strip().strip("'\"") for n in m.group(2).split(",") if n.strip()]
+        example = names[0] if len(names) == 1 else "<name>"
+        return (
+            f"gin: {m.group(1)} needs a value for {', '.join(names)} (a gin.REQUIRED parameter); "
+            f"bind it in a gin file or with --gin.{m.group(1)}.{example}=VALUE."
+        )
     if text.startswith("No configurable matching") or "doesn't have a parameter named" in text:
         return f"unknown gin binding: {text}. Check the spelling; configurable names are listed in the gin files under gin/ and in craftfn/gin_training.py."
     return f"gin configuration error: {text}"
@@ -237,8 +242,8 @@ def _train_configured(args: argparse.Namespace, bindings: Sequence[str]) -> int:
         summary = gin_training.train_language_model(str(run_dir), resume=resume)
     except gin_training.ConfigError as e:
         raise UsageError(_one_paragraph(str(e))) from None
-    except (ValueError, TypeError) as e:
-        # gin reports missing REQUIRED parameters of a configurable when it is called.
+    except (ValueError, TypeError, RuntimeError) as e:
+        # gin reports missing REQUIRED parameters of a configurable (RuntimeError) when it is called.
         if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):
             raise UsageError(_gin_error(e)) from None
         raise
@@ -254,6 +259,10 @@ def _eval(args: argparse.Namespace, bindings: Sequence[str]) -> int:
         gin_training.evaluate_language_model(str(run_dir), checkpoint=args.checkpoint)
     except (ValueError, TypeError, OSError) as e:
         raise UsageError(_one_paragraph(str(e))) from None
+    except RuntimeError as e:
+        if "Required bindings" in str(e):
+            raise UsageError(_gin_error(e)) from None
+        raise
     return 0
 
 

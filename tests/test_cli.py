@@ -135,6 +135,13 @@ def test_user_errors_exit_2_with_one_paragraph(args, needles, tmp_path, capsys):
     _assert_one_paragraph_error(status, capsys.readouterr().err, *needles)
 
 
+def test_missing_required_parameter_is_a_user_error(tmp_path, capsys):
+    job = tmp_path / "no_optimizer.gin"
+    job.write_text("include 'gin/models/gpt_tiny.gin'\nlm_task.text = @stdlib_corpus()\nlm_task.model_config = @GPTConfig\n")
+    status = main(["train", "--gin_file", str(job), "--run_dir", str(tmp_path / "run")])
+    _assert_one_paragraph_error(status, capsys.readouterr().err, "train needs a value for", "optimizer")
+
+
 def test_empty_data_file_is_a_user_error(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
