@@ -9,8 +9,9 @@
   the same size and architecture, with the craftfn model's (random) weights copied in, so all four
   produce the same greedy tokens, which the script checks. Skipped when transformers is absent.
 
-Greedy decoding, batch 1, a 32-token prompt. Each method runs once to warm up, then ``--repeats``
-times; the best time is reported (the machine is shared, so the minimum is the least noisy).
+Greedy decoding, batch 1, a 32-token prompt. Each method runs once to warm up, then the methods take
+turns ``--repeats`` times and each one's best time is reported (the machine is shared: taking turns
+spreads load swings over all methods, and the minimum is the least noisy statistic).
 
 Run:
     .venv/bin/python benchmarks/generation_bench.py               # the char job's GPT (4x128), ~2-3 min
@@ -32,14 +33,16 @@ from craftfn.generation import generate_text_sampling
 from craftfn.models import GPT, GPTConfig
 
 
-def _time(fn, repeats: int) -> tuple[float, torch.Tensor]:
-    out = fn()  # warm-up (and the compile, for the compiled method)
-    best = float("inf")
+def _time_round_robin(runs: dict, repeats: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Best time per method; the methods take turns, so load swings on a shared machine hit all alike."""
+    outs = {name: fn() for name, fn in runs.items()}  # warm-up (and the compile, for the compiled method)
+    best = {name: float("inf") for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            outs[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, outs
 
 
 def _hf_copy(model: GPT):
@@ -68,7 +71,7 @@ def main() -> None:
     parser.add_argument("--vocab_size", type=int, default=99, help="the char job's stdlib vocabulary")
     parser.add_argument("--prompt_len", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny per-token ops gain nothing from more)")
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
@@ -82,7 +85,6 @@ def main() -> None:
     common = dict(max_new_tokens=args.new_tokens, temperature=0.0)
 
     results: dict[str, float] = {}
-    tokens: dict[str, torch.Tensor] = {}
     notes: list[str] = []
     runs = {
         "no-cache eager (nanoGPT recompute)": lambda: generate_text_sampling(model, prompt, use_cache=False, **common),
@@ -107,10 +109,9 @@ def main() -> None:
     except ImportError:
         notes.append("transformers not installed: HF generate skipped")
 
-    for name, fn in runs.items():
-        seconds, out = _time(fn, args.repeats)
+    best, tokens = _time_round_robin(runs, args.repeats)
+    for name, seconds in best.items():
         results[name] = args.new_tokens / seconds
-        tokens[name] = out
         print(f"{name:55s} {results[name]:9.1f} tokens/s", flush=True)
 
     reference = tokens["KV-cache eager"]
