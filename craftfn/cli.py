@@ -304,6 +304,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("craftfn: interrupted", file=sys.stderr)
         return 130
+    finally:
+        # The config was parsed with finalize_config=True (locked); leave gin clean for a caller
+        # that runs main() in-process and uses gin afterwards.
+        if "gin" in sys.modules:
+            sys.modules["gin"].clear_config()
 
 
 if __name__ == "__main__":  # pragma: no cover
