@@ -127,13 +127,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         dropout_p = self.dropout if self.training else 0.0
         if layer_cache is not None:
-            # Write this call's keys/values into their slots, then attend over the whole
-            # (static-size) cache; the mask hides empty, future and padding slots.
+            # Write this call's keys/values into their slots, then attend over the whole static-size
+            # cache; the mask hides empty, future and padding slots. index_put_ (as gpt-fast) stays in
+            # place when compiled, and casts happen only when dtypes differ: compiled, even a
+            # same-dtype .to() would copy the whole cache every token.
             k_cache, v_cache = layer_cache
-            # index_put_ (as gpt-fast): inductor writes it in place; index_copy_ became a full copy.
             k_cache[:, :, input_pos] = k if k.dtype == k_cache.dtype else k.to(k_cache.dtype)
             v_cache[:, :, input_pos] = v if v.dtype == v_cache.dtype else v.to(v_cache.dtype)
-            # (A same-dtype .to() is free eagerly, but compiled it becomes a copy of the whole cache.)
             k, v = (k_cache, v_cache) if k_cache.dtype == q.dtype else (k_cache.to(q.dtype), v_cache.to(q.dtype))
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
