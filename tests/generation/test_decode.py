@@ -147,7 +147,10 @@ def test_inductor_compiled_tokens_equal_eager():
     # The one real inductor compile: AOT functionalization of the in-place cache writes included.
     model = tiny_gpt()
     ids, mask = left_pad([[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]])
-    kwargs = dict(max_new_tokens=16, temperature=0.0, attention_mask=mask)
+    kwargs = dict(
+        max_new_tokens=16, temperature=0.9, top_k=8, top_p=0.9, min_p=0.01, repetition_penalty=1.2,
+        eos_token_id=4, attention_mask=mask, seed=3,
+    )
     eager = generate_text_sampling(model, ids, **kwargs)
     compiled = generate_text_sampling(model, ids, compile=True, **kwargs)
     assert torch.equal(compiled, eager)
