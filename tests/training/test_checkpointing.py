@@ -175,6 +175,19 @@ def test_async_save_copies_before_returning(tmp_path):
     assert not same_leaves(restored, state)
 
 
+def test_restore_into_a_meta_device_template_allocates_on_cpu(tmp_path):
+    state = gpt_state()
+    with CheckpointManager(tmp_path) as ckpt:
+        ckpt.save(0, state)
+        with torch.device("meta"):  # no memory for the template's tensors
+            model = tiny_gpt()
+        template = TrainState.create(model=model, tx=make_tx())
+        assert all(x.device.type == "meta" for x in tree.leaves(template.params))
+        restored = ckpt.restore(template)
+    assert all(x.device.type == "cpu" for x in tree.leaves(restored))
+    assert same_leaves(restored, state)
+
+
 def test_mismatch_error_lists_differing_keys(tmp_path):
     with CheckpointManager(tmp_path, async_save=False) as ckpt:
         ckpt.save(1, {"a": torch.ones(2), "b": torch.ones(3), "c": torch.ones(1, dtype=torch.float64), "gone": torch.ones(1)})
