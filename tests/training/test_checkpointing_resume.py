@@ -167,6 +167,9 @@ def test_cli_resume_is_bit_exact(tmp_path):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     ma, mb = load_file(straight / "model.safetensors"), load_file(split / "model.safetensors")
     assert all(torch.equal(ma[k], mb[k]) for k in ma) and set(ma) == set(mb)
+    with CheckpointManager(split / "checkpoints") as manager:
+        meta = manager.metadata(6)
+    assert "Trainer.max_steps = 6" in meta["extra"]["gin_config"] and meta["extra"]["tokenizer"]
     # Logged losses: the two halves of the split run (one metrics.jsonl, appended) equal the straight run.
     assert _train_losses(split) == _train_losses(straight)
     assert [s for s, _ in _train_losses(straight)] == [1, 2, 3, 4, 5, 6]
