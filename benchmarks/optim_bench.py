@@ -66,11 +66,25 @@ def make_tree(shapes: dict[str, tuple[int, ...]], seed: int, scale: float) -> di
 
 
 class Variant:
-    """One contender: ``step()`` runs one optimizer step; ``params()`` returns its parameters as a dict."""
+    """One contender: ``step()`` runs one optimizer step; ``params()`` returns its parameters as a dict.
 
-    def __init__(self, name: str, step: Callable[[], None], params: Callable[[], dict[str, torch.Tensor]]):
+    ``prepare()`` runs untimed before each step. For a rule allowed to overwrite the gradients it
+    is given (craftfn's donated steps: ``chain(clip_by_global_norm, adamw)`` clips them in place;
+    TorchOpt's in-place mode turns them into the updates) it restores the variant's private copy,
+    as a training loop would hand it fresh gradients; the others share one read-only gradient tree
+    (checked at the end).
+    """
+
+    def __init__(self, name: str, step: Callable[[], None], params: Callable[[], dict[str, torch.Tensor]],
+                 private_grads: dict | None = None, master: dict | None = None):
         self.name, self.step, self.params = name, step, params
+        self.private_grads, self.master = private_grads, master
         self.times: list[float] = []
+
+    def prepare(self) -> None:
+        if self.private_grads is not None and self.master is not None:
+            names = list(self.master)
+            torch._foreach_copy_([self.private_grads[n] for n in names], [self.master[n] for n in names])
 
 
 def craftfn_pure(params0: dict, grads: dict) -> Variant:
@@ -85,7 +99,8 @@ def craftfn_pure(params0: dict, grads: dict) -> Variant:
     return Variant("craftfn adamw pure", step, lambda: box["p"])
 
 
-def craftfn_donated(name: str, tx: optim.GradientTransformation, params0: dict, grads: dict) -> Variant:
+def craftfn_donated(name: str, tx: optim.GradientTransformation, params0: dict, master: dict) -> Variant:
+    grads = tree.clone(master)  # donated too: the step may overwrite them
     box = {"state": TrainState.create(apply_fn=lambda p, x: x, params=tree.clone(params0), tx=tx)}
     if tx.donated_update is None:
         raise RuntimeError(f"{name}: the transformation has no donated_update (fused path)")
@@ -93,19 +108,19 @@ def craftfn_donated(name: str, tx: optim.GradientTransformation, params0: dict, 
     def step() -> None:
         box["state"] = box["state"].apply_gradients(grads, donate=True)
 
-    return Variant(name, step, lambda: box["state"].params)
+    return Variant(name, step, lambda: box["state"].params, grads, master)
 
 
-def torch_variant(name: str, params0: dict, grads: dict, **kwargs: Any) -> Variant:
+def torch_variant(name: str, params0: dict, master: dict, **kwargs: Any) -> Variant:
     names = list(params0)
     ps = [params0[n].detach().clone().requires_grad_(True) for n in names]
     for p, n in zip(ps, names):
-        p.grad = grads[n].clone()
+        p.grad = master[n].clone()
     opt = torch.optim.AdamW(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, **kwargs)
     return Variant(name, opt.step, lambda: {n: p.detach() for n, p in zip(names, ps)})
 
 
-def torchopt_variants(params0: dict, grads: dict) -> list[Variant]:
+def torchopt_variants(params0: dict, master: dict) -> list[Variant]:
     try:
         import torchopt
     except ImportError:
@@ -113,15 +128,16 @@ def torchopt_variants(params0: dict, grads: dict) -> list[Variant]:
     out = []
     for inplace in (False, True):
         opt = torchopt.adamw(LR, betas=BETAS, eps=EPS, weight_decay=WD)
+        grads = tree.clone(master) if inplace else master
         box = {"p": tree.clone(params0)}
         box["s"] = opt.init(box["p"])
 
-        def step(opt=opt, box=box, inplace=inplace) -> None:
+        def step(opt=opt, box=box, inplace=inplace, grads=grads) -> None:
             updates, box["s"] = opt.update(grads, box["s"], params=box["p"], inplace=inplace)
             box["p"] = torchopt.apply_updates(box["p"], updates, inplace=inplace)
 
         label = "TorchOpt adamw (in place)" if inplace else "TorchOpt adamw (functional)"
-        out.append(Variant(label, step, lambda box=box: box["p"]))
+        out.append(Variant(label, step, lambda box=box: box["p"], grads if inplace else None, master))
     return out
 
 
@@ -166,6 +182,7 @@ def main() -> None:
     ]
     if not args.no_torchopt:
         variants += torchopt_variants(params0, grads)
+    grads_check = [float(g.double().sum()) for g in grads.values()]
     gc.collect()
 
     info = machine()
@@ -173,12 +190,15 @@ def main() -> None:
     print(f"machine: {info['nproc']} cores, {info['cpu']}; torch {info['torch']} ({torch.get_num_threads()} threads); load: {info['uptime']}")
     for r in range(args.warmup + steps):
         for v in variants:
+            v.prepare()
             t0 = time.perf_counter()
             v.step()
             dt = time.perf_counter() - t0
             if r >= args.warmup:
                 v.times.append(dt)
 
+    if [float(g.double().sum()) for g in grads.values()] != grads_check:
+        print("WARNING: a variant overwrote the shared gradients; the comparison below is not valid")
     fused = next(v for v in variants if v.name == "torch AdamW fused")
     t_fused = statistics.median(fused.times)
     reference = fused.params()
