@@ -151,7 +151,8 @@ def _byte_view(t: torch.Tensor) -> memoryview:
 class _Sha256:
     """sha256 computed on a helper thread, so hashing overlaps the disk I/O of the caller.
 
-    hashlib releases the GIL for large buffers; chunks are hashed in submission order.
+    hashlib releases the GIL for large buffers; chunks are hashed in submission order. The
+    caller must keep the hashed memory unchanged until :meth:`hexdigest` or :meth:`close`.
     """
 
     def __init__(self, overlap: bool) -> None:
@@ -163,9 +164,9 @@ class _Sha256:
         if self._pool is None:
             self._hash.update(data)
             return
+        # No bound on the backlog: the chunks are views of tensors that live on anyway, and an
+        # unbounded queue lets the writer reach fsync (disk time) while the hash catches up.
         self._futures.append(self._pool.submit(self._hash.update, data))
-        if len(self._futures) > 4:  # bound the backlog (and the memory views it keeps alive)
-            self._futures.pop(0).result()
 
     def hexdigest(self) -> str:
         self.close()
