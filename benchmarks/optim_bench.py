@@ -13,9 +13,10 @@ decay 0.01) and only the optimizer step is timed:
 * TorchOpt adamw (if installed): functional ``update(..., inplace=False)`` + ``apply_updates(inplace=False)``,
   and its default in-place mode.
 
-Steps of the variants are interleaved round by round, so load from other processes hits all of
-them alike; the table shows the median and the minimum ms/step over the timed rounds (the minimum
-is the better estimate of an unloaded machine) and the throughput ratio to torch fused.
+Each variant runs beside its own ``torch.optim.AdamW(fused=True)`` reference, their steps
+alternating, so load from other processes hits both alike and the working set stays small; the
+table shows the median and minimum ms/step over the timed steps (the minimum is the better
+estimate of an unloaded machine) and the throughput ratio to the paired torch fused.
 At the end every variant's parameters are compared with torch fused's (same steps, same
 gradients): the numbers measure the same computation.
 
@@ -120,25 +121,20 @@ def torch_variant(name: str, params0: dict, master: dict, **kwargs: Any) -> Vari
     return Variant(name, opt.step, lambda: {n: p.detach() for n, p in zip(names, ps)})
 
 
-def torchopt_variants(params0: dict, master: dict) -> list[Variant]:
-    try:
-        import torchopt
-    except ImportError:
-        return []
-    out = []
-    for inplace in (False, True):
-        opt = torchopt.adamw(LR, betas=BETAS, eps=EPS, weight_decay=WD)
-        grads = tree.clone(master) if inplace else master
-        box = {"p": tree.clone(params0)}
-        box["s"] = opt.init(box["p"])
+def torchopt_variant(params0: dict, master: dict, inplace: bool) -> Variant:
+    import torchopt
 
-        def step(opt=opt, box=box, inplace=inplace, grads=grads) -> None:
-            updates, box["s"] = opt.update(grads, box["s"], params=box["p"], inplace=inplace)
-            box["p"] = torchopt.apply_updates(box["p"], updates, inplace=inplace)
+    opt = torchopt.adamw(LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    grads = tree.clone(master) if inplace else master
+    box = {"p": tree.clone(params0)}
+    box["s"] = opt.init(box["p"])
 
-        label = "TorchOpt adamw (in place)" if inplace else "TorchOpt adamw (functional)"
-        out.append(Variant(label, step, lambda box=box: box["p"], grads if inplace else None, master))
-    return out
+    def step() -> None:
+        updates, box["s"] = opt.update(grads, box["s"], params=box["p"], inplace=inplace)
+        box["p"] = torchopt.apply_updates(box["p"], updates, inplace=inplace)
+
+    label = "TorchOpt adamw (in place)" if inplace else "TorchOpt adamw (functional)"
+    return Variant(label, step, lambda: box["p"], grads if inplace else None, master)
 
 
 def machine() -> dict[str, str]:
@@ -155,8 +151,8 @@ def machine() -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="~5M parameters (quick check)")
-    parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 20, small 10)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 20, small 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--no-torchopt", action="store_true", help="skip TorchOpt even if installed")
     args = parser.parse_args()
 
@@ -168,50 +164,68 @@ def main() -> None:
     n_params = sum(p.numel() for p in params0.values())
 
     adamw = lambda: optim.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)  # noqa: E731
-    injected = optim.inject_hyperparams(optim.adamw, static_args=("b1", "b2", "eps", "weight_decay"))(
+    injected = lambda: optim.inject_hyperparams(optim.adamw, static_args=("b1", "b2", "eps", "weight_decay"))(  # noqa: E731
         learning_rate=LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD
     )
-    variants = [
-        craftfn_pure(params0, grads),
-        craftfn_donated("craftfn adamw donated", adamw(), params0, grads),
-        craftfn_donated("craftfn clip+adamw donated", optim.chain(optim.clip_by_global_norm(1.0), adamw()), params0, grads),
-        craftfn_donated("craftfn inject(adamw) donated", injected, params0, grads),
-        torch_variant("torch AdamW for-loop", params0, grads, foreach=False),
-        torch_variant("torch AdamW foreach", params0, grads, foreach=True),
-        torch_variant("torch AdamW fused", params0, grads, fused=True),
+    factories: list[tuple[str, Callable[[], Variant]]] = [
+        ("craftfn adamw pure", lambda: craftfn_pure(params0, grads)),
+        ("craftfn adamw donated", lambda: craftfn_donated("craftfn adamw donated", adamw(), params0, grads)),
+        ("craftfn clip+adamw donated", lambda: craftfn_donated(
+            "craftfn clip+adamw donated", optim.chain(optim.clip_by_global_norm(1.0), adamw()), params0, grads)),
+        ("craftfn inject(adamw) donated", lambda: craftfn_donated("craftfn inject(adamw) donated", injected(), params0, grads)),
+        ("torch AdamW for-loop", lambda: torch_variant("torch AdamW for-loop", params0, grads, foreach=False)),
+        ("torch AdamW foreach", lambda: torch_variant("torch AdamW foreach", params0, grads, foreach=True)),
+        ("torch AdamW fused", lambda: torch_variant("torch AdamW fused", params0, grads, fused=True)),
     ]
-    if not args.no_torchopt:
-        variants += torchopt_variants(params0, grads)
+    try:
+        import torchopt  # noqa: F401
+
+        has_torchopt = not args.no_torchopt
+    except ImportError:
+        has_torchopt = False
+    if has_torchopt:
+        factories += [(f"TorchOpt adamw ({m})", lambda inplace=inplace: torchopt_variant(params0, grads, inplace))
+                      for m, inplace in (("functional", False), ("in place", True))]
     grads_check = [float(g.double().sum()) for g in grads.values()]
-    gc.collect()
 
     info = machine()
-    print(f"optim_bench: {n_params / 1e6:.1f}M parameters in {len(shapes)} tensors, {steps} timed rounds after {args.warmup} warm-up")
+    print(f"optim_bench: {n_params / 1e6:.1f}M parameters in {len(shapes)} tensors; each variant runs {args.warmup} warm-up "
+          f"+ {steps} timed steps alternating with a torch AdamW(fused=True) reference built beside it")
     print(f"machine: {info['nproc']} cores, {info['cpu']}; torch {info['torch']} ({torch.get_num_threads()} threads); load: {info['uptime']}")
-    for r in range(args.warmup + steps):
-        for v in variants:
-            v.prepare()
-            t0 = time.perf_counter()
-            v.step()
-            dt = time.perf_counter() - t0
-            if r >= args.warmup:
-                v.times.append(dt)
+    if not has_torchopt:
+        print("TorchOpt: not installed (pip install 'craftfn[bench]') or --no-torchopt; its rows are omitted")
+    rows = []
+    for name, factory in factories:
+        # One variant and its own fused reference at a time: they see the same load (steps
+        # alternate) and the working set stays ~2 models' worth of memory.
+        variant = factory()
+        ref = torch_variant("torch AdamW fused (paired)", params0, grads, fused=True)
+        for r in range(args.warmup + steps):
+            for v in ((variant, ref) if r % 2 == 0 else (ref, variant)):  # alternate who goes first
+                v.prepare()
+                t0 = time.perf_counter()
+                v.step()
+                dt = time.perf_counter() - t0
+                if r >= args.warmup:
+                    v.times.append(dt)
+        ps, rs = variant.params(), ref.params()
+        diff = max(float((ps[n].double() - rs[n].double()).abs().max()) for n in rs)
+        rows.append((name, variant.times, ref.times, diff))
+        del variant, ref, ps, rs
+        gc.collect()
 
     if [float(g.double().sum()) for g in grads.values()] != grads_check:
         print("WARNING: a variant overwrote the shared gradients; the comparison below is not valid")
-    fused = next(v for v in variants if v.name == "torch AdamW fused")
-    t_fused = statistics.median(fused.times)
-    reference = fused.params()
     print()
-    m_fused = min(fused.times)
-    print("| variant | ms/step (median) | ms/step (min) | time / torch fused (median) | throughput vs torch fused (median) | throughput vs torch fused (min) | max abs diff vs torch fused |")
+    print("| variant | ms/step (median) | ms/step (min) | paired torch fused ms (median) | throughput vs torch fused (median) "
+          "| throughput vs torch fused (min) | max abs diff vs torch fused |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for v in variants:
-        t, m = statistics.median(v.times), min(v.times)
-        ps = v.params()
-        diff = max(float((ps[n].double() - reference[n].double()).abs().max()) for n in reference)
-        print(f"| {v.name} | {1e3 * t:.1f} | {1e3 * m:.1f} | {t / t_fused:.2f}x | {t_fused / t:.2f}x | {m_fused / m:.2f}x | {diff:.1e} |")
+    for name, times, ref_times, diff in rows:
+        t, m = statistics.median(times), min(times)
+        rt, rm = statistics.median(ref_times), min(ref_times)
+        print(f"| {name} | {1e3 * t:.1f} | {1e3 * m:.1f} | {1e3 * rt:.1f} | {rt / t:.2f}x | {rm / m:.2f}x | {diff:.1e} |")
     print()
+    print("throughput vs torch fused = (paired torch fused time) / (variant time); > 1 means faster than torch fused.")
     print("clip+adamw clips the gradient (global norm > 1 here), so it departs from plain AdamW by design;")
     print("every other row computes the same AdamW steps as torch fused.")
     print(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; load after: {os.getloadavg()}")
