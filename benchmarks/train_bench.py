@@ -188,11 +188,16 @@ def run_variant(args: argparse.Namespace, size: str, variant: str) -> dict[str, 
     steps = args.large_steps if size == "large" else args.steps
     cmd = [
         sys.executable, os.path.abspath(__file__), "--worker", "--size", size, "--variant", variant,
-        "--steps", str(steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+        "--steps", str(steps), "--warmup", str(args.large_warmup if size == "large" else args.warmup), "--threads", str(args.threads),
         "--device", args.device, "--peak-flops", str(args.peak_flops),
     ]
     load_before = os.getloadavg()[0]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold:
+        # glibc: allocations above this size get their own mapping, returned to the OS on free,
+        # so RSS tracks live tensors instead of what the heap kept after fragmentation.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     if proc.returncode != 0:
         return {"size": size, "variant": variant, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -202,8 +207,8 @@ def run_variant(args: argparse.Namespace, size: str, variant: str) -> dict[str, 
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| size | variant | ms/step | tokens/s | x (a) time | peak MB | +train MB | x (a) peak | compile s | final loss | load 1m |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| size | variant | ms/step | min ms | tokens/s | x (a) time | peak MB | +train MB | x (a) peak | compile s | final loss | load 1m |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     base = {r["size"]: r for r in results if r.get("variant") == "a" and "error" not in r}
     for r in results:
@@ -216,12 +221,12 @@ def table(results: list[dict[str, Any]]) -> str:
         a_mem = (a.get("max_allocated_mb", a["peak_rss_mb"])) if a else None
         compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
         lines.append(
-            f"| {r['size']} ({r['params_m']:.1f}M) | {r['variant']}: {VARIANTS[r['variant']]} | {r['ms_per_step']:.1f} | "
+            f"| {r['size']} ({r['params_m']:.1f}M) | {r['variant']}: {VARIANTS[r['variant']]} | {r['ms_per_step']:.1f} | {r['ms_min']:.1f} | "
             f"{r['tokens_per_s']:.0f} | {r['ms_per_step'] / a['ms_per_step']:.3f} | {mem:.0f} | {added:.0f} | "
             f"{mem / a_mem:.3f} | {compile_s} | {r['final_loss']:.4f} | "
             f"{r['load_1m'][0]}-{r['load_1m'][1]} |"
             if a
-            else f"| {r['size']} | {r['variant']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:.0f} | - | {mem:.0f} | {added:.0f} | - | - | {r['final_loss']:.4f} | - |"
+            else f"| {r['size']} | {r['variant']} | {r['ms_per_step']:.1f} | {r['ms_min']:.1f} | {r['tokens_per_s']:.0f} | - | {mem:.0f} | {added:.0f} | - | - | {r['final_loss']:.4f} | - |"
         )
     return "\n".join(lines)
 
@@ -257,17 +262,30 @@ def main() -> None:
     parser.add_argument("--large-steps", type=int, default=3, help="timed steps per variant at the large size")
     parser.add_argument("--repeat", type=int, default=1, help="run the variant list this many times, interleaved; keep each variant's fastest run (robust to a shared machine's load)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compiles happen here)")
+    parser.add_argument("--large-warmup", type=int, default=1, help="untimed steps at the large size")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--peak-flops", type=float, default=990e12, help="for MFU on CUDA (H200 bf16 dense ~990e12)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per variant")
     parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=0, help="set glibc MALLOC_MMAP_THRESHOLD_ (bytes) in the workers (0: leave it)")
+    parser.add_argument("--from-json", default=None, help="only print the table and targets of saved results (comma list of files)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
+        return
+    if args.from_json:
+        results = []
+        for path in args.from_json.split(","):
+            with open(path) as f:
+                results += json.load(f)
+        print(table(results))
+        print()
+        for line in targets(results):
+            print("- " + line)
         return
     sizes, variants = args.sizes.split(","), args.variants.split(",")
     for name, allowed, chosen in (("--sizes", SIZES, sizes), ("--variants", VARIANTS, variants)):
