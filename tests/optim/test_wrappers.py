@@ -40,9 +40,6 @@ def test_injected_adamw_equals_plain_adamw_pure_and_donated():
                                       static_args=("b1", "b2", "eps"))
 
 
-@pytest.mark.xfail(reason="scale_by_adam's _ema_sq passes a 0-d tensor b2 to torch._foreach_addcmul_, which "
-                          "rejects it (craftfn/optim/transforms.py); use static_args=('b1', 'b2', 'eps') meanwhile",
-                   strict=False)
 def test_injected_adamw_with_tensor_betas_equals_plain_adamw():
     testing.check_injected_equivalent(_adamw(), learning_rate=3e-3, b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.0, steps=5)
 
@@ -327,15 +324,9 @@ def _wrapped_rules():
     }
 
 
-def _no_0d(params):
-    # See test_injected_tensor_hyperparams_keep_0d_bf16_state_dtype: trace() promotes a 0-d bf16
-    # leaf's state to fp32 when its decay is a tensor, so inject_hyperparams(sgd) skips 0-d leaves here.
-    return {k: v for k, v in params.items() if k != "block"} if isinstance(params, dict) else params
-
-
 @settings(max_examples=10, deadline=None)
 @given(
-    testing.param_trees(max_leaves=3, min_dims=1).flatmap(lambda p: testing.grads_like(p).map(lambda g: (p, g))),
+    testing.param_trees(max_leaves=3).flatmap(lambda p: testing.grads_like(p).map(lambda g: (p, g))),
     st.sampled_from(sorted(_wrapped_rules())),
 )
 def test_wrappers_are_pure_and_keep_their_state_stable(pg, name):
@@ -348,9 +339,7 @@ def test_wrappers_are_pure_and_keep_their_state_stable(pg, name):
 @pytest.mark.parametrize("name", sorted(_wrapped_rules()))
 def test_bf16_params_stay_bf16_through_wrappers(name):
     tx = _wrapped_rules()[name]
-    params = _params(dtype=torch.bfloat16)
-    if name == "inject_hyperparams":
-        params = _no_0d(params)
+    params = _params(dtype=torch.bfloat16)  # includes a 0-d leaf: tensor hyperparameters must not promote it
     testing.check_state_stable(tx, params, steps=3)
     for donate in (False, True):
         state = TrainState.create(apply_fn=lambda p, x: x, params=tree.clone(params), tx=tx)
@@ -360,8 +349,6 @@ def test_bf16_params_stay_bf16_through_wrappers(name):
         assert tree.all_finite(state.params)
 
 
-@pytest.mark.xfail(reason="optim.trace multiplies a 0-d bf16 leaf by a 0-d fp32 tensor decay and keeps the "
-                          "promoted fp32 result (craftfn/optim/transforms.py)", strict=False)
 def test_injected_tensor_hyperparams_keep_0d_bf16_state_dtype():
     tx = optim.inject_hyperparams(optim.sgd)(learning_rate=0.1, momentum=0.9)
     testing.check_state_stable(tx, {"temperature": torch.tensor(1.0, dtype=torch.bfloat16)}, steps=2)
