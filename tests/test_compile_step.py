@@ -92,8 +92,9 @@ def test_all_options_together_compile_as_one_graph_once():
 @pytest.mark.xfail(
     strict=True,
     reason="torch 2.13 CPU: torch._fused_adamw_ cannot go through AOT autograd (functionalization INTERNAL ASSERT; "
-    "the tensor_lr overload has no fake kernel). Fix in craftfn/optim/fused.py: use the _foreach path when "
-    "torch.compiler.is_compiling() (inductor fuses it anyway); then remove this mark.",
+    "the tensor_lr overload has no fake kernel). Fix in craftfn/optim/fused.py: call the kernel through a "
+    "torch.library custom op with a fake kernel (keeps it fused in the graph; see benchmarks/train_bench.py "
+    "_patch_fused_adam_for_compile), or take the _foreach path when torch.compiler.is_compiling(); then remove this mark.",
 )
 def test_fused_adam_kernel_compiles():
     # The default job's AdamW runs this kernel in both its pure and donated updates.
