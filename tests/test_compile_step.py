@@ -8,7 +8,6 @@ import torch
 
 from craftfn import TrainState, make_train_step, optim, schedules, tree
 from craftfn.models.gpt import GPT, GPTConfig, lm_loss
-from craftfn.optim.factory import create_optimizer
 
 CFG = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)  # one block: tracing cost
 
@@ -20,11 +19,6 @@ def schedule():
 def compilable_tx():
     """Clipping + momentum SGD on a warm-up/cosine schedule (a function of the tensor update count)."""
     return optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(schedule(), momentum=0.9))
-
-
-def default_job_tx():
-    """The default job's optimizer (gin/char_gpt.gin): AdamW, warm-up + cosine, clipping, masked decay."""
-    return create_optimizer("adamw", learning_rate=schedule(), weight_decay=0.1, clip_norm=1.0, no_decay=("bias", "ln_", "wpe", "wte"))
 
 
 def gpt_state(tx=None, cfg=CFG, seed=0):
