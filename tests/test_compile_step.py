@@ -83,15 +83,10 @@ def test_all_options_together_compile_as_one_graph_once():
     assert a.apply_fn is state.apply_fn
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch 2.13 CPU: torch._fused_adamw_ cannot go through AOT autograd (functionalization INTERNAL ASSERT; "
-    "the tensor_lr overload has no fake kernel). Fix in craftfn/optim/fused.py: call the kernel through a "
-    "torch.library custom op with a fake kernel (keeps it fused in the graph; see benchmarks/train_bench.py "
-    "_patch_fused_adam_for_compile), or take the _foreach path when torch.compiler.is_compiling(); then remove this mark.",
-)
 def test_fused_adam_kernel_compiles():
-    # The default job's AdamW runs this kernel in both its pure and donated updates.
+    # The default job's AdamW runs this kernel in both its pure and donated updates. torch 2.13
+    # cannot functionalize torch._fused_adamw_ itself; fused.py calls it through a custom op
+    # with a fake kernel under compile.
     from craftfn.optim.fused import fused_adam_step_
 
     def update(p, g, m, v, count, lr):
@@ -121,3 +116,41 @@ def test_inductor_compiled_donated_gpt_step_matches_eager():
     assert tree.allclose(a.params, b.params, rtol=1e-3, atol=1e-5)
     assert {k: v.data_ptr() for k, v in a.params.items()} == ptrs
     assert compiled.compile_seconds > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("donate", [False, True])
+def test_adamw_train_step_compiles_in_one_graph_and_matches_eager(donate):
+    # The default job's optimizer (fused AdamW behind clipping, lr schedule in the state) in a
+    # compiled step: one graph, no breaks, same numbers as eager.
+    from craftfn import TrainState, make_train_step, optim, tree
+    from craftfn.schedules import warmup_cosine_decay
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
+    tx = optim.create_optimizer(
+        "adamw", learning_rate=warmup_cosine_decay(0.0, 1e-2, 3, 20), weight_decay=0.1, clip_norm=1.0, no_decay=("bias",)
+    )
+
+    def loss_fn(state, params, batch, rng):
+        return torch.mean((state.apply(params, batch["x"]) - batch["y"]) ** 2)
+
+    batch = {"x": torch.randn(8, 4), "y": torch.randn(8, 1)}
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = make_train_step(loss_fn, donate=donate, compile={"backend": counting_backend, "fullgraph": True})
+    eager = make_train_step(loss_fn)
+    s_c = TrainState.create(model=model, tx=tx)
+    s_e = TrainState.create(model=model, tx=tx)
+    for _ in range(5):
+        s_c, m_c = compiled(s_c, batch)
+        s_e, m_e = eager(s_e, batch)
+    assert len(graphs) == 1
+    assert tree.allclose(s_c.params, s_e.params, rtol=1e-5, atol=1e-6)
+    assert tree.allclose(s_c.opt_state, s_e.opt_state, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(m_c["loss"], m_e["loss"], rtol=1e-5)

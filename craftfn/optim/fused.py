@@ -62,6 +62,44 @@ def fused_supported(*lists: Sequence[torch.Tensor]) -> bool:
     return True
 
 
+# torch 2.13 cannot put ``torch._fused_adamw_`` through AOT autograd (functionalization
+# fails on the CPU kernel; its tensor-lr overload has no fake kernel). Under torch.compile the
+# same kernel is called through this custom op: it declares what it mutates and has a fake
+# (shape-only) implementation, so AOT functionalizes it and inductor puts it back in place.
+@torch.library.custom_op(
+    "craftfn::fused_adamw_",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+    schema=(
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor(d!)[] max_exp_avg_sqs, Tensor step, Tensor lr, float beta1, float beta2, float weight_decay, "
+        "float eps, bool amsgrad) -> ()"
+    ),
+)
+def _fused_adamw_op(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor],
+    step: torch.Tensor,
+    lr: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    amsgrad: bool,
+) -> None:
+    torch._fused_adamw_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, [step] * len(params),
+        lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=False,
+    )
+
+
+@_fused_adamw_op.register_fake
+def _fused_adamw_fake(*args: object) -> None:
+    return None
+
+
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -139,7 +177,13 @@ def fused_adam_step_(
             group_lr = lr.to(device=device, dtype=torch.float32 if device.type == "cuda" else lr.dtype)
         else:
             group_lr = float(lr)
-        if use_kernel:
+        if use_kernel and torch.compiler.is_compiling():
+            lr_t = group_lr if isinstance(group_lr, torch.Tensor) else torch.tensor(group_lr, dtype=torch.float32 if device.type == "cuda" else torch.float64, device=device)
+            _fused_adamw_op(
+                gp.tensors, gg.tensors, gm.tensors, gv.tensors, gmax, step, lr_t,
+                float(b1), float(b2), float(weight_decay), float(eps), amsgrad,
+            )
+        elif use_kernel:
             # One float step tensor shared by every leaf: the kernel reads it and never writes it.
             torch._fused_adamw_(
                 gp.tensors, gg.tensors, gm.tensors, gv.tensors, gmax, [step] * len(gp.tensors),
