@@ -210,7 +210,7 @@ def _prepare_training(
     run_dir: str, optimizer: Any, callbacks: Sequence[cb.Callback], donate: bool, compile: bool, console_every: int,
     tensorboard_every: int, sample_every: int, sample_prompt: str, sample_tokens: int, temperature: float,
     save_checkpoints: bool, num_threads: Optional[int], print_fn: Callable[[str], None],
-    shard_optimizer_state: bool = False,
+    shard_optimizer_state: bool = False, step_options: Optional[dict[str, Any]] = None,
 ) -> tuple[Any, ...]:
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -225,10 +225,12 @@ def _prepare_training(
     state = TrainState.create(model=task.model, tx=optimizer, seed=task.seed)
     if data_parallel:
         state = distributed.broadcast_state(state)
-        train_step = distributed.make_data_parallel_step(lm_loss, donate=donate, compile=compile, shard_global_batch=True)
+        train_step = distributed.make_data_parallel_step(
+            lm_loss, donate=donate, compile=compile, shard_global_batch=True, **(step_options or {})
+        )
     else:
-        train_step = make_train_step(lm_loss, donate=donate, compile=compile)
-    eval_step = make_eval_step(lm_eval_metrics)
+        train_step = make_train_step(lm_loss, donate=donate, compile=compile, **(step_options or {}))
+    eval_step = make_eval_step(lm_eval_metrics, policy=(step_options or {}).get("policy"))
     if main:
         task.tokenizer.save(run / "tokenizer.json")
     sampler = ConfiguredSampleText(
@@ -305,6 +307,9 @@ def train_language_model(
     save_checkpoints: bool = True,
     num_threads: Optional[int] = None,
     shard_optimizer_state: bool = False,
+    policy: Optional[str] = None,
+    loss_scale: Optional[bool] = None,
+    remat: Optional[Any] = None,
     print_fn: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train a GPT language model; the run directory gets config.gin, metrics.jsonl,
@@ -329,6 +334,10 @@ def train_language_model(
         shard_optimizer_state: under torchrun, keep each rank's 1/N slice of the optimizer
             state only (ZeRO-1, see :func:`craftfn.distributed.data_parallel`: exact for
             elementwise rules and clipping by global norm).
+        policy: mixed precision by name (``"fp32"``, ``"bf16"``, ``"bf16_pure"``, ``"fp16"``;
+            see :mod:`craftfn.precision`).
+        loss_scale: dynamic loss scaling (``True`` for fp16).
+        remat: activation checkpointing targets, e.g. ``"transformer.h.*"`` (see :mod:`craftfn.remat`).
 
     Returns:
         A summary: final eval metrics, unigram entropy, the final sample, steps, seconds.
@@ -341,6 +350,7 @@ def train_language_model(
             run_dir, optimizer, callbacks, donate, compile, console_every, tensorboard_every, sample_every,
             sample_prompt, sample_tokens, temperature, save_checkpoints, num_threads, print_fn,
             shard_optimizer_state,
+            {k: v for k, v in {"policy": policy, "loss_scale": loss_scale, "remat": remat}.items() if v is not None},
         )
     except (ValueError, TypeError, OSError) as e:
         raise ConfigError(_clean_gin_message(e)) from e

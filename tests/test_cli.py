@@ -4,6 +4,7 @@ and user errors (one paragraph on stderr, exit status 2, no traceback)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -176,3 +177,23 @@ def test_resuming_with_a_different_model_is_a_user_error(tmp_path, capsys):
     capsys.readouterr()
     status = main([*run, "--gin.GPTConfig.n_embd=32", "--gin.MAX_STEPS=6"])
     _assert_one_paragraph_error(status, capsys.readouterr().err, "different model", "fresh --run_dir")
+
+
+def test_step_options_from_gin_bf16_remat_donate(tmp_path, capsys):
+    # Mixed precision, activation checkpointing and donation are gin bindings of `train`.
+    run_dir = tmp_path / "run"
+    status = main(
+        [
+            "train", "--gin_file", DEFAULT_GIN, "--run_dir", str(run_dir), *TINY,
+            "--gin.MAX_STEPS=4", "--gin.train.policy='bf16'", "--gin.train.remat='transformer.h.*'",
+            "--gin.train.donate=True", "--gin.train.save_checkpoints=False",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert status == 0
+    config = (run_dir / "config.gin").read_text()
+    assert "train.policy = 'bf16'" in config and "train.remat = 'transformer.h.*'" in config
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert "final validation loss" in out

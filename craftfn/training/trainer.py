@@ -468,6 +468,7 @@ class Trainer:
         """
         self._t0 = time.time()
         self.stop_reason = None
+        self.compile_seconds: Optional[float] = None
         if resume:
             state = self._restore(state)
         # One host read at the start; the loop keeps its own count afterwards.
@@ -490,6 +491,13 @@ class Trainer:
             self.callbacks.on_step_begin(self, step + 1)
             state, metrics = self._step_fn(state, batch)
             metrics = dict(metrics)
+            if step == start:
+                # A compiled step (make_train_step(compile=...)) times its first call, trace and
+                # compile included; report it once, with the first step's metrics.
+                compile_seconds = getattr(self.train_step, "compile_seconds", None)
+                if compile_seconds is not None:
+                    self.compile_seconds = float(compile_seconds)
+                    metrics["compile_seconds"] = torch.tensor(self.compile_seconds)
             lr = None if self._lr_absent else learning_rate_of(getattr(state, "opt_state", None))
             if lr is None:
                 self._lr_absent = True

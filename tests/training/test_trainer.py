@@ -364,3 +364,22 @@ def test_logged_lr_follows_the_schedule_with_a_donated_fused_step():
     Trainer(make_train_step(mse_loss, donate=True), linear_data, max_steps=8, callbacks=[Collect()]).fit(state)
     # Step s's event is read after step s + 1 updated the state in place: the value is still step s's.
     assert [e.metrics["lr"] for e in events] == pytest.approx([schedule(t) for t in range(8)], rel=1e-6, abs=1e-9)
+
+
+def test_compile_time_of_a_compiled_step_is_reported_once():
+    events = []
+
+    class Collect(Callback):
+        def on_log(self, trainer, event):
+            events.append(event)
+
+    torch._dynamo.reset()
+    step = make_train_step(mse_loss, compile={"backend": "eager", "fullgraph": True})
+    trainer = Trainer(step, linear_data, max_steps=3, callbacks=[Collect()])
+    trainer.fit(linear_state())
+    assert trainer.compile_seconds is not None and trainer.compile_seconds > 0
+    reported = [e.metrics["compile_seconds"] for e in events if "compile_seconds" in e.metrics]
+    assert reported == [pytest.approx(trainer.compile_seconds)]
+    plain = Trainer(make_train_step(mse_loss), linear_data, max_steps=2)
+    plain.fit(linear_state())
+    assert plain.compile_seconds is None
