@@ -11,8 +11,9 @@ parameter's *name* (``named_parameters()`` form), which is usually the shortest:
         lambda name, p: "no_decay" if name.endswith("bias") or p.ndim < 2 else "decay",
     )
 
-Masked-out leaves are handed to the inner rule as ``None`` (an empty subtree, like
-optax's ``MaskedNode``), so the inner state only holds what it updates.
+The inner rule sees only its leaves, as a flat dict keyed by dotted parameter names
+(``{"blocks.0.attn.weight": ...}``; optax instead leaves ``MaskedNode`` holes in the tree), so
+the inner state only holds what it updates and is easy to read.
 
 Example:
     >>> import torch
@@ -68,42 +69,79 @@ def _is_per_leaf_fn(fn: Callable[..., Any]) -> bool:
     return len(positional) == 2
 
 
-def _broadcast_prefix(prefix: Any, full: Any, argname: str) -> list[Any]:
-    """The leaves of ``prefix`` repeated over the leaves of ``full`` they cover (one per leaf of ``full``)."""
-    p_leaves, p_def = tree.flatten(prefix)
-    try:
-        subtrees = p_def.flatten_up_to(full)
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"{argname} must have the structure of the parameter tree (or of a prefix of it): {e}"
-        ) from None
-    out: list[Any] = []
-    for value, sub in zip(p_leaves, subtrees):
-        out.extend([value] * len(tree.leaves(sub)))
+def _prefix_entries(prefix: Any) -> list[tuple[str, Any]]:
+    """``(dotted path, value)`` for each leaf of a labels/mask tree (``""`` for a single value)."""
+    pairs, _ = tree.flatten_with_path(prefix)
+    return pairs
+
+
+def _match_prefix(entries: list[tuple[str, Any]], names: list[str], argname: str) -> list[Any]:
+    """One value per parameter name: the entry with the same path, else the longest path prefix.
+
+    Matching dotted names (rather than tree structures) keeps this plain Python over strings, which
+    ``torch.compile`` traces without graph breaks, and lets a prefix label whole subtrees.
+    """
+    lookup = dict(entries)
+    used: set[str] = set()
+    out = []
+    for name in names:
+        if name in lookup:
+            key = name
+        else:
+            candidates = [k for k, _ in entries if k == "" or name.startswith(k + ".")]
+            if not candidates:
+                raise ValueError(
+                    f"{argname} has no entry for parameter {name!r}: it must have the structure of the parameters "
+                    f"(or of a prefix of it); its entries are {[k for k, _ in entries][:8]}"
+                )
+            key = max(candidates, key=len)
+        used.add(key)
+        out.append(lookup[key])
+    unused = [k for k, _ in entries if k not in used]
+    if unused:
+        raise ValueError(f"{argname} entries {unused[:8]} match no parameter (parameters: {names[:8]})")
     return out
 
 
-def _resolve_per_leaf(spec: LabelSpec, target: Any, argname: str) -> list[Any]:
-    """One label (or bool) per leaf of ``target``, from a tree, a tree function or a name function."""
+def _resolve_per_leaf(spec: LabelSpec, target: Any, argname: str, entries: Optional[list[tuple[str, Any]]] = None) -> list[Any]:
+    """One label (or bool) per leaf of ``target``, from a tree, a tree function or a name function.
+
+    ``entries``: :func:`_prefix_entries` of ``spec`` when it is a tree, computed once up front.
+    """
+    pairs, _ = tree.flatten_with_path(target)
     if callable(spec):
         if _is_per_leaf_fn(spec):
-            pairs, _ = tree.flatten_with_path(target)
             return [spec(name, leaf) for name, leaf in pairs]
-        return _broadcast_prefix(spec(target), target, argname)
-    return _broadcast_prefix(spec, target, argname)
+        entries = _prefix_entries(spec(target))
+    elif entries is None:
+        entries = _prefix_entries(spec)
+    return _match_prefix(entries, [name for name, _ in pairs], argname)
 
 
-def _split(leaves: list[Any], treedef: tree.TreeDef, keep: list[bool]) -> Any:
-    """The tree with the leaves where ``keep`` is False replaced by ``None`` (an empty subtree)."""
-    return tree.unflatten(treedef, [x if k else None for x, k in zip(leaves, keep)])
+def _subtree(names: list[str], leaves: list[Any], keep: list[bool]) -> dict[str, Any]:
+    """``{dotted name: leaf}`` for the kept leaves: the tree an inner rule of a partition or mask sees.
+
+    A flat dict keyed by ``named_parameters()``-style names (rather than the original tree with
+    holes) keeps the inner states readable, lets name-based masks inside the inner rule work as
+    they would on the full tree, and traces under ``torch.compile`` (Dynamo's optree support fails
+    on trees whose subtrees are all ``None``).
+    """
+    return {name: x for name, x, k in zip(names, leaves, keep) if k}
 
 
-def _scatter(out: list[Any], keep: list[bool], sub: Any) -> None:
-    """Write the leaves of ``sub`` (a tree from :func:`_split`) back into ``out`` where ``keep``."""
-    sub_leaves = iter(tree.leaves(sub))
-    for i, k in enumerate(keep):
+def _scatter(out: list[Any], names: list[str], keep: list[bool], sub: Mapping[str, Any]) -> None:
+    """Write the values of ``sub`` (keyed like :func:`_subtree`) back into ``out`` where ``keep``."""
+    for i, (name, k) in enumerate(zip(names, keep)):
         if k:
-            out[i] = next(sub_leaves)
+            out[i] = sub[name]
+
+
+def _names(target: Any, argname: str) -> list[str]:
+    names = tree.paths(target)
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{argname}: leaves {dup[:8]} share a dotted name; rename the keys so every leaf has its own name")
+    return names
 
 
 def _flat_params(treedef: tree.TreeDef, params: Any) -> list[Any]:
@@ -197,10 +235,12 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], param_label
             - a function ``params -> tree of labels``;
             - a function ``(name, param) -> label`` over dotted parameter names such as
               ``"blocks.0.attn.bias"`` (recognised by its two positional arguments).
+            Inside a ``torch.compile``'d step use a tree or a name function: a function that
+            builds a labels tree is traced too, and Dynamo (torch 2.13) cannot flatten it.
 
     Returns:
         A :class:`GradientTransformation`; its state is :class:`PartitionState`. Each inner
-        rule sees a tree where the other groups' leaves are ``None``.
+        rule sees its group as a flat dict ``{dotted name: leaf}``.
 
     Raises:
         ValueError: a parameter gets a label that is not a key of ``transforms``, or the
@@ -220,20 +260,22 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], param_label
         if not isinstance(t, GradientTransformation):
             raise TypeError(f"partition: transforms[{label!r}] must be a GradientTransformation, got {type(t).__name__}")
     known = list(transforms)
+    # A labels tree is flattened once, here, outside any compiled step.
+    label_entries = None if callable(param_labels) else _prefix_entries(param_labels)
 
-    def _labels(target: Any) -> tuple[list[Any], tree.TreeDef, list[Any]]:
+    def _labels(target: Any) -> tuple[list[Any], tree.TreeDef, list[str], list[Any]]:
         leaves_, treedef = tree.flatten(target)
-        labels = _resolve_per_leaf(param_labels, target, "param_labels")
-        names = tree.paths(target)
+        names = _names(target, "partition")
+        labels = _resolve_per_leaf(param_labels, target, "param_labels", label_entries)
         for name, label in zip(names, labels):
             if label not in transforms:
                 raise ValueError(f"param_labels: parameter {name!r} has label {label!r}, which is not one of the transforms' labels {known}")
-        return leaves_, treedef, labels
+        return leaves_, treedef, names, labels
 
     def init_fn(params: Params) -> PartitionState:
-        leaves_, treedef, labels = _labels(params)
+        leaves_, _, names, labels = _labels(params)
         return PartitionState({
-            label: t.init(_split(leaves_, treedef, [lab == label for lab in labels])) for label, t in transforms.items()
+            label: t.init(_subtree(names, leaves_, [lab == label for lab in labels])) for label, t in transforms.items()
         })
 
     def _check(state: Any) -> None:
@@ -242,15 +284,15 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], param_label
 
     def update_fn(updates: Updates, state: PartitionState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, PartitionState]:
         _check(state)
-        leaves_, treedef, labels = _labels(updates)
+        leaves_, treedef, names, labels = _labels(updates)
         p_leaves = _flat_params(treedef, params) if params is not None else None
         out = list(leaves_)
         new_inner = {}
         for label, t in transforms.items():
             keep = [lab == label for lab in labels]
-            sub_params = _split(p_leaves, treedef, keep) if p_leaves is not None else None
-            sub_updates, new_inner[label] = t.update(_split(leaves_, treedef, keep), state.inner_states[label], sub_params, **extra)
-            _scatter(out, keep, sub_updates)
+            sub_params = _subtree(names, p_leaves, keep) if p_leaves is not None else None
+            sub_updates, new_inner[label] = t.update(_subtree(names, leaves_, keep), state.inner_states[label], sub_params, **extra)
+            _scatter(out, names, keep, sub_updates)
         return tree.unflatten(treedef, out), PartitionState(new_inner)
 
     donated_fn = None
@@ -258,19 +300,19 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], param_label
 
         def donated_fn(updates: Updates, state: PartitionState, params: Params, **extra: Any) -> tuple[Params, PartitionState]:
             _check(state)
-            leaves_, treedef, labels = _labels(updates)
+            leaves_, treedef, names, labels = _labels(updates)
             p_leaves = _flat_params(treedef, params)
             out = list(p_leaves)
             new_inner = {}
             for label, t in transforms.items():
                 keep = [lab == label for lab in labels]
-                # The sub-trees hold the very parameter tensors, so an in-place inner step
+                # The sub-dicts hold the very parameter tensors, so an in-place inner step
                 # updates them where they are; scattering its results also covers rules that
                 # return fresh tensors.
                 sub_params, new_inner[label] = _donated_or_fallback(
-                    t, _split(leaves_, treedef, keep), state.inner_states[label], _split(p_leaves, treedef, keep), **extra
+                    t, _subtree(names, leaves_, keep), state.inner_states[label], _subtree(names, p_leaves, keep), **extra
                 )
-                _scatter(out, keep, sub_params)
+                _scatter(out, names, keep, sub_params)
             return tree.unflatten(treedef, out), PartitionState(new_inner)
 
     return GradientTransformation(init_fn, update_fn, donated_fn)
@@ -285,8 +327,8 @@ class MaskedState(NamedTuple):
     inner_state: OptState
 
 
-def _mask_list(mask: LabelSpec, target: Any) -> list[bool]:
-    values = _resolve_per_leaf(mask, target, "mask")
+def _mask_list(mask: LabelSpec, target: Any, entries: Optional[list[tuple[str, Any]]] = None) -> list[bool]:
+    values = _resolve_per_leaf(mask, target, "mask", entries)
     names = tree.paths(target)
     out = []
     for name, v in zip(names, values):
@@ -331,10 +373,11 @@ def masked(inner: GradientTransformation, mask: LabelSpec) -> GradientTransforma
     """
     if not isinstance(inner, GradientTransformation):
         raise TypeError(f"masked: inner must be a GradientTransformation, got {type(inner).__name__}")
+    mask_entries = None if callable(mask) else _prefix_entries(mask)
 
     def init_fn(params: Params) -> MaskedState:
-        leaves_, treedef = tree.flatten(params)
-        return MaskedState(inner.init(_split(leaves_, treedef, _mask_list(mask, params))))
+        leaves_ = tree.leaves(params)
+        return MaskedState(inner.init(_subtree(_names(params, "masked"), leaves_, _mask_list(mask, params, mask_entries))))
 
     def _check(state: Any) -> None:
         if not isinstance(state, MaskedState):
@@ -343,11 +386,12 @@ def masked(inner: GradientTransformation, mask: LabelSpec) -> GradientTransforma
     def update_fn(updates: Updates, state: MaskedState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, MaskedState]:
         _check(state)
         leaves_, treedef = tree.flatten(updates)
-        keep = _mask_list(mask, updates)
-        sub_params = _split(_flat_params(treedef, params), treedef, keep) if params is not None else None
-        sub_updates, inner_state = inner.update(_split(leaves_, treedef, keep), state.inner_state, sub_params, **extra)
+        names = _names(updates, "masked")
+        keep = _mask_list(mask, updates, mask_entries)
+        sub_params = _subtree(names, _flat_params(treedef, params), keep) if params is not None else None
+        sub_updates, inner_state = inner.update(_subtree(names, leaves_, keep), state.inner_state, sub_params, **extra)
         out = list(leaves_)
-        _scatter(out, keep, sub_updates)
+        _scatter(out, names, keep, sub_updates)
         return tree.unflatten(treedef, out), MaskedState(inner_state)
 
     donated_fn = None
@@ -356,16 +400,17 @@ def masked(inner: GradientTransformation, mask: LabelSpec) -> GradientTransforma
         def donated_fn(updates: Updates, state: MaskedState, params: Params, **extra: Any) -> tuple[Params, MaskedState]:
             _check(state)
             leaves_, treedef = tree.flatten(updates)
-            keep = _mask_list(mask, updates)
+            names = _names(updates, "masked")
+            keep = _mask_list(mask, updates, mask_entries)
             p_leaves = _flat_params(treedef, params)
             sub_params, inner_state = inner.donated_update(
-                _split(leaves_, treedef, keep), state.inner_state, _split(p_leaves, treedef, keep), **extra
+                _subtree(names, leaves_, keep), state.inner_state, _subtree(names, p_leaves, keep), **extra
             )
             # Masked-out leaves take their update unchanged, in place like the rest.
             drop = [not k for k in keep]
-            apply_updates_(_split(p_leaves, treedef, drop), _split(leaves_, treedef, drop))
+            apply_updates_(_subtree(names, p_leaves, drop), _subtree(names, leaves_, drop))
             out = list(p_leaves)
-            _scatter(out, keep, sub_params)
+            _scatter(out, names, keep, sub_params)
             return tree.unflatten(treedef, out), MaskedState(inner_state)
 
     return GradientTransformation(init_fn, update_fn, donated_fn)

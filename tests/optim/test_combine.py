@@ -203,3 +203,31 @@ def test_bf16_params_stay_bf16_through_combinators():
             for i in range(2):
                 state = state.apply_gradients(_grads(params, seed=i), donate=donate)
             assert all(x.dtype == torch.bfloat16 for x in tree.leaves(state.params)), (name, donate)
+
+
+def test_combinators_trace_into_one_graph_with_nested_trees():
+    # A nested group whose leaves all fall on one side used to break Dynamo's optree support.
+    params = {"w": torch.randn(3, 2), "b": torch.randn(2), "blk": {"x": torch.randn(2), "y": torch.randn(2)}}
+    rules = {
+        "partition by name": optim.partition({"a": optim.sgd(0.1, momentum=0.9), "b": optim.sgd(0.01)},
+                                             lambda n, p: "a" if p.ndim >= 2 else "b"),
+        "partition by prefix tree": optim.partition({"a": optim.sgd(0.1, momentum=0.9), "b": optim.sgd(0.01)},
+                                                    {"w": "a", "b": "b", "blk": "a"}),
+        "masked tree": optim.masked(optim.sgd(0.1, momentum=0.9), {"w": True, "b": False, "blk": {"x": True, "y": False}}),
+        "freeze": optim.freeze({"w": True, "b": False, "blk": True}),
+    }
+    for name, tx in rules.items():
+        compiled = torch.compile(tx.update, backend="eager", fullgraph=True)
+        state = tx.init(params)
+        g = testing.random_grads(params, seed=0)
+        u_c, s_c = compiled(g, state, params)
+        u_e, s_e = tx.update(g, state, params)
+        assert tree.allclose(u_c, u_e) and tree.allclose(s_c, s_e), name
+
+
+def test_partition_prefix_entries_must_match_parameters():
+    params = _params()
+    with pytest.raises(ValueError, match=r"param_labels entries \['nrom'\] match no parameter"):
+        optim.partition({"a": optim.sgd(0.1)}, {"embed": "a", "blocks": "a", "norm": "a", "nrom": "a"}).init(params)
+    with pytest.raises(ValueError, match=r"mask has no entry for parameter 'norm.scale'"):
+        optim.masked(optim.sgd(0.1), {"embed": True, "blocks": False}).init(params)
