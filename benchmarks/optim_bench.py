@@ -9,6 +9,8 @@ decay 0.01) and only the optimizer step is timed:
 * craftfn adamw donated:   ``state = state.apply_gradients(g, donate=True)`` (fused kernel)
 * craftfn clip+adamw don.: ``chain(clip_by_global_norm(1.0), adamw)``, donated
 * craftfn inject(adamw) don.: ``inject_hyperparams(adamw, static_args=(...))(learning_rate=...)``, donated
+  (only the learning rate is a tensor: torch's fused kernel takes it), and with every hyperparameter
+  a tensor (the donated step then runs as in-place ``_foreach`` ops)
 * torch AdamW for-loop / foreach / fused: ``torch.optim.AdamW(foreach=False | foreach=True | fused=True)``
 * TorchOpt adamw (if installed): functional ``update(..., inplace=False)`` + ``apply_updates(inplace=False)``,
   and its default in-place mode.
@@ -167,12 +169,17 @@ def main() -> None:
     injected = lambda: optim.inject_hyperparams(optim.adamw, static_args=("b1", "b2", "eps", "weight_decay"))(  # noqa: E731
         learning_rate=LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD
     )
+    injected_all = lambda: optim.inject_hyperparams(optim.adamw)(  # noqa: E731
+        learning_rate=LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD
+    )
     factories: list[tuple[str, Callable[[], Variant]]] = [
         ("craftfn adamw pure", lambda: craftfn_pure(params0, grads)),
         ("craftfn adamw donated", lambda: craftfn_donated("craftfn adamw donated", adamw(), params0, grads)),
         ("craftfn clip+adamw donated", lambda: craftfn_donated(
             "craftfn clip+adamw donated", optim.chain(optim.clip_by_global_norm(1.0), adamw()), params0, grads)),
         ("craftfn inject(adamw) donated", lambda: craftfn_donated("craftfn inject(adamw) donated", injected(), params0, grads)),
+        ("craftfn inject(adamw) donated, all hparams tensors", lambda: craftfn_donated(
+            "craftfn inject(adamw) donated, all hparams tensors", injected_all(), params0, grads)),
         ("torch AdamW for-loop", lambda: torch_variant("torch AdamW for-loop", params0, grads, foreach=False)),
         ("torch AdamW foreach", lambda: torch_variant("torch AdamW foreach", params0, grads, foreach=True)),
         ("torch AdamW fused", lambda: torch_variant("torch AdamW fused", params0, grads, fused=True)),
