@@ -6,12 +6,15 @@ same fixed gradients and hyperparameters (lr 1e-3, betas (0.9, 0.999), eps 1e-8,
 decay 0.01) and only the optimizer step is timed:
 
 * craftfn adamw pure:      ``updates, s = tx.update(g, s, p); p = apply_updates(p, updates)``
+* craftfn adamw pure step: the update of a non-donated ``make_train_step``: copies of the params and
+  optimizer state updated in place by the fused kernel (the input state stays intact)
 * craftfn adamw donated:   ``state = state.apply_gradients(g, donate=True)`` (fused kernel)
 * craftfn clip+adamw don.: ``chain(clip_by_global_norm(1.0), adamw)``, donated
 * craftfn inject(adamw) don.: ``inject_hyperparams(adamw, static_args=(...))(learning_rate=...)``, donated
   (only the learning rate is a tensor: torch's fused kernel takes it), and with every hyperparameter
   a tensor (the donated step then runs as in-place ``_foreach`` ops)
 * torch AdamW for-loop / foreach / fused: ``torch.optim.AdamW(foreach=False | foreach=True | fused=True)``
+* torch clip_grad_norm_ + AdamW fused: the usual torch loop with clipping (the peer of craftfn clip+adamw)
 * TorchOpt adamw (if installed): functional ``update(..., inplace=False)`` + ``apply_updates(inplace=False)``,
   and its default in-place mode.
 
@@ -102,6 +105,23 @@ def craftfn_pure(params0: dict, grads: dict) -> Variant:
     return Variant("craftfn adamw pure", step, lambda: box["p"])
 
 
+def craftfn_pure_step(params0: dict, master: dict) -> Variant:
+    """The update a non-donated ``make_train_step`` runs: copies of params and state, fused in place.
+
+    The input state stays intact (a pure step); the gradients are the step's own, handed in fresh.
+    """
+    from craftfn.step import _apply_own_gradients
+
+    tx = optim.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
+    grads = tree.clone(master)
+    box = {"state": TrainState.create(apply_fn=lambda p, x: x, params=tree.clone(params0), tx=tx)}
+
+    def step() -> None:
+        box["state"] = _apply_own_gradients(box["state"], grads, donate=False)
+
+    return Variant("craftfn adamw pure step", step, lambda: box["state"].params, grads, master)
+
+
 def craftfn_donated(name: str, tx: optim.GradientTransformation, params0: dict, master: dict) -> Variant:
     grads = tree.clone(master)  # donated too: the step may overwrite them
     box = {"state": TrainState.create(apply_fn=lambda p, x: x, params=tree.clone(params0), tx=tx)}
@@ -114,13 +134,23 @@ def craftfn_donated(name: str, tx: optim.GradientTransformation, params0: dict, 
     return Variant(name, step, lambda: box["state"].params, grads, master)
 
 
-def torch_variant(name: str, params0: dict, master: dict, **kwargs: Any) -> Variant:
+def torch_variant(name: str, params0: dict, master: dict, clip_norm: float | None = None, **kwargs: Any) -> Variant:
     names = list(params0)
     ps = [params0[n].detach().clone().requires_grad_(True) for n in names]
     for p, n in zip(ps, names):
         p.grad = master[n].clone()
     opt = torch.optim.AdamW(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, **kwargs)
-    return Variant(name, opt.step, lambda: {n: p.detach() for n, p in zip(names, ps)})
+    if clip_norm is None:
+        return Variant(name, opt.step, lambda: {n: p.detach() for n, p in zip(names, ps)})
+
+    # The usual torch loop with clipping: clip_grad_norm_ scales .grad in place, so each step
+    # gets a fresh copy of the gradients (restored by Variant.prepare), like a new backward.
+    def step() -> None:
+        torch.nn.utils.clip_grad_norm_(ps, clip_norm, foreach=True)
+        opt.step()
+
+    private = {n: p.grad for n, p in zip(names, ps)}
+    return Variant(name, step, lambda: {n: p.detach() for n, p in zip(names, ps)}, private, master)
 
 
 def torchopt_variant(params0: dict, master: dict, inplace: bool) -> Variant:
@@ -174,6 +204,7 @@ def main() -> None:
     )
     factories: list[tuple[str, Callable[[], Variant]]] = [
         ("craftfn adamw pure", lambda: craftfn_pure(params0, grads)),
+        ("craftfn adamw pure step", lambda: craftfn_pure_step(params0, grads)),
         ("craftfn adamw donated", lambda: craftfn_donated("craftfn adamw donated", adamw(), params0, grads)),
         ("craftfn clip+adamw donated", lambda: craftfn_donated(
             "craftfn clip+adamw donated", optim.chain(optim.clip_by_global_norm(1.0), adamw()), params0, grads)),
@@ -183,6 +214,8 @@ def main() -> None:
         ("torch AdamW for-loop", lambda: torch_variant("torch AdamW for-loop", params0, grads, foreach=False)),
         ("torch AdamW foreach", lambda: torch_variant("torch AdamW foreach", params0, grads, foreach=True)),
         ("torch AdamW fused", lambda: torch_variant("torch AdamW fused", params0, grads, fused=True)),
+        ("torch clip_grad_norm_ + AdamW fused", lambda: torch_variant(
+            "torch clip_grad_norm_ + AdamW fused", params0, grads, clip_norm=1.0, fused=True)),
     ]
     try:
         import torchopt  # noqa: F401

@@ -36,14 +36,22 @@ mlp_cases = st.fixed_dictionaries(
         "dropout": st.sampled_from([0.0, 0.3]),
         "n": st.integers(1, 6),
         "momentum": st.sampled_from([None, 0.9]),
+        # sgd has no in-place path; clip + adamw takes the fused one (on copies, when not donated).
+        "rule": st.sampled_from(["sgd", "clip+adamw"]),
     }
 )
+
+
+def make_tx(case):
+    if case["rule"] == "sgd":
+        return optim.sgd(0.05, momentum=case["momentum"])
+    return optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(1e-2, weight_decay=0.1))
 
 
 @given(mlp_cases)
 def test_step_is_pure_and_deterministic(case):
     model = make_mlp(case["seed"], case["d_in"], case["width"], case["depth"], case["dropout"])
-    state = TrainState.create(model=model, tx=optim.sgd(0.05, momentum=case["momentum"]), seed=case["seed"])
+    state = TrainState.create(model=model, tx=make_tx(case), seed=case["seed"])
     batch = make_batch(case["seed"], case["n"], case["d_in"])
     state_before, batch_before = tree.clone(state), tree.clone(batch)
     step = make_train_step(mse_loss)
@@ -199,3 +207,19 @@ def test_inductor_compiled_step_matches_eager():
         (s_c, m_c), (s_e, m_e) = compiled(s_c, batch), eager(s_e, batch)
     assert tree.allclose(s_c.params, s_e.params, rtol=1e-4, atol=1e-6)
     assert torch.allclose(m_c["loss"], m_e["loss"], rtol=1e-4)
+
+
+def test_pure_step_with_an_in_place_rule_equals_the_update_path():
+    # Without donation the step updates copies in place (fused kernel); the values are those of
+    # tx.update + apply_updates, and the input state is untouched.
+    model = make_mlp(3, 4, 8, 2, 0.0)
+    tx = optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(1e-2, weight_decay=0.1))
+    state = TrainState.create(model=model, tx=tx)
+    before = tree.clone(state)
+    batch = make_batch(3, 8, 4)
+    new_state, _ = make_train_step(mse_loss)(state, batch)
+    assert tree.equal(state, before)
+    grads = value_and_grad(lambda p: mse_loss(state, p, batch, random.key(0))[0])(state.params)[1]
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    assert tree.allclose(new_state.params, optim.apply_updates(state.params, updates), rtol=1e-6, atol=1e-7)
+    assert tree.allclose(new_state.opt_state, opt_state, rtol=1e-6, atol=1e-7)
