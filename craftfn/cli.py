@@ -246,6 +246,10 @@ def _train_configured(args: argparse.Namespace, bindings: Sequence[str]) -> int:
         # gin reports missing REQUIRED parameters of a configurable (RuntimeError) when it is called.
         if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):
             raise UsageError(_gin_error(e)) from None
+        if isinstance(e, ValueError) and "In call to configurable" in str(e):
+            # A configured value that the code rejected (craftfn's ValueErrors name the argument,
+            # the value and what is allowed), e.g. warmup_steps longer than the schedule.
+            raise UsageError(_one_paragraph(gin_training._clean_gin_message(e))) from None
         raise
     return 0 if summary.get("stop_reason") is None or "EarlyStopping" in str(summary.get("stop_reason")) else 1
 

@@ -129,6 +129,7 @@ def _assert_one_paragraph_error(status, err, *needles):
         (["--gin_file", DEFAULT_GIN, "--gin_bindings", "NoSuchThing.x = 1"], ["unknown gin binding", "NoSuchThing"]),
         (["--gin_file", TEXT_GIN], ["DATA_PATH", "required", "--gin.DATA_PATH="]),
         (["--gin_file", TEXT_GIN, "--gin.DATA_PATH=/no/such/file.txt"], ["/no/such/file.txt", "does not exist"]),
+        (["--gin_file", DEFAULT_GIN, "--gin.MAX_STEPS=60"], ["warmup_steps=100", "decay_steps=60"]),
     ],
 )
 def test_user_errors_exit_2_with_one_paragraph(args, needles, tmp_path, capsys):
