@@ -12,19 +12,8 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
-import torch
 
 from craftfn.cli import main, parse_gin_arguments
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread avoids thread-pool stalls on a busy 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_GIN = str(REPO / "gin" / "char_gpt.gin")

@@ -27,15 +27,6 @@ from craftfn.training import (
 from craftfn.training.trainer import Event
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread avoids thread-pool stalls on a busy 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def mse_loss(state, params, batch, rng):
     return torch.mean((state.apply(params, batch["x"]) - batch["y"]) ** 2)
 
