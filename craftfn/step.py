@@ -106,18 +106,22 @@ def _split_loss_output(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
 
 
 def _check_batch(batch: Any, accum_steps: int) -> int:
-    """Validate the batch's leading sizes (static shapes: no sync) and return the batch size."""
-    named = tree.flatten_with_path(batch)[0]
-    tensors = [(n or "<batch>", x) for n, x in named if isinstance(x, torch.Tensor)]
+    """Validate the batch's leading sizes (static shapes: no sync) and return the batch size.
+
+    Runs every step, so the common case only reads shapes; leaf names are computed for errors.
+    """
+    leaves = tree.leaves(batch)
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
     if not tensors:
         raise ValueError("batch must contain at least one tensor (a pytree whose leaves share a leading dimension)")
-    for name, x in tensors:
-        if x.dim() == 0:
-            raise ValueError(f"batch leaf {name!r} is 0-d; every batch leaf needs a leading batch dimension")
-    sizes = {name: int(x.shape[0]) for name, x in tensors}
-    if len(set(sizes.values())) > 1:
+    if any(x.dim() == 0 for x in tensors) or len({x.shape[0] for x in tensors}) > 1:
+        named = [(n or "<batch>", x) for n, x in tree.flatten_with_path(batch)[0] if isinstance(x, torch.Tensor)]
+        for name, x in named:
+            if x.dim() == 0:
+                raise ValueError(f"batch leaf {name!r} is 0-d; every batch leaf needs a leading batch dimension")
+        sizes = {name: int(x.shape[0]) for name, x in named}
         raise ValueError(f"batch leaves disagree in leading (batch) size: {sizes}")
-    size = next(iter(sizes.values()))
+    size = int(tensors[0].shape[0])
     if size % accum_steps != 0:
         raise ValueError(
             f"accum_steps={accum_steps} does not divide the batch size {size}; "

@@ -142,11 +142,6 @@ def _flatten_like(updates: Updates, name: str, *others: Any) -> tuple[list[torch
 
 
 # Kept for sibling modules written against the first version of this file.
-def _leaves_matching(updates: Updates, other: Any, name: str) -> tuple[list[torch.Tensor], Any, list[torch.Tensor]]:
-    u, treedef, (o,) = _flatten_like(updates, name, other)
-    return u, treedef, o
-
-
 def _check_state(name: str, state: Any, cls: type) -> None:
     if not isinstance(state, cls):
         raise ValueError(

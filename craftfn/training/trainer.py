@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from craftfn import precision, random, tree
+from craftfn.optim import tree_get
 from craftfn.training.callbacks import Callback, CallbackList
 from craftfn.training.evaluation import Evaluator
 from craftfn.training.progress import ProgressTracker
@@ -106,9 +107,9 @@ def count_tokens(batch: Any) -> tuple[int, int]:
 def learning_rate_of(opt_state: Any) -> Optional[torch.Tensor]:
     """The learning rate recorded in an optimizer state, or ``None`` when it has none.
 
-    Uses ``craftfn.optim.tree_get(opt_state, "learning_rate")`` where available
-    (states of ``inject_hyperparams``); otherwise searches the state for a
-    ``learning_rate`` entry or a ``hyperparams`` mapping that holds one.
+    It is ``craftfn.optim.tree_get(opt_state, "learning_rate")`` (states of
+    ``inject_hyperparams``, e.g. from ``create_optimizer``); a state holding several
+    learning rates (a ``partition`` of rules) has no single one to log, and gives ``None``.
 
     Example:
         >>> from craftfn import optim
@@ -116,46 +117,12 @@ def learning_rate_of(opt_state: Any) -> Optional[torch.Tensor]:
         True
     """
     try:
-        from craftfn.optim import tree_get  # type: ignore[attr-defined]
-    except ImportError:
-        tree_get = None
-    if tree_get is not None:
-        try:
-            value = tree_get(opt_state, "learning_rate")
-        except (KeyError, ValueError, TypeError, LookupError):
-            value = None
-        if value is not None:
-            return value if isinstance(value, torch.Tensor) else torch.as_tensor(float(value))
-    return _search_learning_rate(opt_state, depth=0)
-
-
-def _search_learning_rate(node: Any, depth: int) -> Optional[torch.Tensor]:
-    if depth > 12 or node is None:
+        value = tree_get(opt_state, "learning_rate", default=None)
+    except KeyError:
         return None
-    if isinstance(node, Mapping):
-        if "learning_rate" in node and isinstance(node["learning_rate"], (torch.Tensor, float, int)):
-            return torch.as_tensor(node["learning_rate"])
-        children: Sequence[Any] = list(node.values())
-    elif hasattr(node, "_fields"):  # NamedTuple states
-        if "learning_rate" in node._fields:
-            value = node.learning_rate
-            if isinstance(value, (torch.Tensor, float, int)):
-                return torch.as_tensor(value)
-        if "hyperparams" in node._fields:
-            found = _search_learning_rate(node.hyperparams, depth + 1)
-            if found is not None:
-                return found
-        children = list(node)
-    elif isinstance(node, (list, tuple)):
-        children = node
-    else:
-        return None
-    for child in children:
-        if isinstance(child, (Mapping, list, tuple)) or hasattr(child, "_fields"):
-            found = _search_learning_rate(child, depth + 1)
-            if found is not None:
-                return found
-    return None
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    return torch.as_tensor(float(value)) if isinstance(value, (int, float)) else None
 
 
 @dataclasses.dataclass
