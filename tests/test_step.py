@@ -3,6 +3,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+import craftfn
 from craftfn import DonatedStateError, TrainState, make_eval_step, make_train_step, optim, random, tree, value_and_grad
 
 
@@ -211,8 +212,8 @@ def test_step_core_traces_with_zero_graph_breaks():
     state, batch = _compile_case()
     for accum in (1, 2):
         step = make_train_step(mse_loss, accum_steps=accum)
-        with torch._dynamo.config.patch(trace_autograd_ops=True), _context.step_context(training=True):
-            explanation = torch._dynamo.explain(step.core)(state, batch, random.key(0))
+        with _context.step_context(training=True):
+            explanation = craftfn.jit(step.core).explain(state, batch, random.key(0))
         assert explanation.graph_break_count == 0, explanation.break_reasons
         assert explanation.graph_count == 1
     # fullgraph=True would raise on any break; aot_eager also runs the AOT autograd pipeline.
@@ -226,16 +227,19 @@ def test_step_core_traces_with_zero_graph_breaks():
 
 
 @pytest.mark.compile
-def test_inductor_compiled_step_matches_eager():
+def test_inductor_compiled_step_with_dropout_matches_eager():
+    # Under inductor the dropout masks come from the step's key as they do eagerly: the
+    # trajectories agree (before keyed dropout they drifted apart by 0.08 in 5 steps).
     torch._dynamo.reset()
-    state, batch = _compile_case()
+    model = make_mlp(0, 4, 8, 2, 0.3)
+    state = TrainState.create(model=model, tx=optim.sgd(0.1, momentum=0.9))
     compiled = make_train_step(mse_loss, compile={"fullgraph": True})
     eager = make_train_step(mse_loss)
     s_c, s_e = state, state
-    for _ in range(3):
-        (s_c, m_c), (s_e, m_e) = compiled(s_c, batch), eager(s_e, batch)
-    assert tree.allclose(s_c.params, s_e.params, rtol=1e-4, atol=1e-6)
-    assert torch.allclose(m_c["loss"], m_e["loss"], rtol=1e-4)
+    for i in range(5):
+        (s_c, m_c), (s_e, m_e) = compiled(s_c, make_batch(i, 8, 4)), eager(s_e, make_batch(i, 8, 4))
+    assert tree.allclose(s_c.params, s_e.params, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(m_c["loss"], m_e["loss"], rtol=1e-5)
 
 
 def test_pure_step_with_an_in_place_rule_equals_the_update_path():
