@@ -592,23 +592,23 @@ def _find(node: Any, key: str, path: str, found: list[tuple[str, Any]]) -> None:
         _find(child, key, child_path, found)
 
 
-_MISSING = object()
-
-
-def tree_get(state: Any, key: str, default: Any = _MISSING) -> Any:
+def tree_get(state: Any, key: str, default: Any = None, filtering: Optional[Callable[[str, Any], bool]] = None) -> Any:
     """The value of the field (NamedTuple field, dict key, dataclass field) named ``key`` anywhere in ``state``.
+
+    As optax's ``tree_get``: ``default`` when no field has that name, ``KeyError`` when several do.
 
     Args:
         state: an optimizer state (or any pytree, e.g. a ``TrainState``).
         key: the field name, e.g. ``"learning_rate"``, ``"count"``, ``"mu"``.
-        default: returned when no field has that name (otherwise ``KeyError``).
+        default: returned when no field has that name.
+        filtering: ``(dotted path, value) -> bool``: keep only the matches it accepts
+            (e.g. ``lambda path, v: path.startswith("0.")``) to pick one of several.
 
     Returns:
-        The value (a tensor or a subtree).
+        The value (a tensor or a subtree), or ``default``.
 
     Raises:
-        KeyError: no field named ``key`` (and no default), or several (their paths are listed;
-            pass a sub-state to disambiguate).
+        KeyError: several fields named ``key`` pass ``filtering`` (their paths are listed).
 
     Example:
         >>> tx = optim.chain(optim.trace(0.9), optim.inject_hyperparams(optim.sgd)(learning_rate=0.1))
@@ -617,12 +617,12 @@ def tree_get(state: Any, key: str, default: Any = _MISSING) -> Any:
     """
     found: list[tuple[str, Any]] = []
     _find(state, key, "", found)
+    if filtering is not None:
+        found = [(p, v) for p, v in found if filtering(p, v)]
     if not found:
-        if default is not _MISSING:
-            return default
-        raise KeyError(f"tree_get: no field named {key!r} in the state")
+        return default
     if len(found) > 1:
-        raise KeyError(f"tree_get: {key!r} is found {len(found)} times, at {[p for p, _ in found]}; pass the sub-state that holds the one you want")
+        raise KeyError(f"tree_get: {key!r} is found {len(found)} times, at {[p for p, _ in found]}; pass filtering= or the sub-state that holds the one you want")
     return found[0][1]
 
 
