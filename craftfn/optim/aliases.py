@@ -841,8 +841,9 @@ def novograd(
     )
 
 
-def sm3(learning_rate: float, momentum: float = 0.9) -> GradientTransformation:
-    """SM3 (Anil et al., 2019): ``chain(scale_by_sm3(momentum), scale(-learning_rate))``.
+def sm3(learning_rate: ScalarOrSchedule, momentum: float = 0.9) -> GradientTransformation:
+    """SM3 (Anil et al., 2019): ``chain(scale_by_sm3(momentum), scale_by_learning_rate(learning_rate))``
+    (optax's ``scale(-learning_rate)``; a schedule works too).
 
     Example:
         >>> tx = optim.sm3(0.1)
@@ -850,9 +851,7 @@ def sm3(learning_rate: float, momentum: float = 0.9) -> GradientTransformation:
         'ScaleBySM3State'
     """
     check_hyperparameter("learning_rate", learning_rate)
-    if callable(learning_rate):
-        raise TypeError("sm3: learning_rate must be a number or a 0-d tensor (optax's sm3 takes no schedule)")
-    return chain(scale_by_sm3(b1=momentum), scale(-learning_rate))
+    return chain(scale_by_sm3(b1=momentum), scale_by_learning_rate(learning_rate))
 
 
 def rprop(

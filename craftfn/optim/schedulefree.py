@@ -81,8 +81,8 @@ def schedule_free(
     Example:
         >>> tx = optim.schedule_free(optim.sgd(0.1), learning_rate=0.1)
         >>> s = tx.init({"w": torch.zeros(1)})
-        >>> int(s.step_count)
-        0
+        >>> int(s.step_count)  # optax counts from 1
+        1
     """
     if not isinstance(base_optimizer, GradientTransformation):
         raise TypeError(f"schedule_free: base_optimizer must be a GradientTransformation, got {type(base_optimizer).__name__}")

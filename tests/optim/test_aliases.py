@@ -115,7 +115,7 @@ def test_adafactor_factors_large_matrices() -> None:
 
 
 def test_muon_routes_matrices_through_newton_schulz() -> None:
-    tx = optim.muon(1.0, adam_weight_decay=0.0)
+    tx = optim.muon(1.0, adam_weight_decay=0.0, nesterov=False, muon_weight_dimension_numbers=optim.TORCH_LAYOUT)
     params = {"w": torch.zeros(8, 4), "b": torch.zeros(4)}
     g = {"w": torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), "b": torch.ones(4)}
     updates, state = tx.update(g, tx.init(params), params)

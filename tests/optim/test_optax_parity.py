@@ -68,7 +68,23 @@ def leaf_relative_error(ours: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("case", list(cases.CASES))
+# Measured gaps, kept visible: each case must still fail (strict), so a fix shows up.
+KNOWN_GAPS = {
+    # optax computes RAdam's rectification rho_t = rho_inf - 2 t b2^t / (1 - b2^t) in float32, where
+    # 1 - b2^t loses ~5 digits early on; craftfn computes it in float64, as torch.optim.RAdam does
+    # (and the torch-parity test holds it to that). Measured: 3.1e-5 leaf-relative at step 50.
+    "radam": "optax's float32 rectification term (3.1e-5 at step 50)",
+    "radam/nesterov": "optax's float32 rectification term (3.1e-5 at step 50)",
+}
+
+
+def _case_param(case: str) -> object:
+    if case in KNOWN_GAPS:
+        return pytest.param(case, marks=pytest.mark.xfail(reason=KNOWN_GAPS[case], strict=True))
+    return case
+
+
+@pytest.mark.parametrize("case", [_case_param(c) for c in cases.CASES])
 def test_trajectory_equals_optax(case: str) -> None:
     ours, ref = trajectory(case), REFERENCE[case]
     assert ours.shape == ref.shape

@@ -112,7 +112,7 @@ def _cases() -> dict:
     add("lars", lambda ox: ox.lars(0.1))
     add("lars/nesterov", lambda ox: ox.lars(0.1, weight_decay=0.01, trust_coefficient=0.01, nesterov=True))
     add("lbfgs", lambda ox: ox.lbfgs(linesearch=None))
-    add("lbfgs/memory", lambda ox: ox.lbfgs(learning_rate=0.3, memory_size=3, linesearch=None))
+    add("lbfgs/memory", lambda ox: ox.lbfgs(memory_size=5, scale_init_precond=False, linesearch=None))
     add("lion", lambda ox: ox.lion(1e-3))
     add("lion/wd", lambda ox: ox.lion(1e-3, b1=0.5, weight_decay=0.1))
     add("nadam", lambda ox: ox.nadam(1e-2))
