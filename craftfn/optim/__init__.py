@@ -346,6 +346,30 @@ __all__ += ["create_optimizer", "optimizer_names", "no_decay_mask"]
 from craftfn.optim import contrib, losses, schedules, tree_utils  # noqa: E402
 from craftfn.tree import global_norm  # noqa: E402
 
+from craftfn.optim.base import TransformInitFn, TransformUpdateFn  # noqa: E402
+from craftfn.optim.contrib._privacy import per_example_global_norm_clip  # noqa: E402
+from craftfn.optim.losses import (  # noqa: E402  (optax re-exports its losses at the top level too)
+    convex_kl_divergence,
+    cosine_distance,
+    cosine_similarity,
+    ctc_loss,
+    generalized_kl_divergence,
+    hinge_loss,
+    huber_loss,
+    kl_divergence,
+    l2_loss,
+    log_cosh,
+    safe_softmax_cross_entropy,
+    sigmoid_binary_cross_entropy,
+    sigmoid_focal_loss,
+    smooth_labels,
+    softmax_cross_entropy,
+    softmax_cross_entropy_with_integer_labels,
+    squared_error,
+)
+from craftfn.optim.wrappers import ShouldSkipUpdateFunction, skip_large_updates  # noqa: E402
+
+TransformUpdateExtraArgsFn = TransformUpdateFn  # every craftfn update takes **extra
 multi_transform = partition  # optax's older name
 MultiTransformState = PartitionState
 GradientTransformationExtraArgs = GradientTransformation  # every craftfn rule takes **extra
@@ -379,4 +403,9 @@ __all__ += [
     "linear_onecycle_schedule", "linear_schedule", "piecewise_constant_schedule", "piecewise_interpolate_schedule",
     "polynomial_schedule", "sgdr_schedule", "warmup_constant_schedule", "warmup_cosine_decay_schedule",
     "warmup_exponential_decay_schedule", "contrib", "losses", "schedules", "tree_utils",
+    "TransformInitFn", "TransformUpdateFn", "TransformUpdateExtraArgsFn", "per_example_global_norm_clip",
+    "skip_large_updates", "ShouldSkipUpdateFunction",
+    "convex_kl_divergence", "cosine_distance", "cosine_similarity", "ctc_loss", "generalized_kl_divergence", "hinge_loss",
+    "huber_loss", "kl_divergence", "l2_loss", "log_cosh", "safe_softmax_cross_entropy", "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss", "smooth_labels", "softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels", "squared_error",
 ]

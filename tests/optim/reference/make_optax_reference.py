@@ -6,7 +6,8 @@ Run it in a side environment that has jax and optax (craftfn's own environment n
     /tmp/sideenv-optax/bin/python tests/optim/reference/make_optax_reference.py
 
 Writes optax_reference.npz next to this file: for each case, the parameters after the steps in
-SNAPSHOTS (float32, one row per snapshot, leaves flattened in SHAPES order), plus the optax and jax versions and optax's public names (for the names test).
+SNAPSHOTS (float32, one row per snapshot, leaves flattened in SHAPES order), the outcomes of the
+programs of optax_programs.py, plus the optax and jax versions and optax's public names (for the names test).
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ HERE = pathlib.Path(__file__).resolve().parent
 spec = importlib.util.spec_from_file_location("optax_cases", HERE / "optax_cases.py")
 cases = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(cases)
+_pspec = importlib.util.spec_from_file_location("optax_programs", HERE / "optax_programs.py")
+programs = importlib.util.module_from_spec(_pspec)
+_pspec.loader.exec_module(programs)
+
+
+def run_program(source: str) -> dict:
+    namespace = {"optax": optax, "jnp": jnp}
+    exec(compile(source, "<optax program>", "exec"), namespace)
+    return programs.flat_result(namespace["result"], lambda x: np.asarray(x, dtype=np.float32))
 
 
 def run(case: str) -> np.ndarray:
@@ -59,6 +69,9 @@ def main() -> None:
     for case in cases.CASES:
         arrays[case] = run(case)
         print(f"{case}: done", file=sys.stderr)
+    for name, source in programs.PROGRAMS.items():
+        for path, value in run_program(source).items():
+            arrays[f"program:{name}:{path}"] = value
     meta = {"optax": optax.__version__, "jax": jax.__version__, "numpy": np.__version__, "names": public_names(),
             "cases": list(cases.CASES), "snapshots": list(cases.SNAPSHOTS)}
     arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
