@@ -54,13 +54,9 @@ _ALIAS_MODULES = (
     "craftfn.optim.aliases",
     "craftfn.optim.orthogonal",
     "craftfn.optim.schedulefree",
-    "craftfn.optim.contrib._adaptive",
-    "craftfn.optim.contrib._parameter_free",
 )
-# Aliases a config cannot drive through a plain train step: deprecated in optax (optimistic_adam
-# takes its learning rate into the optimistic gradient, so no schedule), or needing the loss as
-# ``value=`` at every update (momo, momo_adam).
-_NOT_BY_NAME = frozenset({"optimistic_adam", "momo", "momo_adam"})
+# Deprecated in optax, and its learning rate enters the optimistic gradient, so it takes no schedule.
+_NOT_BY_NAME = frozenset({"optimistic_adam"})
 
 
 def _aliases() -> dict[str, Callable[..., GradientTransformation]]:

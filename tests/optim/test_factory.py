@@ -191,10 +191,9 @@ def test_compiled_step_with_a_scheduled_factory_optimizer_compiles_once():
     assert optim.tree_get(state.opt_state, "learning_rate").item() == pytest.approx(lr(19), rel=1e-6)
 
 
-# Rules this schedule (0 at step 0) does not suit: rprop's learning_rate is its initial step size,
-# read once by init; prodigy's and D-Adaptation's distance estimates are 0/0 after a zero-lr step
-# (NaN in optax too). They start the same ramp at 0.1 instead.
-INITIAL_STEP_ONLY = {"rprop", "prodigy", "dadapt_adamw"}
+# rprop's learning_rate is its initial step size, read once by init (0 at step 0 of this schedule):
+# it starts the same ramp at 0.1 instead.
+INITIAL_STEP_ONLY = {"rprop"}
 
 
 @pytest.mark.parametrize("name", optimizer_names())
