@@ -344,8 +344,6 @@ __all__ += ["create_optimizer", "optimizer_names", "no_decay_mask"]
 # optax's names: the optimizers and primitives added for parity, its aliases of craftfn names, and
 # the submodules (contrib, losses, schedules, tree_utils) under optax's module names.
 from craftfn.optim import contrib, losses, schedules, tree_utils  # noqa: E402
-from craftfn.tree import global_norm  # noqa: E402
-
 from craftfn.optim.base import TransformInitFn, TransformUpdateFn  # noqa: E402
 from craftfn.optim.contrib._privacy import per_example_global_norm_clip  # noqa: E402
 from craftfn.optim.losses import (  # noqa: E402  (optax re-exports its losses at the top level too)
@@ -368,6 +366,7 @@ from craftfn.optim.losses import (  # noqa: E402  (optax re-exports its losses a
     squared_error,
 )
 from craftfn.optim.wrappers import ShouldSkipUpdateFunction, skip_large_updates  # noqa: E402
+from craftfn.tree import global_norm  # noqa: E402
 
 TransformUpdateExtraArgsFn = TransformUpdateFn  # every craftfn update takes **extra
 multi_transform = partition  # optax's older name

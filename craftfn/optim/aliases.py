@@ -50,6 +50,7 @@ from craftfn.optim.base import (
     identity,
 )
 from craftfn.optim.clipping import clip_by_block_rms
+from craftfn.optim.fused import fused_adam_step_, fused_supported
 from craftfn.optim.rules import (
     scale_by_adan,
     scale_by_belief,
@@ -61,7 +62,6 @@ from craftfn.optim.rules import (
     scale_by_sm3,
     scale_by_yogi,
 )
-from craftfn.optim.fused import fused_adam_step_, fused_supported
 from craftfn.optim.transforms import (
     MaskOrFn,
     ScaleByScheduleState,

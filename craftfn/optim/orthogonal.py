@@ -29,7 +29,15 @@ import torch
 
 from craftfn import tree
 from craftfn.optim.aliases import adamw
-from craftfn.optim.base import EmptyState, GradientTransformation, Params, ScalarOrSchedule, Updates, chain, check_hyperparameter
+from craftfn.optim.base import (
+    EmptyState,
+    GradientTransformation,
+    Params,
+    ScalarOrSchedule,
+    Updates,
+    chain,
+    check_hyperparameter,
+)
 from craftfn.optim.combine import partition
 from craftfn.optim.rules import _nesterov_mu_hat, bias_corrected, moment
 from craftfn.optim.transforms import (
@@ -41,7 +49,6 @@ from craftfn.optim.transforms import (
     add_decayed_weights,
     scale_by_learning_rate,
 )
-
 
 __all__ = ["MuonState", "MuonDimensionNumbers", "TORCH_LAYOUT", "orthogonalize_via_newton_schulz", "scale_by_muon", "scale_by_shape", "muon"]
 

@@ -572,16 +572,21 @@ def scale_by_lbfgs(memory_size: int = 10, scale_init_precond: bool = True) -> Gr
             identity_scale = torch.ones(())
         order = torch.remainder(memory_idx + torch.arange(memory_size, device=memory_idx.device), memory_size)
         pick = lambda mem, j: mem.index_select(0, order[j].reshape(1)).squeeze(0)  # noqa: E731
-        vec, alphas = updates, [None] * memory_size
+        def slot(mem: Updates, j: int) -> Updates:
+            return tree.map(lambda m: pick(m, j), mem)
+
+        def add_scaled(vec: Updates, coef: torch.Tensor, direction: Updates) -> Updates:
+            return tree.map(lambda v, d: (v + coef.to(v.dtype) * d).to(v.dtype), vec, direction)
+
+        # The two-loop recursion over the ring buffer, oldest pair last in the first loop.
+        vec, alphas = updates, [torch.zeros(())] * memory_size
         for j in reversed(range(memory_size)):
-            dwi, dui = tree.map(lambda m: pick(m, j), dp_mem), tree.map(lambda m: pick(m, j), du_mem)
-            alphas[j] = pick(w_mem, j) * _tree_vdot(dwi, vec)
-            vec = tree.map(lambda v, d: (v - alphas[j].to(v.dtype) * d).to(v.dtype), vec, dui)
+            alphas[j] = pick(w_mem, j) * _tree_vdot(slot(dp_mem, j), vec)
+            vec = add_scaled(vec, -alphas[j], slot(du_mem, j))
         vec = tree.map(lambda v: v * identity_scale.to(device=v.device, dtype=v.dtype), vec)
         for j in range(memory_size):
-            dwi, dui = tree.map(lambda m: pick(m, j), dp_mem), tree.map(lambda m: pick(m, j), du_mem)
-            beta = pick(w_mem, j) * _tree_vdot(dui, vec)
-            vec = tree.map(lambda v, d: (v + (alphas[j] - beta).to(v.dtype) * d).to(v.dtype), vec, dwi)
+            beta = pick(w_mem, j) * _tree_vdot(slot(du_mem, j), vec)
+            vec = add_scaled(vec, alphas[j] - beta, slot(dp_mem, j))
         new_state = ScaleByLBFGSState(state.count + 1, tree.map(lambda p: p.detach(), params), updates, dp_mem, du_mem, w_mem)
         return vec, new_state
 

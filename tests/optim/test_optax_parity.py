@@ -95,3 +95,19 @@ def test_trajectory_equals_optax(case: str) -> None:
             f"{case}: differs from optax {META['optax']} at step {cases.SNAPSHOTS[row]}, leaf {list(cases.SHAPES)[col]!r}: "
             f"max |diff| / max |optax| = {err[row, col]:.3g} > {RTOL:g}"
         )
+
+
+def test_noise_of_noisy_sgd_and_dpsgd_has_optax_law() -> None:
+    """The noise is craftfn's (keys), so the trajectories above compare eta=0 / noise_multiplier=0; here the
+    noise itself: zero mean and optax's variance (eta / t^gamma; (clip * multiplier / batch)^2)."""
+    zeros = {"w": torch.zeros(20000)}
+    tx = optim.noisy_sgd(1.0, eta=0.5, gamma=0.55, key=0)
+    state = tx.init(zeros)
+    for t in (1, 2, 3):
+        updates, state = tx.update(zeros, state)
+        sample = -updates["w"]
+        assert abs(float(sample.mean())) < 0.02
+        assert float(sample.var()) == pytest.approx(0.5 / t**0.55, rel=0.05)
+    tx = optim.contrib.dpsgd(1.0, l2_norm_clip=2.0, noise_multiplier=0.5, seed=0)
+    updates, _ = tx.update({"w": torch.zeros(4, 20000)}, tx.init(zeros))
+    assert float(updates["w"].var()) == pytest.approx((2.0 * 0.5 / 4) ** 2, rel=0.05)

@@ -50,7 +50,13 @@ from craftfn.optim.contrib._plateau import ReduceLROnPlateauState, reduce_on_pla
 from craftfn.optim.contrib._privacy import DifferentiallyPrivateAggregateState, differentially_private_aggregate, dpsgd
 from craftfn.optim.contrib._sam import NormalizeState, SAMState, normalize, sam
 from craftfn.optim.orthogonal import MuonDimensionNumbers, MuonState, muon, scale_by_muon, scale_by_shape
-from craftfn.optim.schedulefree import ScheduleFreeState, schedule_free, schedule_free_adamw, schedule_free_eval_params, schedule_free_sgd
+from craftfn.optim.schedulefree import (
+    ScheduleFreeState,
+    schedule_free,
+    schedule_free_adamw,
+    schedule_free_eval_params,
+    schedule_free_sgd,
+)
 
 __all__ = [
     "MadgradState",

@@ -20,7 +20,15 @@ from craftfn import tree
 from craftfn.optim.adaptive import ScaleByAdamState
 from craftfn.optim.base import GradientTransformation, Params, ScalarOrSchedule, Updates, chain, check_hyperparameter
 from craftfn.optim.rules import ScaleByBeliefState, _hp, bias_corrected, moment, moment_sq
-from craftfn.optim.transforms import MaskOrFn, _check_betas, _check_state, _count_like, _need_params, add_decayed_weights, scale_by_learning_rate
+from craftfn.optim.transforms import (
+    MaskOrFn,
+    _check_betas,
+    _check_state,
+    _count_like,
+    _need_params,
+    add_decayed_weights,
+    scale_by_learning_rate,
+)
 
 __all__ = [
     "ScaleByAdemamixState",

@@ -19,9 +19,25 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from craftfn import tree
-from craftfn.optim.base import GradientTransformation, OptState, Params, ScalarOrSchedule, Updates, chain, check_hyperparameter, identity
+from craftfn.optim.base import (
+    GradientTransformation,
+    OptState,
+    Params,
+    ScalarOrSchedule,
+    Updates,
+    chain,
+    check_hyperparameter,
+    identity,
+)
 from craftfn.optim.rules import _tree_sq_norm, _tree_vdot
-from craftfn.optim.transforms import MaskOrFn, _check_state, _count_like, _need_params, add_decayed_weights, scale_by_learning_rate
+from craftfn.optim.transforms import (
+    MaskOrFn,
+    _check_state,
+    _count_like,
+    _need_params,
+    add_decayed_weights,
+    scale_by_learning_rate,
+)
 
 __all__ = [
     "COCOBState",

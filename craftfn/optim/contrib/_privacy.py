@@ -14,7 +14,15 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 
 from craftfn import random, tree
-from craftfn.optim.base import GradientTransformation, Params, ScalarOrSchedule, Updates, chain, check_hyperparameter, identity
+from craftfn.optim.base import (
+    GradientTransformation,
+    Params,
+    ScalarOrSchedule,
+    Updates,
+    chain,
+    check_hyperparameter,
+    identity,
+)
 from craftfn.optim.transforms import _check_state, scale_by_learning_rate, trace
 
 __all__ = ["DifferentiallyPrivateAggregateState", "differentially_private_aggregate", "dpsgd", "per_example_global_norm_clip"]
