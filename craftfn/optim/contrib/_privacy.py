@@ -25,7 +25,7 @@ from craftfn.optim.base import (
 )
 from craftfn.optim.transforms import _check_state, scale_by_learning_rate, trace
 
-__all__ = ["DifferentiallyPrivateAggregateState", "differentially_private_aggregate", "dpsgd", "per_example_global_norm_clip"]
+__all__ = ["PerExampleGradientTransformation", "DifferentiallyPrivateAggregateState", "differentially_private_aggregate", "dpsgd", "per_example_global_norm_clip"]
 
 
 def per_example_global_norm_clip(grads: list[torch.Tensor], l2_norm_clip: float) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -45,6 +45,13 @@ def per_example_global_norm_clip(grads: list[torch.Tensor], l2_norm_clip: float)
     multipliers = torch.nan_to_num(torch.clamp(l2_norm_clip / norms, max=1.0), nan=1.0)
     clipped = [torch.tensordot(multipliers.to(g.dtype), g, dims=1) for g in grads]
     return clipped, torch.sum(multipliers < 1.0)
+
+
+class PerExampleGradientTransformation(GradientTransformation):
+    """A transformation whose input updates carry a leading batch axis (per-example gradients);
+    ``chain`` does not check them against the parameters' shapes."""
+
+    takes_per_example_updates = True
 
 
 class DifferentiallyPrivateAggregateState(NamedTuple):
@@ -89,7 +96,7 @@ def differentially_private_aggregate(
         noised = [(g + noise_std * random.normal(keys[i + 1], tuple(g.shape), dtype=g.dtype, device=g.device)) / bsize for i, g in enumerate(clipped)]
         return tree.unflatten(treedef, noised), DifferentiallyPrivateAggregateState(keys[0])
 
-    return GradientTransformation(init_fn, update_fn)
+    return PerExampleGradientTransformation(init_fn, update_fn)
 
 
 def dpsgd(
