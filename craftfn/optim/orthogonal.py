@@ -236,8 +236,9 @@ def muon(
     scale_by_learning_rate(lr)), "adam": adamw(adam_learning_rate or lr, adam_b1, adam_b2, eps, adam_eps_root,
     weight_decay=adam_weight_decay, nesterov=nesterov)}, lambda name, p: "muon" if p.ndim == 2 else "adam")``.
 
-    Torch's variant (``torch.optim.Muon`` on ``(out, in)`` weights) is
-    ``muon(lr, muon_weight_dimension_numbers=TORCH_LAYOUT, bias_correction=False, ...)``.
+    For torch's ``(out, in)`` weights with the reference implementation's un-debiased momentum use
+    ``muon(lr, muon_weight_dimension_numbers=TORCH_LAYOUT, bias_correction=False, ...)`` (not yet checked
+    against ``torch.optim.Muon``, whose first step differs by ~2% of a step here).
     With ``nesterov=False`` the AdamW part keeps its fused donated path.
 
     Example:

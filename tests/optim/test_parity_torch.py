@@ -2,8 +2,7 @@
 
 Each case names the optax-style arguments that select torch's variant of the rule
 (``rmsprop(eps_in_sqrt=False)``, ``adagrad(initial_accumulator_value=0.0, eps_in_sqrt=False)``,
-``nadam(momentum_decay=...)``, ``amsgrad(max_raw_nu=True)``, ``muon(bias_correction=False,
-muon_weight_dimension_numbers=TORCH_LAYOUT)``). Hypothesis draws the hyperparameters and the shapes;
+``nadam(momentum_decay=...)``, ``amsgrad(max_raw_nu=True)``). Hypothesis draws the hyperparameters and the shapes;
 both optimizers see the same seeded random gradients and the params are compared every step.
 """
 
