@@ -50,7 +50,13 @@ NoDecay = Union[str, Sequence[str], Callable[[str, torch.Tensor], bool]]
 
 
 # Modules whose public functions taking a ``learning_rate`` are optimizer aliases.
-_ALIAS_MODULES = ("craftfn.optim.aliases", "craftfn.optim.orthogonal", "craftfn.optim.schedulefree")
+_ALIAS_MODULES = (
+    "craftfn.optim.aliases",
+    "craftfn.optim.orthogonal",
+    "craftfn.optim.schedulefree",
+)
+# Deprecated in optax, and its learning rate enters the optimistic gradient, so it takes no schedule.
+_NOT_BY_NAME = frozenset({"optimistic_adam"})
 
 
 def _aliases() -> dict[str, Callable[..., GradientTransformation]]:
@@ -70,7 +76,7 @@ def _aliases() -> dict[str, Callable[..., GradientTransformation]]:
                     continue
                 # An alias needs nothing but hyperparameters (not, e.g., a base optimizer to wrap).
                 required = [n for n, p in params.items() if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-                if "learning_rate" in params and set(required) <= {"learning_rate"}:
+                if "learning_rate" in params and set(required) <= {"learning_rate"} and name not in _NOT_BY_NAME:
                     out[name] = fn
     return out
 
