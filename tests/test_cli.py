@@ -81,7 +81,7 @@ def test_tiny_default_job_end_to_end_with_resume_and_eval(tmp_path, capsys):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [5, 10]
     weights = safetensors.torch.load_file(str(run_dir / "model.safetensors"))
-    assert "transformer.wte.weight" in weights
+    assert "lm_head.weight" in weights and "transformer.wte.weight" not in weights  # tied: stored once, as save_model does
 
     # Running again with more steps resumes from the checkpoint at step 10.
     proc = run_cli("train", "--gin_file", DEFAULT_GIN, "--run_dir", str(run_dir), *TINY, "--gin.MAX_STEPS=14")
@@ -118,7 +118,7 @@ def _assert_one_paragraph_error(status, err, *needles):
         (["--gin_file", DEFAULT_GIN, "--gin_bindings", "NoSuchThing.x = 1"], ["unknown gin binding", "NoSuchThing"]),
         (["--gin_file", TEXT_GIN], ["DATA_PATH", "required", "--gin.DATA_PATH="]),
         (["--gin_file", TEXT_GIN, "--gin.DATA_PATH=/no/such/file.txt"], ["/no/such/file.txt", "does not exist"]),
-        (["--gin_file", DEFAULT_GIN, "--gin.MAX_STEPS=60"], ["warmup_steps=100", "decay_steps=60"]),
+        (["--gin_file", DEFAULT_GIN, "--gin.MAX_STEPS=60", "--gin.WARMUP_STEPS=100"], ["warmup_steps=100", "decay_steps=60"]),
     ],
 )
 def test_user_errors_exit_2_with_one_paragraph(args, needles, tmp_path, capsys):
