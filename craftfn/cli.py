@@ -34,6 +34,7 @@ import argparse
 import ast
 import importlib
 import importlib.util
+import os
 import re
 import sys
 import textwrap
@@ -200,23 +201,8 @@ def _gin_error(e: BaseException) -> str:
     return f"gin configuration error: {text}"
 
 
-class _QuietSearch:
-    """Drop gin's "Path not found" log lines: it logs one per search folder it tries."""
-
-    def filter(self, record: object) -> bool:
-        return not str(getattr(record, "msg", "")).startswith("Path not found")
-
-
-_QUIET = _QuietSearch()
-
-
 def _configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
-    import logging
-
     import gin
-
-    if _QUIET not in logging.getLogger().filters:
-        logging.getLogger().addFilter(_QUIET)  # type: ignore[arg-type]
 
     # Importing these registers every configurable before parsing. Optimizers and schedules
     # come from craftfn.gin_config (a real import error inside it must surface).
@@ -367,6 +353,10 @@ def _save_pretrained_atomically(hf_model: object, out: Path) -> None:
     tmp.mkdir()  # mode 0o777 less the umask, like any directory the user makes
     try:
         hf_model.save_pretrained(tmp)  # type: ignore[attr-defined]
+        mask = os.umask(0)
+        os.umask(mask)
+        for f in tmp.iterdir():  # the safetensors writer makes its file 0600; the others follow the umask
+            f.chmod(0o666 & ~mask)
         if out.is_dir():
             out.rmdir()  # empty (checked above)
         tmp.rename(out)

@@ -24,11 +24,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import gin
 from gin import config_parser
@@ -46,7 +48,7 @@ __all__ = [
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # Files craftfn has resolved are handed to gin under this prefix, so that craftfn's reader
 # (not gin's plain `open`) reads them and resolves their includes in turn.
-_RESOLVED = "craftfn-resolved-gin:"
+_RESOLVED = "craftfn:"
 
 
 class GinFileNotFoundError(FileNotFoundError):
@@ -67,7 +69,7 @@ def shipped_config_dir() -> Path:
 
 def list_configs() -> list[tuple[str, str]]:
     """The shipped configs as ``(name, summary)``: the name to pass to ``--gin_file`` and the first
-    line of the file's leading comment.
+    sentence of the file's leading comment.
 
     Example:
         >>> "char_gpt.gin" in dict(list_configs())
@@ -76,14 +78,17 @@ def list_configs() -> list[tuple[str, str]]:
     root = shipped_config_dir()
     out = []
     for path in sorted(root.rglob("*.gin"), key=lambda p: (len(p.relative_to(root).parts), str(p))):
-        summary = ""
+        comment = []
         for line in path.read_text(encoding="utf-8").splitlines():
             if not line.startswith("#"):
                 break
-            if line.strip("# "):
-                summary = line.lstrip("#").strip()
-                break
-        out.append((path.relative_to(root).as_posix(), summary))
+            comment.append(line.lstrip("#").strip())
+        text = " ".join(c for c in comment if c)
+        end = re.search(r"\.(\s|$)", text)
+        sentence = text[: end.start() + 1] if end else text
+        if len(sentence) > 100:
+            sentence = sentence[:97].rsplit(" ", 1)[0] + " ..."
+        out.append((path.relative_to(root).as_posix(), sentence))
     return out
 
 
@@ -198,6 +203,24 @@ def _read_resolved(path: str) -> io.StringIO:
 gin.config.register_file_reader(_read_resolved, _is_resolved)
 
 
+class _DropPathNotFound(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found")
+
+
+@contextlib.contextmanager
+def _quiet_gin_search() -> Iterator[None]:
+    """Drop gin's "Path not found" log lines while parsing: gin's package-resource reader logs one
+    (as an error) for every file it does not own before craftfn's reader reads it."""
+    root = logging.getLogger()
+    quiet = _DropPathNotFound()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 class _Binding(NamedTuple):
     text: str
     scope: str
@@ -257,7 +280,8 @@ def parse_config(files: Sequence[Path], bindings: Sequence[str], finalize: bool 
     """
     split = _split_bindings(bindings)  # syntax errors surface before any file is read
     del _SCOPED[:]
-    gin.parse_config_files_and_bindings([f"{_RESOLVED}{Path(f).resolve()}" for f in files], None, finalize_config=False)
+    with _quiet_gin_search():
+        gin.parse_config_files_and_bindings([f"{_RESOLVED}{Path(f).resolve()}" for f in files], None, finalize_config=False)
     gin.parse_config(_with_scoped_copies(split, list(_SCOPED)))
     if finalize:
         gin.finalize()
