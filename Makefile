@@ -4,7 +4,8 @@ VENV ?= .venv
 # The CPU build of torch. A bare "torch" would pull a multi-GB CUDA build; override for a GPU box,
 # e.g. `make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"`.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
+# The tests of the optional extras run in CI too: install them with the dev tools.
+EXTRAS ?= dev,hf
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.craftfn-installed
 GIN ?= gin/char_gpt.gin
@@ -13,7 +14,7 @@ PYTEST_ARGS ?=
 
 .PHONY: venv test train lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"

@@ -371,6 +371,8 @@ def _configs(args: argparse.Namespace, bindings: Sequence[str]) -> int:
     if bindings:
         raise UsageError(f"configs takes no gin bindings, got {list(bindings)}")
     configs = list_configs()
+    if not configs:
+        raise UsageError(f"no gin configs in {shipped_config_dir()}: this craftfn installation is incomplete; reinstall it")
     width = max(len(name) for name, _ in configs)
     print(f"gin configs shipped with craftfn (in {shipped_config_dir()}); pass a name to --gin_file:")
     for name, summary in configs:

@@ -64,7 +64,12 @@ def shipped_config_dir() -> Path:
         True
     """
     installed = _PACKAGE_DIR / "configs"
-    return installed if installed.is_dir() else _PACKAGE_DIR.parent / "gin"
+    checkout = _PACKAGE_DIR.parent
+    # Only a source checkout's gin/ (next to pyproject.toml): an installed craftfn's parent folder
+    # is site-packages, whose gin/ is the gin-config library.
+    if installed.is_dir() or not (checkout / "pyproject.toml").is_file():
+        return installed
+    return checkout / "gin"
 
 
 def list_configs() -> list[tuple[str, str]]:
