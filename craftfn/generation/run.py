@@ -81,22 +81,20 @@ def load_model(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]]
     if not weights_path.is_file():
         raise ValueError(f"no model weights at {str(weights_path)!r}; train first or pass --checkpoint")
     config_json = run / "model_config.json"
-    try:
-        if config_json.is_file():
-            config = GPTConfig(**json.loads(config_json.read_text()))
-        else:
+    described, source = (config_json.read_text(), str(config_json)) if config_json.is_file() else (None, "")
+    if described is None:
+        try:
             with safetensors.safe_open(str(weights_path), framework="pt") as f:
-                described = (f.metadata() or {}).get("model_config")
-            if described is not None:
-                config = GPTConfig(**json.loads(described))
-            else:
+                described, source = (f.metadata() or {}).get("model_config"), f"the metadata of {str(weights_path)!r}"
+            if described is None:
                 config = _config_from_shapes(safetensors.torch.load_file(str(weights_path)), run)
-    except (TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read the model config of {str(run)!r}: {e}") from None
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        if isinstance(e, ValueError):
-            raise
-        raise ValueError(f"cannot read the weights in {str(weights_path)!r}: {e}") from None
+        except (OSError, safetensors.SafetensorError) as e:
+            raise ValueError(f"cannot read the weights in {str(weights_path)!r}: {e}") from None
+    if described is not None:
+        try:
+            config = GPTConfig(**json.loads(described))
+        except (TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"the model config in {source} is not a GPTConfig: {e}") from None
     model = GPT(config)
     load_exported(model, weights_path)
     return model.eval()
