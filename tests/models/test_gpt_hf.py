@@ -8,12 +8,11 @@ import json
 
 import pytest
 import torch
+import transformers  # the hf extra; `make test` installs it, so a missing package fails here
 
 from craftfn.generation import generate_text_sampling
 from craftfn.models import GPT, GPTConfig, from_hf_gpt2, to_hf_gpt2
 from craftfn.models.gpt import config_from_hf_gpt2, state_dict_from_hf_gpt2, state_dict_to_hf_gpt2
-
-transformers = pytest.importorskip("transformers")  # the hf extra; make test installs it
 
 TINY_GPT2 = dict(vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None)
 
