@@ -134,6 +134,11 @@ def no_decay_mask(no_decay: NoDecay) -> Callable[[str, torch.Tensor], bool]:
     for p in patterns:
         if not isinstance(p, str) or not p:
             raise TypeError(f"no_decay must hold non-empty name patterns (strings), got {p!r} in {no_decay!r}")
+        if "," in p:  # no parameter name has a comma: 'bias,ln_' was meant as two patterns
+            raise ValueError(
+                f"no_decay pattern {p!r} contains a comma and would match no parameter; give a list of patterns, "
+                f"e.g. {[q.strip() for q in p.split(',') if q.strip()]!r}"
+            )
 
     # Names are static: match each once (at init, which runs eagerly) and remember it, so a
     # compiled update reads a dict instead of tracing fnmatch's regex machinery (a graph break).
