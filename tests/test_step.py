@@ -1,6 +1,6 @@
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import craftfn
@@ -81,19 +81,48 @@ def test_dropout_follows_the_state_key():
     assert m0["loss"] != m1["loss"]
 
 
+def keyed_dropout_mse(p: float, keys: list):
+    """An MSE loss with dropout drawn from the loss's ``rng`` (explicit randomness); records each key."""
+
+    def loss_fn(state, params, batch, rng):
+        keys.append(rng.clone())
+        pred = state.apply(params, batch["x"])
+        if p > 0:
+            pred = pred * random.bernoulli(rng, 1.0 - p, pred.shape) / (1.0 - p)
+        return torch.mean((pred - batch["y"]) ** 2), {"mean_pred": pred.mean()}
+
+    return loss_fn
+
+
 @given(
     st.integers(1, 4),
     st.integers(1, 3),
     st.integers(1, 4),
     st.integers(0, 1000),
     st.sampled_from([None, 0.9]),
+    st.sampled_from([0.0, 0.5]),
 )
-def test_accumulation_equals_one_large_batch_step(k, b, d_in, seed, momentum):
+@example(k=3, b=2, d_in=2, seed=0, momentum=None, dropout=0.5)  # always: several microbatches with dropout
+def test_accumulation_equals_one_large_batch_step(k, b, d_in, seed, momentum, dropout):
     model = make_mlp(seed, d_in, 6, 2, 0.0)
-    state = TrainState.create(model=model, tx=optim.sgd(0.1, momentum=momentum))
+    state = TrainState.create(model=model, tx=optim.sgd(0.1, momentum=momentum), seed=seed)
     batch = make_batch(seed, k * b, d_in)
-    big, m_big = make_train_step(mse_loss)(state, batch)
-    acc, m_acc = make_train_step(mse_loss, accum_steps=k)(state, batch)
+    keys = []
+    acc, m_acc = make_train_step(keyed_dropout_mse(dropout, keys), accum_steps=k)(state, batch)
+    assert len(keys) == k
+    if dropout == 0:
+        big, m_big = make_train_step(mse_loss)(state, batch)
+    else:
+        # The large batch with the same dropout: each microbatch's rows under that microbatch's
+        # key, one loss (the mean over microbatches), one gradient, one update.
+        assert len({tuple(random.key_data(key)) for key in keys}) == k, "microbatches share a key"
+
+        def big_loss(state, params, batch, rng):
+            losses = [keyed_dropout_mse(dropout, [])(state, params, {n: v[i * b : (i + 1) * b] for n, v in batch.items()}, key)
+                      for i, key in enumerate(keys)]
+            return sum(loss for loss, _ in losses) / k, {"mean_pred": sum(aux["mean_pred"] for _, aux in losses) / k}
+
+        big, m_big = make_train_step(big_loss)(state, batch)
     assert tree.allclose(big.params, acc.params, rtol=1e-5, atol=1e-6)
     assert tree.allclose(big.opt_state, acc.opt_state, rtol=1e-5, atol=1e-6)
     assert torch.allclose(m_big["loss"], m_acc["loss"], rtol=1e-5, atol=1e-6)
