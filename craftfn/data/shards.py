@@ -51,6 +51,7 @@ from craftfn.data.tokenizers import (
     atomic_write_text,
     safe_cut,
     tokenizer_from_dict,
+    utf8_codepoints,
 )
 
 __all__ = ["TokenCorpus", "prepare_corpus", "default_cache_dir", "CorruptShardError"]
@@ -178,36 +179,41 @@ def _documents(chunk: _Chunk, offset: int, data: bytes, field: str) -> list[str]
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer: Optional[Tokenizer], field: str, separator: str, dtype: Any) -> None:
-    _WORKER.update(tokenizer=tokenizer, field=field, separator=separator, dtype=dtype)
+def _init_worker(tokenizer: Optional[Tokenizer], field: str, separator: str, dtype: Any, count: bool = True) -> None:
+    _WORKER.update(tokenizer=tokenizer, field=field, separator=separator, dtype=dtype, count=count)
 
 
 def _count_chunk(chunk: _Chunk) -> np.ndarray:
     """Pass 1 of a character vocabulary: how often each code point occurs in the chunk."""
     offset, data = _read_chunk(chunk)
-    if chunk.jsonl:
-        text = "".join(_documents(chunk, offset, data, _WORKER["field"]))
-    elif data.isascii():
-        return np.bincount(np.frombuffer(data, np.uint8))
-    else:
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise _utf8_error(chunk.path, offset, e) from None
-    return np.bincount(np.frombuffer(text.encode("utf-32-le"), np.uint32)) if text else np.zeros(0, np.int64)
+    try:
+        if chunk.jsonl:
+            codes = np.frombuffer("".join(_documents(chunk, offset, data, _WORKER["field"])).encode("utf-32-le"), np.uint32)
+        else:
+            codes = utf8_codepoints(data)
+    except UnicodeDecodeError as e:
+        raise _utf8_error(chunk.path, offset, e) from None
+    return np.bincount(codes) if codes.size else np.zeros(0, np.int64)
 
 
-def _encode_chunk(chunk: _Chunk) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(token ids, their histogram, source bytes)`` of a chunk; the file's last chunk ends with the separator."""
+def _encode_chunk(chunk: _Chunk) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray, int, int]:
+    """``(token ids, their histogram or None, positions of the separator id, separators added, source bytes)``.
+
+    The file's last chunk ends with the separator. The histogram is skipped for character
+    tokenizers, whose counts come from pass 1.
+    """
     tok: Tokenizer = _WORKER["tokenizer"]
     dtype, separator = _WORKER["dtype"], _WORKER["separator"]
     offset, data = _read_chunk(chunk)
     try:
         if chunk.jsonl:
-            ids = tok.encode_array("".join(d + separator for d in _documents(chunk, offset, data, _WORKER["field"])), dtype)
+            docs = _documents(chunk, offset, data, _WORKER["field"])
+            ids = tok.encode_array("".join(d + separator for d in docs), dtype)
+            added = len(docs) if separator else 0
         else:
             last = offset + len(data) == chunk.size and len(data) > 0
             ids = tok.encode_bytes(data + separator.encode() if last else data, dtype)
+            added = 1 if last and separator else 0
     except UnicodeDecodeError as e:
         raise _utf8_error(chunk.path, offset, e) from None
     except VocabularyError as e:
@@ -215,7 +221,9 @@ def _encode_chunk(chunk: _Chunk) -> tuple[np.ndarray, np.ndarray, int]:
             f"data file {chunk.path!r}: the character {e.char!r} near byte {offset + e.byte_offset} is not in the "
             f"tokenizer's vocabulary of {tok.vocab_size}"
         ) from None
-    return ids, np.bincount(ids, minlength=tok.vocab_size), len(data)
+    counts = np.bincount(ids, minlength=tok.vocab_size) if _WORKER["count"] else None
+    eots = np.flatnonzero(ids == tok.eot_id) if separator else np.zeros(0, np.int64)
+    return ids, counts, eots, added, len(data)
 
 
 def _chunks(path: str, size: int) -> list[_Chunk]:
@@ -224,15 +232,16 @@ def _chunks(path: str, size: int) -> list[_Chunk]:
 
 
 @contextlib.contextmanager
-def _pool(workers: int, tokenizer: Optional[Tokenizer], field: str, separator: str, dtype: Any) -> Iterator[Any]:
+def _pool(workers: int, tokenizer: Optional[Tokenizer], field: str, separator: str, dtype: Any, count: bool = True) -> Iterator[Any]:
     """``imap`` over chunks: forked worker processes, or this process (one worker, or no fork on this platform)."""
+    args = (tokenizer, field, separator, dtype, count)
     if workers > 1 and "fork" in multiprocessing.get_all_start_methods() and sys.platform.startswith("linux"):
         # fork: the workers need numpy and the tokenizer only, and start in milliseconds.
         ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, field, separator, dtype)) as pool:
+        with ctx.Pool(workers, initializer=_init_worker, initargs=args) as pool:
             yield lambda fn, items: pool.imap(fn, items)
         return
-    _init_worker(tokenizer, field, separator, dtype)
+    _init_worker(*args)
     yield lambda fn, items: map(fn, items)
 
 
@@ -397,12 +406,14 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def _char_vocabulary(sources: list[dict[str, Any]], old: dict[int, str], workers: int, field: str, progress: bool) -> dict[int, str]:
-    """The distinct characters of each source (reusing those of unchanged sources)."""
-    chars = dict(old)
-    todo = [i for i, s in enumerate(sources) if i not in chars and s["size"] > 0]
+def _char_vocabulary(
+    sources: list[dict[str, Any]], old: dict[int, tuple[str, list[int]]], workers: int, field: str, progress: bool
+) -> dict[int, tuple[str, list[int]]]:
+    """The distinct characters of each source and how often each occurs (reusing those of unchanged sources)."""
+    found = dict(old)
+    todo = [i for i, s in enumerate(sources) if i not in found and s["size"] > 0]
     total = sum(sources[i]["size"] for i in todo)
-    with _progress(total, "counting characters", progress) as bar, _pool(workers if total >= PARALLEL_MIN_BYTES else 1, None, field, "", None) as imap:
+    with _progress(total, "counting characters", progress and total > 0) as bar, _pool(workers if total >= PARALLEL_MIN_BYTES else 1, None, field, "", None) as imap:
         for i in todo:
             counts = np.zeros(0, np.int64)
             chunks = _chunks(sources[i]["path"], sources[i]["size"])
@@ -411,8 +422,28 @@ def _char_vocabulary(sources: list[dict[str, Any]], old: dict[int, str], workers
                     c, counts = counts, c
                 counts[: c.size] += c
                 bar.update(chunk.stop - chunk.start)
-            chars[i] = "".join(map(chr, np.flatnonzero(counts)))
-    return chars
+            codes = np.flatnonzero(counts)
+            found[i] = ("".join(map(chr, codes)), counts[codes].tolist())
+    return found
+
+
+def _char_counts(tok: CharTokenizer, sources: list[dict[str, Any]], group: list[int], num_eot: int, separators: int) -> np.ndarray:
+    """Token counts of a character shard from its files' character counts (pass 1), without a second histogram.
+
+    ``num_eot`` separator ids were written: ``separators`` added between documents, the rest
+    were ``EOT`` literals in the text, counted as characters in pass 1.
+    """
+    counts = np.zeros(tok.vocab_size, np.int64)
+    for i in group:
+        chars, char_counts = sources[i]["chars"], sources[i]["char_counts"]
+        np.add.at(counts, tok.encode_array(chars), np.asarray(char_counts, np.int64))
+    if tok.eot_id is not None:
+        literals = num_eot - separators
+        if literals:
+            for c in EOT:
+                counts[tok.encode_array(c)[0]] -= literals
+        counts[tok.eot_id] = num_eot
+    return counts
 
 
 def _bpe_sample(sources: list[dict[str, Any]], budget: int, field: str) -> Iterator[str]:
@@ -444,22 +475,23 @@ def _encode_shard(
 ) -> dict[str, Any]:
     """Encode the sources of one shard into ``shard-*.bin`` (+ document index and counts); its manifest entry."""
     dtype = tok.dtype
-    eot = tok.eot_id if separator else None
     name = f"shard-{index:05d}-" + xxhash.xxh3_64_hexdigest(json.dumps([tok.to_json(), [sources[i]["xxh3_128"] for i in group]]).encode())
     counts = np.zeros(tok.vocab_size, np.int64)
     doc_ends: list[np.ndarray] = []
-    num_tokens = 0
+    num_tokens = separators = 0
     chunks = [c for i in group for c in _chunks(sources[i]["path"], sources[i]["size"])]
     in_process = workers <= 1 or isinstance(tok, BPETokenizer)  # BPE runs its own threads
+    from_pass1 = isinstance(tok, CharTokenizer) and all("char_counts" in sources[i] for i in group)
 
     def produce(write: Callable[[bytes], None]) -> None:
-        nonlocal num_tokens, counts
-        with _pool(1 if in_process else workers, tok, field, separator, dtype) as imap:
-            for ids, chunk_counts, nbytes in imap(_encode_chunk, chunks):
+        nonlocal num_tokens, counts, separators
+        with _pool(1 if in_process else workers, tok, field, separator, dtype, count=not from_pass1) as imap:
+            for ids, chunk_counts, eots, added, nbytes in imap(_encode_chunk, chunks):
+                separators += added
                 write(ids.tobytes())
-                counts += chunk_counts
-                if eot is not None:
-                    doc_ends.append(np.flatnonzero(ids == eot).astype(np.int64) + num_tokens + 1)
+                if chunk_counts is not None:
+                    counts += chunk_counts
+                doc_ends.append(eots.astype(np.int64) + num_tokens + 1)
                 num_tokens += ids.size
                 bar.update(nbytes)
 
@@ -469,6 +501,8 @@ def _encode_shard(
         if (st.st_size, st.st_mtime_ns) != (sources[i]["size"], sources[i]["mtime_ns"]):
             raise ValueError(f"data file {sources[i]['path']!r} changed while it was being tokenized; run again")
     ends = np.concatenate(doc_ends) if doc_ends else np.zeros(0, np.int64)
+    if from_pass1:
+        counts = _char_counts(tok, sources, group, ends.size, separators)
     if ends.size == 0 or ends[-1] != num_tokens:  # no separator: the shard ends its last document
         ends = np.append(ends, num_tokens).astype(np.int64)
     doc_digest = _write_atomic(folder / f"{name}.docs", lambda write: write(ends.tobytes()))
@@ -580,11 +614,11 @@ def prepare_corpus(
         if request["tokenizer"] == "byte":
             tok: Tokenizer = ByteTokenizer(specials)
         elif request["tokenizer"] == "char":
-            old_chars = {i: rec["chars"] for i, rec in unchanged.items() if isinstance(rec.get("chars"), str)}
+            old_chars = {i: (rec["chars"], rec["char_counts"]) for i, rec in unchanged.items() if "chars" in rec and "char_counts" in rec}
             chars = _char_vocabulary(sources, old_chars, num_workers, jsonl_field, progress)
-            for i, c in chars.items():
-                sources[i]["chars"] = c
-            vocabulary = sorted(set("".join(chars.values())))
+            for i, (c, n) in chars.items():
+                sources[i]["chars"], sources[i]["char_counts"] = c, n
+            vocabulary = sorted(set("".join(c for c, _ in chars.values())))
             if not vocabulary:
                 raise ValueError(f"the corpus {source!r} is empty: its documents hold no text")
             tok = CharTokenizer(vocabulary, specials)

@@ -53,6 +53,7 @@ def test_memmap_windows_equal_the_in_memory_windows(tmp_path, small_chunks, kind
 def _docs(folder, n=12):
     folder.mkdir()
     texts = [f"document {i}\n" + CORPUS[i * 3000 : i * 3000 + 1000 + 400 * i] for i in range(n)]
+    texts[3] += f"a literal {data.EOT} ends a document too\n"  # as in GPT-2 data: the text names the separator
     for i, t in enumerate(texts[:-2]):
         (folder / f"doc{i:02d}.txt").write_text(t, encoding="utf-8")
     with open(folder / "rest.jsonl", "w", encoding="utf-8") as f:
@@ -66,7 +67,10 @@ def test_many_files_and_jsonl_are_documents_with_separators(tmp_path, small_chun
     corpus = _prepare(tmp_path / "src", tmp_path / "cache", num_workers=2)
     tok = corpus.tokenizer
     assert tok.special_tokens == (data.EOT,)
-    assert corpus.tokens.to_tensor().tolist() == tok.encode("".join(t + data.EOT for t in texts))
+    tokens = corpus.tokens.to_tensor()
+    assert tokens.tolist() == tok.encode("".join(t + data.EOT for t in texts))
+    assert torch.equal(torch.from_numpy(corpus.token_counts), torch.bincount(tokens, minlength=tok.vocab_size))
+    texts[3:4] = texts[3].split(data.EOT)  # the literal separates documents like the ones added between files
     assert len(corpus.document_ends) == len(texts)
     train, val = corpus.split(0.25, seed=0)
     eot = tok.eot_id
