@@ -91,9 +91,17 @@ def _hash_file(path: str) -> str:
     return h.hexdigest()
 
 
+def _unreadable(path: str, offset: int, e: OSError) -> ValueError:
+    return ValueError(f"data file {path!r} cannot be read at byte {offset} ({e.strerror or e})")
+
+
 def _source_record(path: str) -> dict[str, Any]:
-    st = os.stat(path)
-    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "xxh3_128": _hash_file(path)}
+    try:
+        st = os.stat(path)
+        digest = _hash_file(path)
+    except OSError as e:
+        raise _unreadable(path, 0, e) from None
+    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "xxh3_128": digest}
 
 
 def _same_source(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -140,13 +148,16 @@ def _boundary(f: Any, pos: int, size: int, jsonl: bool) -> int:
 
 
 def _read_chunk(chunk: _Chunk) -> tuple[int, bytes]:
-    with open(chunk.path, "rb") as f:
-        a = _boundary(f, chunk.start, chunk.size, chunk.jsonl)
-        b = _boundary(f, chunk.stop, chunk.size, chunk.jsonl)
-        if b <= a:
-            return a, b""
-        f.seek(a)
-        return a, f.read(b - a)
+    try:
+        with open(chunk.path, "rb") as f:
+            a = _boundary(f, chunk.start, chunk.size, chunk.jsonl)
+            b = _boundary(f, chunk.stop, chunk.size, chunk.jsonl)
+            if b <= a:
+                return a, b""
+            f.seek(a)
+            return a, f.read(b - a)
+    except OSError as e:  # a disk error or a file made unreadable after it was hashed
+        raise _unreadable(chunk.path, chunk.start, e) from None
 
 
 def _utf8_error(path: str, offset: int, e: UnicodeDecodeError) -> ValueError:
@@ -630,6 +641,11 @@ def prepare_corpus(
                 t_bpe = time.perf_counter()
                 tok = BPETokenizer.train(_bpe_sample(sources, request["train_bytes"], jsonl_field), request["vocab_size"])
                 log(f"craftfn: BPE trained in {time.perf_counter() - t_bpe:.1f} s ({tok.vocab_size} tokens)")
+                if tok.vocab_size < request["vocab_size"]:  # the trainer stops when no pair repeats
+                    log(
+                        f"craftfn: the corpus has too little text for {request['vocab_size']} BPE tokens: the vocabulary "
+                        f"has {tok.vocab_size} (every pair of tokens that repeats is merged); the model is sized to it"
+                    )
         else:
             tok = tokenizer  # type: ignore[assignment]
         separator = EOT if multi_document and tok.eot_id is not None else ""

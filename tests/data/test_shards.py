@@ -77,6 +77,7 @@ def test_many_files_and_jsonl_are_documents_with_separators(tmp_path, small_chun
     val_ids = val.to_tensor()
     assert len(val) >= 0.25 * corpus.num_tokens and int(val_ids[-1]) == eot  # whole documents, separators included
     assert sorted(tok.decode(val_ids.tolist()).split(data.EOT)[:-1] + tok.decode(train.to_tensor().tolist()).split(data.EOT)[:-1]) == sorted(texts)
+    assert torch.equal(corpus.split(0.25, seed=0)[1].to_tensor(), val_ids)  # the seed fixes the split
     assert not torch.equal(corpus.split(0.25, seed=1)[1].to_tensor(), val_ids)  # another seed, other documents
     # A glob and a list of files name the same corpus.
     listed = _prepare([tmp_path / "src" / "doc*.txt", tmp_path / "src" / "rest.jsonl"], tmp_path / "cache")
@@ -174,7 +175,7 @@ def test_concurrent_callers_wait_for_the_one_that_builds(tmp_path):
         fcntl.flock(f, fcntl.LOCK_EX)  # another process is building
         t = threading.Thread(target=lambda: done.append(_prepare(path, tmp_path / "cache", logs=logs)))
         t.start()
-        t.join(timeout=2)
+        t.join(timeout=0.5)
         assert t.is_alive() and any("waiting for another process" in line for line in logs)
         fcntl.flock(f, fcntl.LOCK_UN)
     t.join(timeout=60)
@@ -215,3 +216,37 @@ def test_bad_input_names_the_file_and_offset(tmp_path, small_chunks):
         _prepare(src / "a.txt", tmp_path / "cache", "char", vocab_size=100)
     with pytest.raises(ValueError, match="tokenizer must be"):
         _prepare(src / "a.txt", tmp_path / "cache", "words")
+
+
+def test_unreadable_file_is_named_with_the_byte_offset(tmp_path, small_chunks, monkeypatch):
+    # Fault injection: tests run as root in CI, where chmod cannot make a file unreadable.
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("hello world\n" * 1000)
+    (src / "b.txt").write_text("hello world\n" * 1000)
+    opens = []
+
+    def failing_open(path, *args, **kwargs):
+        if str(path).endswith("b.txt"):
+            opens.append(path)
+            if len(opens) == fail_at:
+                raise OSError(5, "Input/output error", str(path)) if fail_at > 1 else PermissionError(13, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(shards, "open", failing_open, raising=False)
+    fail_at = 1  # hashing the file
+    with pytest.raises(ValueError, match=r"b.txt' cannot be read at byte 0 \(Permission denied\)"):
+        _prepare(src, tmp_path / "cache", "byte", num_workers=1)
+    opens.clear()
+    fail_at = 3  # its second chunk, after the hash and the first chunk
+    with pytest.raises(ValueError, match=r"b.txt' cannot be read at byte 4096 \(Input/output error\)"):
+        _prepare(src, tmp_path / "cache", "byte", num_workers=1)
+
+
+def test_bpe_vocabulary_larger_than_the_text_allows_is_reported(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("ab ab abc\n")
+    logs = []
+    corpus = _prepare(path, tmp_path / "cache", "bpe", vocab_size=1024, logs=logs)
+    assert corpus.tokenizer.vocab_size < 1024
+    assert any(f"has {corpus.tokenizer.vocab_size}" in line and "too little text for 1024" in line for line in logs), logs
