@@ -340,6 +340,22 @@ class _Base:
         """
         atomic_write_text(path, self.to_json() + "\n")
 
+
+    def save_pretrained(self, folder: Union[str, os.PathLike]) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` to ``folder``: what transformers'
+        ``AutoTokenizer.from_pretrained(folder)`` loads (a ``PreTrainedTokenizerFast``; :data:`EOT`,
+        when the vocabulary has it, is its end-of-sequence token).
+
+        Example:
+            >>> ByteTokenizer([EOT]).save_pretrained("exported")  # doctest: +SKIP
+            >>> transformers.AutoTokenizer.from_pretrained("exported").eos_token  # doctest: +SKIP
+            '<|endoftext|>'
+        """
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        if self.eot_id is not None:
+            config["eos_token"] = EOT
+        self.save(os.path.join(folder, "tokenizer.json"))
+        atomic_write_text(os.path.join(folder, "tokenizer_config.json"), json.dumps(config, indent=1) + "\n")
     def _specials_decoded(self, values: list[int], plain: Any) -> str:
         """Decode ``values`` with ``plain`` (a list of regular ids -> str), special ids as their text."""
         first = self.vocab_size - len(self.special_tokens)
