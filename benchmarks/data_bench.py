@@ -10,13 +10,18 @@ library sources into ``--workdir``, ~100 MB per file, so the corpus is a directo
    ``--steps`` steps of the default GPT.
 
 Peers, in the same run, on the first ``--peer_mb`` MB of the smallest corpus (one file):
+- craftfn's old in-memory path (``--old_ref``, the commit before token shards: ``lm_task.text =
+  @text_file()`` read the file, built the vocabulary and encoded it to an int64 tensor at every start):
+  seconds to the first training step and peak RSS, against craftfn's first run (build included)
+  and second run (shards reused) on the same file;
 - nanoGPT's ``prepare.py`` for characters (what craftfn's ``lm_task.text = @text_file()`` did: read the
   whole text, ``sorted(set(text))``, a Python list of ids, then an array), against craftfn's build;
-- BPE (``--bpe``): craftfn's byte-level BPE build (train 1,024 tokens, encode) against Hugging Face
-  ``tokenizers``'s ``encode_batch`` over the file's lines in one process (the direct way).
+- BPE (``--bpe``, on the first ``--bpe_mb`` MB of that file): craftfn's byte-level BPE build (train
+  1,024 tokens, encode) against Hugging Face ``tokenizers``'s ``encode_batch`` over the file's lines
+  in one process (the direct way; given the trained tokenizer, so encoding only).
 
 Usage:
-    python benchmarks/data_bench.py --sizes 0.2,2 --workdir /tmp/craftfn_data_bench --steps 100 --bpe
+    python benchmarks/data_bench.py --sizes 0.2,2 --workdir /tmp/craftfn_data_bench --steps 20 --bpe
     (the working directory is deleted at the end unless --keep)
 """
 
@@ -117,25 +122,30 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "true"}
 
 
-def run_measured(cmd: list[str], first_line: str | None = None) -> dict[str, float]:
-    """Run ``cmd``; wall seconds, seconds until a stdout line contains ``first_line``, peak RSS (tree, single)."""
+def run_measured(cmd: list[str], first_line: str | None = None, repo: Path = REPO) -> dict[str, float]:
+    """Run ``cmd`` with craftfn from ``repo``; wall seconds, seconds until a stdout line contains
+    ``first_line``, peak RSS (tree, single)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO)
+    env = {**_env(), "PYTHONPATH": str(repo)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=repo)
     rss = TreeRss(proc.pid)
     seen = None
     lines = []
     assert proc.stdout is not None
+    stamps = []  # (seconds since start, line)
     for line in proc.stdout:
         lines.append(line)
+        stamps.append((time.perf_counter() - t0, line))
         if first_line and seen is None and first_line in line:
-            seen = time.perf_counter() - t0
+            seen = stamps[-1][0]
     err = proc.stderr.read() if proc.stderr else ""
     proc.wait()
     wall = time.perf_counter() - t0
     tree, single = rss.stop()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{''.join(lines)[-2000:]}\n{err[-3000:]}")
-    return {"seconds": wall, "first_line_s": seen if seen is not None else float("nan"), "rss_tree_gb": tree, "rss_single_gb": single, "stdout": "".join(lines)}
+    return {"seconds": wall, "first_line_s": seen if seen is not None else float("nan"), "rss_tree_gb": tree, "rss_single_gb": single, "stdout": "".join(lines),
+            "data_ready_s": next((t for t, ln in stamps if "craftfn: training a" in ln), float("nan"))}
 
 
 BUILD = """
@@ -182,6 +192,17 @@ def _build(src: Path, cache: Path, kind: str, vocab: int = 0) -> dict[str, float
     return r
 
 
+def _train(data: Path, run_dir: Path, steps: int, repo: Path = REPO, cache: Path | None = None) -> dict[str, float]:
+    """``craftfn train`` of gin/text_file_gpt.gin on ``data``: seconds to the first step, peak RSS."""
+    cmd = [sys.executable, "-m", "craftfn", "train", "--gin_file", "gin/text_file_gpt.gin", f"--gin.DATA_PATH={data}",
+           f"--gin.MAX_STEPS={steps}", "--gin.warmup_cosine_decay.warmup_steps=1", "--gin.train.console_every=1",
+           "--gin.train.save_checkpoints=False", "--gin.Trainer.eval_every=1000000", "--gin.train.sample_tokens=50",
+           "--run_dir", str(run_dir)]
+    if cache is not None:
+        cmd.append(f"--gin.lm_task.cache_dir={cache}")
+    return run_measured(cmd, first_line="step 1/", repo=repo)
+
+
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
@@ -190,9 +211,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="0.2,2", help="corpus sizes in GB (comma separated)")
     ap.add_argument("--workdir", default="/tmp/craftfn_data_bench")
-    ap.add_argument("--steps", type=int, default=100, help="training steps of the second run")
+    ap.add_argument("--steps", type=int, default=20, help="training steps of the second run")
     ap.add_argument("--peer_mb", type=int, default=56, help="size of the peer comparison file")
-    ap.add_argument("--bpe", action="store_true", help="also the BPE build on the smallest corpus")
+    ap.add_argument("--bpe", action="store_true", help="also a 1,024-token BPE build of --bpe_mb MB against HF tokenizers")
+    ap.add_argument("--bpe_mb", type=int, default=10, help="size of the BPE comparison file")
+    ap.add_argument("--old_ref", default="14a6f2b", help="git commit of the old in-memory path (before token shards)")
     ap.add_argument("--keep", action="store_true", help="keep the generated corpora and shards")
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -211,19 +234,12 @@ def main() -> None:
             build = _build(src, cache, "char")
             shard_bytes = _size(cache)
             rebuild = _build(src, cache, "char")  # the second run's verification, alone
-            train = run_measured(
-                [sys.executable, "-m", "craftfn", "train", "--gin_file", "gin/text_file_gpt.gin", f"--gin.DATA_PATH={src}",
-                 f"--gin.lm_task.cache_dir={cache}", f"--gin.MAX_STEPS={args.steps}", "--gin.warmup_cosine_decay.warmup_steps=1",
-                 "--gin.train.console_every=1",
-                 "--gin.train.save_checkpoints=False", "--gin.Trainer.eval_every=1000000", "--gin.train.sample_tokens=50",
-                 "--run_dir", str(work / f"run_{gb:g}GB")],
-                first_line="step 1/",
-            )
+            train = _train(src, work / f"run_{gb:g}GB", args.steps, cache=cache)
             row = {
                 "corpus_gb": nbytes / 1e9, "files": len(list(src.iterdir())), "tokens": build["tokens"], "dtype": build["dtype"],
                 "shards_gb": shard_bytes / 1e9, "build_s": build["build_s"], "build_mb_s": nbytes / 1e6 / build["build_s"],
                 "build_rss_tree_gb": build["rss_tree_gb"], "build_rss_single_gb": build["rss_single_gb"],
-                "verify_s": rebuild["build_s"], "first_step_s": train["first_line_s"], "train_s": train["seconds"],
+                "verify_s": rebuild["build_s"], "data_ready_s": train["data_ready_s"], "first_step_s": train["first_line_s"], "train_s": train["seconds"],
                 "train_rss_gb": train["rss_tree_gb"],
             }
             rows.append(row)
@@ -245,21 +261,37 @@ def main() -> None:
             "peer_rss_gb": peer["rss_tree_gb"], "craftfn_s": ours["build_s"], "craftfn_mb_s": peer_bytes / 1e6 / ours["build_s"],
             "craftfn_rss_tree_gb": ours["rss_tree_gb"], "speedup": peer_s / ours["build_s"],
         }), flush=True)
+        # The old in-memory path against the shards, training on the same file.
+        old_repo = work / "old_craftfn"
+        old_repo.mkdir(exist_ok=True)
+        subprocess.run(f"git -C {REPO} archive {args.old_ref} craftfn gin | tar -x -C {old_repo}", shell=True, check=True)
+        old = _train(peer_file, work / "run_old", args.steps, repo=old_repo)
+        first = _train(peer_file, work / "run_new1", args.steps, cache=work / "cache_train")
+        second = _train(peer_file, work / "run_new2", args.steps, cache=work / "cache_train")
+        print(json.dumps({
+            "train_on_one_file_mb": peer_bytes / 1e6, "old_ref": args.old_ref,
+            "old_data_ready_s": old["data_ready_s"], "old_first_step_s": old["first_line_s"], "old_rss_gb": old["rss_tree_gb"],
+            "new_first_run_first_step_s": first["first_line_s"], "new_first_run_rss_gb": first["rss_tree_gb"],
+            "new_second_run_data_ready_s": second["data_ready_s"], "new_second_run_first_step_s": second["first_line_s"], "new_second_run_rss_gb": second["rss_tree_gb"],
+        }), flush=True)
         if args.bpe:
-            bpe = _build(smallest, work / "cache_bpe", "bpe", 1024)
-            nb = _size(smallest)
+            # BPE on the first --bpe_mb MB of the peer file: craftfn's build (train + encode), then
+            # HF tokenizers encoding the same file with the tokenizer craftfn trained.
+            bpe_file = work / "bpe.txt"
+            with open(peer_file, "rb") as f, open(bpe_file, "wb") as g:
+                g.write(f.read(args.bpe_mb << 20).rsplit(b"\n", 1)[0] + b"\n")
+            nb = bpe_file.stat().st_size
+            bpe = _build(bpe_file, work / "cache_bpe", "bpe", 1024)
             tok_file = work / "bpe_tokenizer.json"
             manifest = json.loads(next((work / "cache_bpe").glob("*/manifest.json")).read_text())
             tok_file.write_text(json.dumps(manifest["tokenizer"]))
-            hf = run_measured([sys.executable, "-c", HF_BPE, str(peer_file), str(tok_file)])
+            hf = run_measured([sys.executable, "-c", HF_BPE, str(bpe_file), str(tok_file)])
             hf_s = float(next(ln for ln in hf["stdout"].splitlines() if ln.startswith("PEER")).split()[1])
-            ours_bpe = _build(peer_file, work / "cache_bpe_peer", "bpe", 1024)
             print(json.dumps({
-                "bpe_corpus_gb": nb / 1e9, "bpe_build_s": bpe["build_s"], "bpe_mb_s": nb / 1e6 / bpe["build_s"],
+                "bpe_mb": nb / 1e6, "bpe_build_s": bpe["build_s"], "bpe_mb_s": nb / 1e6 / bpe["build_s"],
                 "bpe_rss_tree_gb": bpe["rss_tree_gb"], "bpe_tokens": bpe["tokens"],
-                "peer": "HF tokenizers encode_batch over lines (trained tokenizer given)", "peer_mb": peer_bytes / 1e6,
-                "peer_s": hf_s, "peer_mb_s": peer_bytes / 1e6 / hf_s, "peer_rss_gb": hf["rss_tree_gb"],
-                "craftfn_same_file_s": ours_bpe["build_s"], "craftfn_same_file_mb_s": peer_bytes / 1e6 / ours_bpe["build_s"],
+                "peer": "HF tokenizers encode_batch over lines (trained tokenizer given)",
+                "peer_s": hf_s, "peer_mb_s": nb / 1e6 / hf_s, "peer_rss_gb": hf["rss_tree_gb"],
             }), flush=True)
     finally:
         if not args.keep:

@@ -18,6 +18,8 @@ Example:
 
 from __future__ import annotations
 
+import mmap
+import os
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -58,6 +60,35 @@ class TokenStream:
         self.arrays = arrays
         self.ranges = table[table[:, 2] > table[:, 1]]
         self._offsets = np.concatenate([[0], np.cumsum(self.ranges[:, 2] - self.ranges[:, 1])]).astype(np.int64)
+        self._files: dict[int, Any] = {}  # array index -> open file of a memory-mapped shard (see _copy)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_files": {}}  # open files stay in their process
+
+    def _copy(self, index: int, lo: int, hi: int, out: np.ndarray) -> None:
+        """``out[:] = arrays[index][lo:hi]``, reading a memory-mapped shard with ``preadv``.
+
+        Slicing the mapping would map whole page-cache folios (hundreds of KB per window on
+        Linux with large folios) into this process: RSS would then grow with the corpus over a
+        run. A positioned read copies just the window, and the page cache stays the kernel's.
+        """
+        a = self.arrays[index]
+        if not (isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap) and hasattr(os, "preadv") and a.filename):
+            out[:] = a[lo:hi]
+            return
+        f = self._files.get(index)
+        if f is None:
+            f = self._files[index] = open(a.filename, "rb")  # noqa: SIM115 - kept open for the stream's life
+        raw = out if out.dtype == a.dtype else np.empty(hi - lo, a.dtype)
+        view = memoryview(raw).cast("B")
+        done, offset = 0, a.offset + lo * a.itemsize
+        while done < view.nbytes:
+            n = os.preadv(f.fileno(), [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"token shard {a.filename!r} is shorter than its {len(a)} tokens (truncated while in use)")
+            done += n
+        if raw is not out:
+            out[:] = raw
 
     @classmethod
     def from_tensor(cls, tokens: torch.Tensor) -> TokenStream:
@@ -88,7 +119,7 @@ class TokenStream:
             index, a, b = self.ranges[seg]
             lo = a + (start + filled - self._offsets[seg])
             hi = min(b, lo + (stop - start - filled))
-            out[filled : filled + hi - lo] = self.arrays[index][lo:hi]
+            self._copy(int(index), int(lo), int(hi), out[filled : filled + hi - lo])
             filled += hi - lo
             seg += 1
         return out
@@ -96,8 +127,8 @@ class TokenStream:
     def gather(self, starts: Union[Sequence[int], np.ndarray, torch.Tensor], length: int) -> torch.Tensor:
         """The windows ``[s, s + length)`` for each ``s`` in ``starts``: a ``(len(starts), length)`` int64 tensor.
 
-        Only the windows are read from the shards (one slice each, or one gather when the stream is
-        a single range).
+        Only the windows are read from the shards (one positioned read each, or one gather when
+        the stream is a single array in memory).
         """
         if isinstance(starts, torch.Tensor):
             starts = starts.detach().cpu().numpy()
@@ -105,7 +136,7 @@ class TokenStream:
         n = len(self)
         if starts.size and (int(starts.min()) < 0 or int(starts.max()) + length > n):
             raise IndexError(f"windows of {length} tokens at starts in [{int(starts.min())}, {int(starts.max())}] do not fit a stream of {n} tokens")
-        if len(self.ranges) == 1:
+        if len(self.ranges) == 1 and not isinstance(self.arrays[int(self.ranges[0, 0])], np.memmap):
             index, base, _ = self.ranges[0]
             rows = self.arrays[index][base + starts[:, None] + np.arange(length)]
             return torch.from_numpy(np.asarray(rows, dtype=np.int64))

@@ -1,5 +1,7 @@
 """Token streams over arrays (shards), splits by document, window starts, per-rank windows."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +114,23 @@ def test_split_documents_holds_out_whole_documents_fixed_by_the_seed():
     assert t.tolist() == [[0, 90]] and v.tolist() == [[90, 100]]
     with pytest.raises(ValueError, match="takes all 2 documents"):
         data.split_documents([10, 20], 0.9, seed=0)
+
+
+def _rss_file_kb() -> int:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="RssFile is read from Linux's /proc")
+def test_reading_windows_from_shards_does_not_map_the_corpus(tmp_path):
+    # Slicing a memmap maps page-cache pages (whole folios) into the process, so over a long run RSS
+    # would grow to the corpus size; windows are read with positioned reads instead.
+    path = tmp_path / "shard.bin"
+    np.arange(4 << 20, dtype=np.uint32).tofile(path)  # 16 MB, in the page cache now
+    stream = data.TokenStream([np.memmap(path, dtype=np.uint32, mode="r")])
+    two = stream.select([[0, 2 << 20], [3 << 20, 4 << 20]])
+    starts = np.arange(0, len(two) - 64, 8192)  # 384 windows, 32 KB apart
+    before = _rss_file_kb()
+    one_range, ranges = stream.gather(starts, 64), two.gather(starts, 64)
+    grown = _rss_file_kb() - before
+    assert torch.equal(one_range[:, 0], torch.from_numpy(starts)) and torch.equal(ranges, torch.from_numpy(two.read(0, len(two))[starts[:, None] + np.arange(64)]))
+    assert grown < 1024, f"RssFile grew by {grown} KB reading {2 * len(starts)} windows"
