@@ -227,16 +227,21 @@ class TrainState(struct.PyTreeNode):
                 "TrainState has no tx (optimizer): create it with TrainState.create(..., tx=optim.sgd(...)) "
                 "or state.replace(tx=..., opt_state=tx.init(state.params))"
             )
+        # Once here, before any kernel; the update paths below see the same objects and skip it.
         check_updates_match(grads, self.params, "grads")
-        if donate:
-            if self.tx.donated_update is not None:
-                params, opt_state = self.tx.donated_update(grads, self.opt_state, self.params, **extra)
+        marked = tree._trust(grads, self.params)
+        try:
+            if donate:
+                if self.tx.donated_update is not None:
+                    params, opt_state = self.tx.donated_update(grads, self.opt_state, self.params, **extra)
+                else:
+                    updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra)
+                    params = apply_updates_(self.params, updates)
             else:
                 updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra)
-                params = apply_updates_(self.params, updates)
-        else:
-            updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra)
-            params = apply_updates(self.params, updates)
+                params = apply_updates(self.params, updates)
+        finally:
+            tree._untrust(marked)
         new_state = self.replace(step=self.step + 1, params=params, opt_state=opt_state)
         if donate and _context.current() is None:
             # Inside a step the step marks the state after its (possibly compiled) core returns.

@@ -160,13 +160,18 @@ def _adam_family(
             return None
         adam_state, lr_state = state[0], state[-1]
         moments = [adam_state.mu, adam_state.nu] + ([adam_state.nu_max] if amsgrad else [])
-        # The kernel indexes the gradients and moments with the parameters' sizes: validate first.
+        # The kernel indexes the gradients and moments with the parameters' sizes: validate first
+        # (the updates' check is free when the caller, e.g. apply_gradients, checked these objects).
         reference = params if params is not None else adam_state.mu
         check_updates_match(updates, reference, f"{name}: updates")
-        tree.check_match(tuple(moments), (reference,) * len(moments), name=f"{name}: opt_state moments", reference_name="params", dtype="any", device=False)
         g, treedef, (*flat_moments,) = _flatten_like(updates, name, *moments)
         p = treedef.flatten_up_to(params) if params is not None else flat_moments[0]
-        if not fused_supported(p, *flat_moments) or not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in g):
+        if not fused_supported(p, *flat_moments):
+            # Moments of other shapes than the parameters (a state from another model) are an
+            # error, whichever path would run; other dtypes or devices take the generic chain.
+            tree.check_match(tuple(moments), (reference,) * len(moments), name=f"{name}: opt_state moments", dtype="any", device=False)
+            return None
+        if not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in g):
             return None
         if callable(learning_rate):
             if not isinstance(lr_state, ScaleByScheduleState):
