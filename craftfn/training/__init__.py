@@ -13,6 +13,7 @@ from craftfn.training.callbacks import (
     NanGuard,
     ProgressBar,
     SampleText,
+    SaveWeights,
     TensorBoardLogger,
     generate_tokens,
 )
@@ -23,11 +24,15 @@ from craftfn.training.checkpointing import (
     export_params,
 )
 from craftfn.training.evaluation import Evaluator
+from craftfn.training.events import TrainerView
 from craftfn.training.progress import ProgressTracker, default_peak_flops
-from craftfn.training.trainer import Event, Trainer, count_tokens, learning_rate_of
+from craftfn.training.runlock import RunDirLock, RunDirLockedError
+from craftfn.training.trainer import Event, Trainer, TrainingInterrupted, count_tokens, learning_rate_of
 
 __all__ = [
     "Trainer",
+    "TrainingInterrupted",
+    "TrainerView",
     "Event",
     "Evaluator",
     "ProgressTracker",
@@ -40,6 +45,7 @@ __all__ = [
     "EarlyStopping",
     "NanGuard",
     "SampleText",
+    "SaveWeights",
     "ProgressBar",
     "generate_tokens",
     "count_tokens",
@@ -48,4 +54,6 @@ __all__ = [
     "CorruptCheckpointError",
     "CheckpointMismatchError",
     "export_params",
+    "RunDirLock",
+    "RunDirLockedError",
 ]
