@@ -38,8 +38,9 @@ from craftfn import distributed, make_eval_step, make_train_step, optim
 from craftfn.models.gpt import GPT, GPTConfig, lm_eval_metrics, lm_loss
 from craftfn.state import TrainState
 from craftfn.training import callbacks as cb
-from craftfn.training.checkpointing import CheckpointManager, CheckpointMismatchError, export_params
+from craftfn.training.checkpointing import CheckpointManager, CheckpointMismatchError
 from craftfn.training.evaluation import Evaluator
+from craftfn.training.runlock import RunDirLock, RunDirLockedError
 from craftfn.training.trainer import Trainer
 
 __all__ = ["ConfigError", "train_language_model", "evaluate_language_model", "unigram_entropy", "LanguageModelTask", "build_language_model_task"]
@@ -196,10 +197,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
     cdata.atomic_write_text(path, text)
 
 
-def _export(state: TrainState, path: Path) -> None:
-    export_params(state, path)
-
-
 def _clean_gin_message(e: BaseException) -> str:
     # gin appends "In call to configurable ..." lines; the cause is the first part.
     lines = [ln for ln in str(e).splitlines() if not ln.strip().startswith("In call to configurable")]
@@ -248,6 +245,8 @@ def _prepare_training(
     # The sampler comes before the loggers: its end-of-training sample is logged before they close.
     all_callbacks = [
         ConfiguredNanGuard(),
+        # The weights are written before the optional end work (the final sample), whatever ends the run.
+        cb.SaveWeights(run / "model.safetensors"),
         sampler,
         ConfiguredProgressBar(),
         # Samples are printed by SampleText(echo=) and the final summary.
@@ -345,6 +344,35 @@ def train_language_model(
     t0 = time.time()
     if not distributed.is_main():
         print_fn = _silent
+    # One trainer per run directory (the main rank holds the lock for the run's ranks).
+    lock = RunDirLock(run_dir) if distributed.is_main() else None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunDirLockedError as e:
+            raise ConfigError(str(e)) from None
+        if lock.took_over:
+            print_fn(
+                f"craftfn: took over the lock of {run_dir} left by pid {lock.took_over.get('pid')}, "
+                "which is no longer running"
+            )
+    try:
+        return _train_locked(
+            run_dir, resume, optimizer, callbacks, donate, compile, console_every, tensorboard_every, sample_every,
+            sample_prompt, sample_tokens, temperature, save_checkpoints, num_threads, shard_optimizer_state,
+            policy, loss_scale, remat, print_fn, t0,
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(
+    run_dir: str, resume: bool, optimizer: Any, callbacks: Sequence[cb.Callback], donate: bool, compile: bool,
+    console_every: int, tensorboard_every: int, sample_every: int, sample_prompt: str, sample_tokens: int,
+    temperature: float, save_checkpoints: bool, num_threads: Optional[int], shard_optimizer_state: bool,
+    policy: Optional[str], loss_scale: Optional[bool], remat: Optional[Any], print_fn: Callable[[str], None], t0: float,
+) -> dict[str, Any]:
     try:
         trainer, state, task, sampler, manager, run = _prepare_training(
             run_dir, optimizer, callbacks, donate, compile, console_every, tensorboard_every, sample_every,
@@ -370,8 +398,13 @@ def train_language_model(
     finally:
         if manager is not None:
             manager.close()
-    if distributed.is_main():
-        _export(state, run / "model.safetensors")
+    # model.safetensors was written by the SaveWeights callback, before the final sample.
+    saver = next((c for c in trainer.callbacks if isinstance(c, cb.SaveWeights)), None)
+    if saver is not None and saver.finite is False:
+        print_fn(
+            f"craftfn: the weights in {run / 'model.safetensors'} are not finite (the run diverged); the checkpoints "
+            f"in {run / 'checkpoints'} hold the last finite state. Lower the learning rate and run again to resume from it."
+        )
     entropy = unigram_entropy(task.tokens)
     final = trainer.last_eval
     sample = sampler.samples[-1][1] if sampler.samples else ""
@@ -411,9 +444,19 @@ def evaluate_language_model(run_dir: str, checkpoint: Optional[str] = None, prin
         raise ValueError(f"no model weights at {str(path)!r}: train first (craftfn train --run_dir {run_dir}) or pass --checkpoint")
     task = build_language_model_task()
     try:
-        task.model.load_state_dict(safetensors.torch.load_file(str(path)))
+        weights = safetensors.torch.load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise ValueError(f"cannot read the weights in {str(path)!r} (not a complete safetensors file?): {e}") from None
+    try:
+        task.model.load_state_dict(weights)
     except RuntimeError as e:
-        raise ValueError(f"the weights in {str(path)!r} do not fit the configured model: {str(e).splitlines()[0]}") from None
+        # torch lists the missing, unexpected and mis-shaped keys on separate lines: keep them all.
+        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        detail = detail if len(detail) <= 800 else detail[:800] + " ..."
+        raise ValueError(
+            f"the weights in {str(path)!r} do not fit the configured model (evaluate with the gin file and bindings "
+            f"the run was trained with): {detail}"
+        ) from None
     state = TrainState.create(model=task.model, tx=None, seed=task.seed)
     metrics = Evaluator(make_eval_step(lm_eval_metrics), task.eval_batches).evaluate(state)
     metrics["unigram_entropy"] = unigram_entropy(task.tokens)

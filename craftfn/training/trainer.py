@@ -39,6 +39,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -373,10 +374,24 @@ class Trainer:
         return metrics
 
     def save(self, state: Any) -> None:
-        """Save ``state`` through the checkpoint manager (with the callbacks' state)."""
+        """Save ``state`` through the checkpoint manager (with the callbacks' state).
+
+        A state whose parameters are not finite (a diverged run) is not saved, with a warning:
+        the newest checkpoint stays the last finite state, which is what a rerun with a lower
+        learning rate should resume from. (One read of the parameters per save.)
+        """
         if self.checkpoint_manager is None:
             return
         self._flush()
+        params = getattr(state, "params", None)
+        if params is not None and not bool(tree.all_finite(params)):
+            warnings.warn(
+                f"Trainer: not saving step {self.step}: its parameters are not finite (the run diverged); "
+                "the newest checkpoint stays the last finite state",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
         extra = {**self.checkpoint_extra, "callbacks": self.callbacks.state_dicts()}
         with self.paused_clock():
             self.checkpoint_manager.save(self.step, state, metrics=dict(self.last_eval) or None, extra=extra)
