@@ -367,6 +367,7 @@ def warmup_cosine_decay(init_value: float, peak_value: float, warmup_steps: int,
         >>> s(10), s(20), s(30)
         (1.0, 0.5, 0.0)
     """
+    init_value, peak_value = _number("init_value", init_value), _number("peak_value", peak_value)  # named before the pieces check them
     warmup_steps = _steps("warmup_steps", warmup_steps)
     decay_steps = _steps("decay_steps", decay_steps, positive=True)
     if warmup_steps >= decay_steps:
@@ -406,6 +407,7 @@ def warmup_exponential_decay(
         >>> warmup_exponential_decay(0.0, 1.0, 10, transition_steps=10, decay_rate=0.5)(20)
         0.5
     """
+    init_value, peak_value = _number("init_value", init_value), _number("peak_value", peak_value)  # named before the pieces check them
     warmup_steps = _steps("warmup_steps", warmup_steps)
     return join(
         [linear(init_value, peak_value, warmup_steps), exponential_decay(peak_value, transition_steps, decay_rate, transition_begin, staircase, end_value)],
@@ -428,6 +430,7 @@ def warmup_constant(init_value: float, peak_value: float, warmup_steps: int) -> 
         >>> warmup_constant(0.0, 1.0, 4)(2), warmup_constant(0.0, 1.0, 4)(100)
         (0.5, 1.0)
     """
+    init_value, peak_value = _number("init_value", init_value), _number("peak_value", peak_value)  # named before the pieces check them
     return linear(init_value, peak_value, warmup_steps)
 
 

@@ -582,6 +582,8 @@ def check_match(
         ...
         ValueError: updates do not match params: leaf 'w': updates shape (2, 1), params shape (1, 2)
     """
+    if dtype not in _DTYPE_RULES:
+        raise ValueError(f"check_match: dtype must be one of {list(_DTYPE_RULES)}, got {dtype!r}")
     if torch.compiler.is_compiling():
         leaves_, treedef = flatten(tree)
         # Tracing: Python on static metadata, evaluated once per compile (dynamo guards on shapes).
@@ -618,8 +620,6 @@ def check_match(
         if (dtype, device, sig, ref_sig) in _MATCH_CACHE:
             return
     # First sight of this pair of signatures (or a mismatch): the full comparison.
-    if dtype not in _DTYPE_RULES:
-        raise ValueError(f"dtype must be one of {list(_DTYPE_RULES)}, got {dtype!r}")
     leaves_, treedef = flatten(tree)
     ref_leaves, ref_def = flatten(reference)
     _raise_mismatch(tree, reference, leaves_, ref_leaves, treedef == ref_def, name, reference_name, dtype, device, error)

@@ -549,6 +549,7 @@ def adafactor(
         check_hyperparameter("learning_rate", learning_rate)
     parts = [scale_by_factored_rms(factored, decay_rate, 0, min_dim_size_to_factor, eps, decay_offset)]
     if clipping_threshold is not None:
+        check_hyperparameter("clipping_threshold", clipping_threshold, low=0.0, low_inclusive=False)
         parts.append(clip_by_block_rms(clipping_threshold))
     if learning_rate is not None:
         parts.append(scale_by_learning_rate(learning_rate, flip_sign=False))
@@ -606,6 +607,7 @@ def lars(
         4
     """
     check_hyperparameter("learning_rate", learning_rate)
+    check_hyperparameter("momentum", momentum, low=0.0, high=1.0, high_inclusive=True)
     from craftfn.optim.combine import masked
 
     trust = scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps)
