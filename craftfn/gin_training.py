@@ -272,6 +272,9 @@ def _prepare_training(
         seed=task.seed,
         flops_per_token=float(task.model.flops_per_token()),
         checkpoint_extra={"tokenizer": task.tokenizer.to_dict()},
+        # Under torchrun the ranks could stop after different steps (a deadlock in the next
+        # collective): there, signals keep their default action and the periodic checkpoints count.
+        handle_signals=not data_parallel,
     )
     # Every configurable has been called now, so the operative config is complete.
     config_text = gin.operative_config_str()

@@ -19,6 +19,7 @@ from craftfn.cli import main
 from craftfn.generation import batch_generate, beam_search_generate, generate_text_sampling
 from craftfn.generation.run import generate_from_run_dir
 from craftfn.models import GPT, GPTConfig
+from craftfn.models.gpt import lm_loss
 from craftfn.optim.fused import fused_adam_step_
 from craftfn.training import (
     Callback,
@@ -254,6 +255,8 @@ CHECKPOINTS = [
 
 _IDS = torch.tensor([[1, 2, 3]])
 GENERATION = [
+    Case("GPT forward id out of vocab", lambda: _gpt()(torch.tensor([[1, 12]])), ValueError, ("token ids from 1 to 12", "[0, 11)", "vocab_size")),
+    Case("train step id out of vocab", lambda: make_train_step(lm_loss)(TrainState.create(model=_gpt(), tx=optim.sgd(0.1)), {"input_ids": torch.tensor([[3, 40]]), "labels": torch.tensor([[4, 5]])}), ValueError, ("token ids from 3 to 40", "[0, 11)")),
     Case("sampling id out of vocab", lambda: generate_text_sampling(_gpt(), torch.tensor([[1, 11]]), max_new_tokens=2), ValueError, ("prompt_ids", "token id 11", "[0, 11)")),
     Case("sampling negative id", lambda: generate_text_sampling(_gpt(), torch.tensor([[-1, 2]]), max_new_tokens=2), ValueError, ("prompt_ids", "token id -1", "[0, 11)")),
     Case("beam id out of vocab", lambda: beam_search_generate(_gpt(), torch.tensor([[50]]), num_beams=2, max_new_tokens=2), ValueError, ("token id 50", "[0, 11)")),

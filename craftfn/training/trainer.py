@@ -179,7 +179,8 @@ class Trainer:
             (preemption) stop training after the step in flight: the state is saved through the
             checkpoint manager, the callbacks' ``on_train_end`` run (e.g. :class:`SaveWeights`),
             and ``fit`` raises :class:`TrainingInterrupted` (exit status 130 / 143). A second
-            signal acts at once, as it would without the Trainer.
+            signal acts at once, as it would without the Trainer. Turn it off in multi-process
+            runs: ranks that stop after different steps would wait on each other's collectives.
 
     Attributes (read by callbacks): ``state`` (the newest dispatched state), ``step``,
     ``epoch``, ``total_steps``, ``tracker`` (the :class:`ProgressTracker`),
