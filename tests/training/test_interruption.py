@@ -194,7 +194,8 @@ def test_diverged_run_leaves_weights_and_its_last_finite_checkpoint(tmp_path, ca
     assert all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("params."))
     # The checkpoint is resumable: a rerun (here one that ends at that step) restores it and exports it.
     rerun = ["train", "--gin_file", DEFAULT_GIN, "--run_dir", str(run), f"--gin.MAX_STEPS={saved[-1]}", *TINY, *diverge[:3]]
-    assert main(rerun) == 0
+    with pytest.warns(RuntimeWarning, match="SampleText: no sample"):  # finite but huge weights: logits overflow
+        assert main(rerun) == 0
     assert "resuming from the checkpoints" in capsys.readouterr().out
     exported = _weights(run / "model.safetensors")
     assert all(torch.equal(exported[k], state[f"params.{k}"]) for k in exported if f"params.{k}" in state)
