@@ -10,7 +10,7 @@ Example:
     >>> params = {"w": torch.ones(2, 2), "b": torch.zeros(2)}
     >>> tree.global_norm(params)
     tensor(2.)
-    >>> sorted(tree.flatten_with_path(params)[0])
+    >>> sorted(name for name, _ in tree.flatten_with_path(params)[0])
     ['b', 'w']
 """
 

@@ -297,3 +297,13 @@ def test_callbacks_module_does_not_import_the_trainer():
         node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom) and node.module
     }
     assert "craftfn.training.trainer" not in imported and "craftfn.training.events" in imported
+
+
+def test_docstring_examples_of_runlock_and_events_run():
+    import doctest
+
+    from craftfn.training import events, runlock
+
+    for module in (runlock, events):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
