@@ -10,9 +10,7 @@ import gin
 import pytest
 import torch
 
-from craftfn import optim, schedules
-
-gin_config = pytest.importorskip("craftfn.gin_config")
+from craftfn import gin_config, optim, schedules, testing, tree
 
 GIN = Path(__file__).resolve().parent.parent / "gin"
 OPTIMIZERS = sorted(p.name for p in (GIN / "optim").glob("*.gin"))
@@ -109,6 +107,20 @@ def test_registration_is_idempotent_and_aliases_are_configurable():
     gin.parse_config("optim.lion.b1 = 0.8")
     tx = first["lion"](learning_rate=0.1)
     assert isinstance(tx, optim.GradientTransformation)
+
+    # The binding takes effect: the configured lion follows lion(b1=0.8), not the default b1=0.9.
+    def trajectory(tx):
+        params = named_params()
+        state = tx.init(params)
+        for seed in range(4):
+            grads = testing.random_grads(params, seed=seed)
+            updates, state = tx.update(grads, state, params)
+            params = optim.apply_updates(params, updates)
+        return params
+
+    configured = trajectory(tx)
+    assert not tree.allclose(trajectory(optim.lion(0.1, b1=0.8)), trajectory(optim.lion(0.1)))  # b1 matters here
+    assert tree.equal(configured, trajectory(optim.lion(0.1, b1=0.8))), "the optim.lion.b1 binding had no effect"
 
 
 def test_a_bad_name_in_a_gin_file_names_the_problem():

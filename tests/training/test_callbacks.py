@@ -245,6 +245,13 @@ def test_generate_tokens_greedy_and_seeded_sampling():
     a = generate_tokens(state, prompt, 6, temperature=1.0, block_size=4, key=random.key(1))
     b = generate_tokens(state, prompt, 6, temperature=1.0, block_size=4, key=random.key(1))
     assert torch.equal(a, b)
+    # Sampling draws from softmax(logits / temperature): over many rows, each token's frequency
+    # matches its probability (all five are ~0.2 here; a greedy sampler puts every row on one).
+    rows = 2000
+    sampled = generate_tokens(state, prompt.repeat(rows, 1), 1, temperature=1.0, block_size=4, key=random.key(2))[:, -1]
+    probs = torch.softmax(state.apply(state.params, prompt, training=False)[0, -1].float(), dim=-1)
+    freq = torch.bincount(sampled, minlength=probs.numel()).float() / rows
+    assert torch.allclose(freq, probs, atol=0.05), (freq, probs)  # 0.05: ~5 standard deviations
 
 
 def test_sample_text_emits_text_events_every_n_steps_and_at_the_end():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import errno
 import hashlib
 import json
@@ -45,10 +46,7 @@ def tiny_gpt(dropout: float = 0.0) -> GPT:
 
 
 def make_tx() -> optim.GradientTransformation:
-    if hasattr(optim, "adamw"):
-        return optim.adamw(1e-2, weight_decay=0.1)
-    # A schedule gives the state a step counter as well as the momentum buffers.
-    return optim.sgd(lambda count: 0.1 / (1.0 + count), momentum=0.9)
+    return optim.adamw(1e-2, weight_decay=0.1)
 
 
 def gpt_state(dropout: float = 0.0, seed: int = 0) -> TrainState:
@@ -435,20 +433,59 @@ def test_non_os_error_in_write_cleans_up(tmp_path, monkeypatch):
     ckpt.close()
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores directory permissions")
+def _make_read_only(directory: Path, monkeypatch) -> None:
+    """Fault injection: creating, renaming or writing anything directly in ``directory`` fails with
+    EACCES, as in a directory without write permission (which root would ignore: chmod cannot
+    simulate it when the suite runs as root)."""
+    directory = Path(directory).resolve()
+
+    def inside(path) -> bool:
+        return Path(os.fsdecode(path)).resolve().parent == directory
+
+    def deny(path):
+        raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+
+    def guard(real, *path_args):
+        def wrapper(*args, **kwargs):
+            for i in path_args:
+                if i < len(args) and isinstance(args[i], (str, bytes, os.PathLike)) and inside(args[i]):
+                    deny(args[i])
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    real_os_open, real_open = os.open, builtins.open
+
+    def os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR) and inside(path):
+            deny(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def open_(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and set(mode) & set("wxa+") and inside(file):
+            deny(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", guard(os.mkdir, 0))
+    monkeypatch.setattr(os, "replace", guard(os.replace, 0, 1))
+    monkeypatch.setattr(os, "rename", guard(os.rename, 0, 1))
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", open_)
+
+
 @pytest.mark.parametrize("async_save", [True, False])
-def test_read_only_directory_gives_a_clear_error(tmp_path, async_save):
+def test_read_only_directory_gives_a_clear_error(tmp_path, monkeypatch, async_save):
     ckpt = _fill([1], tmp_path, async_save)
     before = _snapshot_files(tmp_path)
-    os.chmod(tmp_path, 0o500)
-    try:
-        with pytest.raises(OSError, match="could not save step 2") as info:
-            ckpt.save(2, {"w": torch.zeros(4)})
-            ckpt.wait()
-        assert info.value.errno == errno.EACCES and str(tmp_path) in str(info.value)
-    finally:
-        os.chmod(tmp_path, 0o700)
+    _make_read_only(tmp_path, monkeypatch)
+    with pytest.raises(OSError, match="could not save step 2") as info:
+        ckpt.save(2, {"w": torch.zeros(4)})
+        ckpt.wait()
+    assert info.value.errno == errno.EACCES and str(tmp_path) in str(info.value)
+    assert "earlier checkpoints are untouched" in str(info.value)
+    monkeypatch.undo()
     assert _snapshot_files(tmp_path) == before
+    assert ckpt.restore({"w": torch.zeros(4)})["w"][0].item() == 1.0
     ckpt.close()
 
 
