@@ -4,7 +4,8 @@ VENV ?= .venv
 # The CPU build of torch. A bare "torch" would pull a multi-GB CUDA build; override for a GPU box,
 # e.g. `make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"`.
 TORCH_SPEC ?= torch==2.13.0
-# hf: the suite tests TextGenerator over Hugging Face models, so CI must have transformers (no skip).
+# hf: the suite tests TextGenerator over Hugging Face models and the GPT-2 import/export, so CI must
+# have transformers (no skip).
 EXTRAS ?= dev,hf
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.craftfn-installed
@@ -14,7 +15,7 @@ PYTEST_ARGS ?=
 
 .PHONY: venv test train lint bench mutate clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"

@@ -22,6 +22,7 @@ from craftfn.training.checkpointing import (
     CheckpointMismatchError,
     CorruptCheckpointError,
     export_params,
+    load_exported,
 )
 from craftfn.training.evaluation import Evaluator
 from craftfn.training.events import TrainerView
@@ -54,6 +55,7 @@ __all__ = [
     "CorruptCheckpointError",
     "CheckpointMismatchError",
     "export_params",
+    "load_exported",
     "RunDirLock",
     "RunDirLockedError",
 ]

@@ -735,6 +735,8 @@ class SaveWeights(Callback):
 
     Args:
         path: the file, e.g. ``run_dir/model.safetensors``.
+        metadata: string pairs for the file's header (e.g. the model's config), next to the ones
+            :func:`~craftfn.training.export_params` writes itself.
 
     Attributes:
         written: the path after a successful write (``None`` before).
@@ -745,9 +747,10 @@ class SaveWeights(Callback):
         >>> saver = SaveWeights("runs/demo/model.safetensors")
     """
 
-    def __init__(self, path: Union[str, os.PathLike]) -> None:
+    def __init__(self, path: Union[str, os.PathLike], metadata: Optional[Mapping[str, str]] = None) -> None:
         super().__init__(every=0)
         self.path = Path(path)
+        self.metadata = dict(metadata) if metadata else None
         self.written: Optional[Path] = None
         self.finite: Optional[bool] = None
 
@@ -755,7 +758,7 @@ class SaveWeights(Callback):
         from craftfn.training.checkpointing import export_params
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        export_params(state, self.path)
+        export_params(state, self.path, metadata=self.metadata)
         self.written = self.path
         self.finite = bool(tree.all_finite(state.params))  # once, at the end of the run
 
@@ -767,6 +770,10 @@ def _format_seconds(seconds: Optional[float]) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+# tqdm's default bar with its "<remaining, rate" part left out (the postfix carries the ETA).
+_BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
 
 class ProgressBar(Callback):
@@ -804,7 +811,12 @@ class ProgressBar(Callback):
         if use:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=trainer.total_steps, initial=trainer.step, file=self._out(), unit="step", dynamic_ncols=True)
+            # tqdm's own remaining time counts the warm-up (compile) steps; the bar shows the
+            # tracker's warm-up-free ETA in the postfix instead.
+            self._bar = tqdm(
+                total=trainer.total_steps, initial=trainer.step, file=self._out(), unit="step", dynamic_ncols=True,
+                bar_format=_BAR_FORMAT,
+            )
         self._last_print = time.monotonic()
 
     def _summary(self, event: Event) -> dict[str, str]:
@@ -822,7 +834,7 @@ class ProgressBar(Callback):
     def on_step_end(self, trainer: TrainerView, event: Event) -> None:
         self._last_event = event
         if self._bar is not None:
-            self._bar.set_postfix(self._summary(event), refresh=False)
+            self._bar.set_postfix({**self._summary(event), "eta": _format_seconds(event.metrics.get("eta_sec"))}, refresh=False)
             self._bar.update(event.step - self._bar.n)  # redraws at most every tqdm mininterval
             return
         now = time.monotonic()

@@ -49,8 +49,8 @@ class Mutant(NamedTuple):
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "adam_bias_correction", "optimizer math", "craftfn/optim/adaptive.py",
-        "nu, g_nu)\n        bc2 = _bias_correction(b2, count)\n",
-        "nu, g_nu)\n        bc2 = _bias_correction(b1, count)\n",
+        "nu, g_nu)\n        bc2 = _bias_correction(b2, count)\n        out = foreach_groups(\n",
+        "nu, g_nu)\n        bc2 = _bias_correction(b1, count)\n        out = foreach_groups(\n",
         ("tests/optim/test_parity_torch.py", "tests/optim/test_fused.py"),
         "Adam's second-moment bias correction uses b1 instead of b2",
     ),

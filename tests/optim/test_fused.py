@@ -38,7 +38,7 @@ def _run_donated(tx, params, steps):
 
 
 def _generic(name: str, lr, wd=None, mask=None):
-    core = optim.scale_by_amsgrad() if name == "amsgrad" else optim.scale_by_adam()
+    core = optim.scale_by_amsgrad(max_raw_nu=True) if name == "amsgrad" else optim.scale_by_adam()
     parts = [core] + ([optim.add_decayed_weights(wd, mask)] if wd is not None else []) + [optim.scale_by_learning_rate(lr)]
     return optim.chain(*parts)
 
@@ -50,7 +50,8 @@ FAMILY = {
         lambda lr: optim.adamw(lr, weight_decay=0.1, mask=lambda name, p: p.ndim >= 2),
         lambda lr: _generic("adamw", lr, 0.1, lambda name, p: p.ndim >= 2),
     ),
-    "amsgrad": (lambda lr: optim.amsgrad(lr), lambda lr: _generic("amsgrad", lr)),
+    # torch's AMSGrad (the fused kernel's): the maximum of the raw second moment.
+    "amsgrad": (lambda lr: optim.amsgrad(lr, max_raw_nu=True), lambda lr: _generic("amsgrad", lr)),
 }
 LRS = {"float": 1e-2, "tensor": torch.tensor(1e-2), "schedule": lambda n: 1e-2 / (1.0 + n)}
 
@@ -175,8 +176,10 @@ def test_adamw_paths_trace_without_graph_breaks(path: str) -> None:
 
 
 def test_muon_donated_equals_pure() -> None:
-    """muon's AdamW part (non-matrix leaves) keeps the fused donated path through partition."""
-    tx = optim.muon(1e-2, adam_weight_decay=0.1)
+    """muon's AdamW part (non-matrix leaves) keeps the fused donated path through partition
+    (without Nesterov: optax's default muon sends the other leaves through NAdamW, which has no kernel)."""
+    assert optim.muon(1e-2).donated_update is None
+    tx = optim.muon(1e-2, adam_weight_decay=0.1, nesterov=False)
     assert tx.donated_update is not None
     p0 = _params()
     pure_p, pure_s = _run_pure(tx, p0, 5)

@@ -228,6 +228,15 @@ def test_progress_bar_plain_lines_without_a_terminal_and_tqdm_with_one():
     assert "5/5" in bar.getvalue() and "\r" in bar.getvalue()
 
 
+def test_progress_bar_shows_the_warmup_free_eta_not_tqdms_own():
+    bar = io.StringIO()
+    trainer = Trainer(make_train_step(mse_loss), linear_data, max_steps=6, callbacks=[ProgressBar(stream=bar, use_tqdm=True)])
+    trainer.fit(linear_state())
+    last = bar.getvalue().rstrip().split("\r")[-1]
+    # tqdm's own "<remaining" counts the warm-up steps; the tracker's ETA (0 left at the end) replaces it.
+    assert "eta=0:00" in last and "<" not in last, last
+
+
 def tiny_lm():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=8))

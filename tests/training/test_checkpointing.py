@@ -21,7 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 import craftfn
 from craftfn import TrainState, make_train_step, optim, tree
@@ -34,6 +34,7 @@ from craftfn.training.checkpointing import (
     CheckpointMismatchError,
     CorruptCheckpointError,
     export_params,
+    load_exported,
     select_steps_to_keep,
 )
 
@@ -751,17 +752,50 @@ def test_export_params_loads_strictly_into_the_model(tmp_path, make_model):
 
     state, _ = make_train_step(loss_fn)(state, {"x": x})
     path = tmp_path / "model.safetensors"
-    keys = export_params(state, path)
+    keys = export_params(state, path, metadata={"note": "final"})
     loaded = load_file(path)
-    assert keys == list(model.state_dict()) and set(loaded) == set(model.state_dict())
+    # Tied weights once, under the name safetensors.torch.save_model keeps.
+    save_model(model, str(tmp_path / "reference.safetensors"))
+    assert set(keys) == set(loaded) == set(load_file(tmp_path / "reference.safetensors"))
+    assert len(keys) == len(model.state_dict()) - 1  # one tied pair in each model
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["note"] == "final" and metadata["format"] == "pt"
     fresh = make_model()
-    fresh.load_state_dict(loaded, strict=True)
+    missing, unexpected = load_model(fresh, str(path), strict=True)  # safetensors' own strict loader
+    assert not missing and not unexpected
     for name, p in fresh.named_parameters():
         assert torch.equal(p, state.params[name]), name
     for name, b in fresh.named_buffers():
         if name in state.buffers and name in loaded:
             assert torch.equal(b, state.buffers[name]), name
-    assert [n for n in os.listdir(tmp_path)] == ["model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "reference.safetensors"]
+
+
+@pytest.mark.parametrize("layout", ["export_params", "save_model", "tied_under_each_name"])
+def test_load_exported_takes_every_tied_layout_strictly(tmp_path, layout):
+    model = tiny_gpt()
+    path = tmp_path / "w.safetensors"
+    if layout == "export_params":
+        export_params(TrainState.create(model=model, tx=None), path)
+    elif layout == "save_model":
+        save_model(model, str(path))
+    else:
+        save_file({k: v.clone() for k, v in model.state_dict().items()}, str(path))
+    torch.manual_seed(1)
+    fresh = GPT(model.config)
+    load_exported(fresh, path)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight  # still tied
+
+
+def test_load_exported_names_missing_and_unexpected_keys(tmp_path):
+    model = tiny_gpt()
+    weights = {k: v.clone() for k, v in model.state_dict().items() if k != "transformer.ln_f.bias"}
+    weights["extra.weight"] = torch.zeros(1)
+    save_file(weights, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match=r"missing keys \['transformer.ln_f.bias'\], unexpected keys \['extra.weight'\]"):
+        load_exported(tiny_gpt(), tmp_path / "w.safetensors")
 
 
 def test_export_params_with_function_apply_fn(tmp_path):
