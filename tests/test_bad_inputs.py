@@ -325,7 +325,7 @@ def test_every_optimizer_rejects_non_finite_hyperparameters_by_name():
     # optim and optim.contrib, the ones added later included: NaN in any float hyperparameter raises
     # at construction, naming that parameter (never a parameter of an inner rule).
     cases = _float_hyperparameters(optim) + _float_hyperparameters(optim.contrib)
-    assert len(cases) > 300  # the sweep found the builders (about 340 parameters today)
+    assert len(cases) > 300  # the sweep found the builders (330 parameters today)
     accepted = []
     for name, fn, base, param in cases:
         try:
