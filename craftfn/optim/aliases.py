@@ -192,13 +192,18 @@ def with_fused_adam(
             return None
         adam_state, lr_state = state[0], state[-1]
         moments = [adam_state.mu, adam_state.nu] + ([adam_state.nu_max] if amsgrad else [])
-        # The kernel indexes the gradients and moments with the parameters' sizes: validate first.
+        # The kernel indexes the gradients and moments with the parameters' sizes: validate first
+        # (the updates' check is free when the caller, e.g. apply_gradients, checked these objects).
         reference = params if params is not None else adam_state.mu
         check_updates_match(updates, reference, f"{name}: updates")
-        tree.check_match(tuple(moments), (reference,) * len(moments), name=f"{name}: opt_state moments", reference_name="params", dtype="any", device=False)
         g, treedef, (*flat_moments,) = _flatten_like(updates, name, *moments)
         p = treedef.flatten_up_to(params) if params is not None else flat_moments[0]
-        if not fused_supported(p, *flat_moments) or not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in g):
+        if not fused_supported(p, *flat_moments):
+            # Moments of other shapes than the parameters (a state from another model) are an
+            # error, whichever path would run; other dtypes or devices take the generic chain.
+            tree.check_match(tuple(moments), (reference,) * len(moments), name=f"{name}: opt_state moments", dtype="any", device=False)
+            return None
+        if not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in g):
             return None
         if callable(learning_rate):
             if not isinstance(lr_state, ScaleByScheduleState):
@@ -638,6 +643,7 @@ def adafactor(
         )
     ]
     if clipping_threshold is not None:
+        check_hyperparameter("clipping_threshold", clipping_threshold, low=0.0, low_inclusive=False)
         parts.append(clip_by_block_rms(clipping_threshold))
     if learning_rate is not None:
         parts.append(scale_by_learning_rate(learning_rate, flip_sign=False))
@@ -698,6 +704,7 @@ def lars(
         4
     """
     check_hyperparameter("learning_rate", learning_rate)
+    check_hyperparameter("momentum", momentum, low=0.0, high=1.0, high_inclusive=True)
     from craftfn.optim.combine import masked
 
     trust = scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps)
@@ -733,6 +740,7 @@ def signum(learning_rate: ScalarOrSchedule, beta: float = 0.9, accumulator_dtype
         3
     """
     check_hyperparameter("learning_rate", learning_rate)
+    check_hyperparameter("beta", beta, high=1.0)  # named here: ema would call it decay
     return chain(
         ema(beta, debias=False, accumulator_dtype=accumulator_dtype),
         scale_by_sign(),
@@ -856,6 +864,7 @@ def sm3(learning_rate: ScalarOrSchedule, momentum: float = 0.9) -> GradientTrans
         'ScaleBySM3State'
     """
     check_hyperparameter("learning_rate", learning_rate)
+    check_hyperparameter("momentum", momentum, high=1.0, high_inclusive=True)  # named here: scale_by_sm3 calls it b1
     return chain(scale_by_sm3(b1=momentum), scale_by_learning_rate(learning_rate))
 
 
@@ -989,6 +998,7 @@ def polyak_sgd(max_learning_rate: float = 1.0, scaling: ScalarOrSchedule = 1.0, 
         >>> tx.update({"w": torch.tensor([2.0])}, tx.init(p), p, value=torch.tensor(2.0))[0]
         {'w': tensor([-1.])}
     """
+    check_hyperparameter("scaling", scaling)  # named here: sgd would call it learning_rate
     return chain(
         sgd(learning_rate=scaling),
         scale_by_polyak(max_learning_rate=max_learning_rate, f_min=f_min, eps=eps, variant=variant),

@@ -159,12 +159,17 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     def update_fn(updates: Updates, state: tuple, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, tuple]:
         _check(state)
+        marked = False
         if params is not None and not per_example:
             check_updates_match(updates, params)
-        new_state = []
-        for t, s in zip(transforms, state):
-            updates, s = t.update(updates, s, params, **extra)
-            new_state.append(s)
+            marked = tree._trust(updates, params)  # the transformations need not check them again
+        try:
+            new_state = []
+            for t, s in zip(transforms, state):
+                updates, s = t.update(updates, s, params, **extra)
+                new_state.append(s)
+        finally:
+            tree._untrust(marked)
         return updates, tuple(new_state)
 
     donated_fn = None
@@ -174,12 +179,16 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         def donated_fn(updates: Updates, state: tuple, params: Params, **extra: Any) -> tuple[Params, tuple]:
             _check(state)
             check_updates_match(updates, params)
-            new_state = []
-            for t, s in zip(transforms[:-1], state[:-1]):
-                updates, s = (t.inplace_update or t.update)(updates, s, params, **extra)
+            marked = tree._trust(updates, params)
+            try:
+                new_state = []
+                for t, s in zip(transforms[:-1], state[:-1]):
+                    updates, s = (t.inplace_update or t.update)(updates, s, params, **extra)
+                    new_state.append(s)
+                params, s = last.donated_update(updates, state[-1], params, **extra)
                 new_state.append(s)
-            params, s = last.donated_update(updates, state[-1], params, **extra)
-            new_state.append(s)
+            finally:
+                tree._untrust(marked)
             return params, tuple(new_state)
 
     return GradientTransformation(init_fn, update_fn, donated_fn)

@@ -43,8 +43,9 @@ def fused_supported(*lists: Sequence[torch.Tensor]) -> bool:
     """True when torch's fused Adam kernel can update these parallel leaf lists in place.
 
     Every tensor must be a floating tensor on a CPU or CUDA device, and the tensors at
-    one position (param, moment, ...) must share dtype and device (the kernel does not
-    cast). Gradients are not checked: :func:`fused_adam_step_` casts them.
+    one position (param, moment, ...) must share shape, dtype and device (the kernel does
+    not cast, and it indexes every list with the first one's sizes). Gradients are not
+    checked: :func:`fused_adam_step_` checks and casts them.
 
     Example:
         >>> fused_supported([torch.zeros(2)], [torch.zeros(2)])
@@ -57,7 +58,7 @@ def fused_supported(*lists: Sequence[torch.Tensor]) -> bool:
         if not isinstance(first, torch.Tensor) or first.dtype not in _FUSED_DTYPES or first.device.type not in _FUSED_DEVICE_TYPES:
             return False
         for t in items[1:]:
-            if not isinstance(t, torch.Tensor) or t.dtype != first.dtype or t.device != first.device:
+            if not isinstance(t, torch.Tensor) or t.dtype != first.dtype or t.device != first.device or t.shape != first.shape:
                 return False
     return True
 

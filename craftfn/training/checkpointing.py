@@ -84,9 +84,12 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
-_OLD_DIR = re.compile(r"^\.tmp-old-(step_\d+)-[0-9a-f]+$")
+_OLD_DIR = re.compile(r"^\.tmp-old-(step_\d{8,})-[0-9a-f]{32}$")
+# Every temporary name the manager makes (new, replaced and deleted steps): only these are
+# ever removed as leftovers, so a user's own file in the folder (".tmp-notes") is left alone.
+_LEFTOVER = re.compile(r"^\.tmp-(?:old-|del-)?step_\d{8,}-[0-9a-f]{32}$")
 _CHUNK = 16 << 20  # bytes per write/read/hash call: large enough to stream, small enough to stay in cache for the hash
 _MAX_HEADER = 256 << 20
 
@@ -702,7 +705,8 @@ class CheckpointManager:
         steps = []
         for name in names:
             m = _STEP_DIR.match(name)
-            if m and (self.directory / name).is_dir():
+            # Only the manager's own spelling (step_00000100, not step_100 or step_0000000100).
+            if m and name == _step_dirname(int(m.group(1))) and (self.directory / name).is_dir():
                 steps.append(int(m.group(1)))
         return sorted(steps)
 
@@ -873,7 +877,7 @@ class CheckpointManager:
     def _clean_leftovers(self) -> None:
         """Remove what a crash left: temporary step directories, half-deleted ones, replaced ones."""
         for name in sorted(os.listdir(self.directory)):
-            if not name.startswith(_TMP_PREFIX):
+            if not _LEFTOVER.match(name):
                 continue
             path = self.directory / name
             m = _OLD_DIR.match(name)
@@ -920,8 +924,8 @@ def _fill_template(template: Any, tensors: dict[str, torch.Tensor], scalars: Map
             t = tensors[name]
             if not isinstance(leaf, torch.Tensor):
                 differs.append(f"{name}: checkpoint has a tensor, template has {type(leaf).__name__}")
-            elif t.shape != leaf.shape or t.dtype != leaf.dtype:
-                differs.append(f"{name}: checkpoint {t.dtype} {tuple(t.shape)}, template {leaf.dtype} {tuple(leaf.shape)}")
+            elif (why := tree.leaf_mismatch(t, leaf, dtype="equal", device=False, labels=("checkpoint", "template"))) is not None:
+                differs.append(f"{name}: {why}")
         elif name in scalars and isinstance(leaf, torch.Tensor):
             differs.append(f"{name}: checkpoint has a {type(scalars[name]).__name__}, template has a tensor")
     if missing or unexpected or differs:
