@@ -419,7 +419,8 @@ def test_bad_cli_input_is_one_paragraph_exit_2(case_id, argv, words, trained_run
     status = main([a.format(tmp=tmp_path, run=trained_run) for a in argv])
     err = capsys.readouterr().err
     assert status == 2, err
-    text = err.strip()
+    # A progress bar (tqdm redraws its line with \r, on stderr) may precede the error paragraph.
+    text = err.rsplit("\r", 1)[-1].strip()
     assert "Traceback" not in err and text.startswith("craftfn") and "error:" in text
     assert "\n\n" not in text and len(text.splitlines()) <= 8, text
     flat = " ".join(text.split())
