@@ -47,10 +47,11 @@ from craftfn.optim.base import (
     apply_updates_,
     chain,
     check_hyperparameter,
+    check_updates_match,
     identity,
 )
 from craftfn.optim.clipping import clip_by_block_rms
-from craftfn.optim.fused import fused_adam_step_, fused_supported
+from craftfn.optim.fused import _fused_adam_step, fused_supported
 from craftfn.optim.transforms import (
     MaskOrFn,
     ScaleByScheduleState,
@@ -159,6 +160,10 @@ def _adam_family(
             return None
         adam_state, lr_state = state[0], state[-1]
         moments = [adam_state.mu, adam_state.nu] + ([adam_state.nu_max] if amsgrad else [])
+        # The kernel indexes the gradients and moments with the parameters' sizes: validate first.
+        reference = params if params is not None else adam_state.mu
+        check_updates_match(updates, reference, f"{name}: updates")
+        tree.check_match(tuple(moments), (reference,) * len(moments), name=f"{name}: opt_state moments", reference_name="params", dtype="any", device=False)
         g, treedef, (*flat_moments,) = _flatten_like(updates, name, *moments)
         p = treedef.flatten_up_to(params) if params is not None else flat_moments[0]
         if not fused_supported(p, *flat_moments) or not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in g):
@@ -189,9 +194,9 @@ def _adam_family(
         for wd in {id(w): w for w in wd_per_leaf}.values():
             idx = [i for i, w in enumerate(wd_per_leaf) if w is wd]
             pick = lambda xs, idx=idx: [xs[i] for i in idx]  # noqa: E731
-            fused_adam_step_(
-                pick(target), pick(g), pick(moments[0]), pick(moments[1]), pick(moments[2]) if amsgrad else None, count,
-                lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, amsgrad=amsgrad, grad_divisor=grad_divisor,
+            _fused_adam_step(
+                pick(target), pick(g), pick(moments[0]), pick(moments[1]), pick(moments[2]) if amsgrad else [], count,
+                lr, b1, b2, eps, wd, amsgrad, grad_divisor,
             )
 
     def update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
