@@ -177,9 +177,13 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         if not isinstance(state, tuple) or len(state) != len(transforms):
             raise _state_error("chain", f"a tuple of {len(transforms)} states", state)
 
+    # A chain that starts with a rule taking per-example gradients (a leading batch axis, e.g. DP-SGD's
+    # aggregation) gets updates shaped unlike params: the rule checks them itself.
+    per_example = bool(transforms) and getattr(transforms[0], "takes_per_example_updates", False)
+
     def update_fn(updates: Updates, state: tuple, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, tuple]:
         _check(state)
-        if params is not None:
+        if params is not None and not per_example:
             check_updates_match(updates, params)
         new_state = []
         for t, s in zip(transforms, state):

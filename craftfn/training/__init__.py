@@ -21,6 +21,7 @@ from craftfn.training.checkpointing import (
     CheckpointMismatchError,
     CorruptCheckpointError,
     export_params,
+    load_exported,
 )
 from craftfn.training.evaluation import Evaluator
 from craftfn.training.progress import ProgressTracker, default_peak_flops
@@ -48,4 +49,5 @@ __all__ = [
     "CorruptCheckpointError",
     "CheckpointMismatchError",
     "export_params",
+    "load_exported",
 ]
