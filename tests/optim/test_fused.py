@@ -218,7 +218,7 @@ def _unfolded(clip: optim.GradientTransformation) -> optim.GradientTransformatio
 RULES = {
     "adamw": lambda: optim.adamw(1e-2, weight_decay=0.1),
     "adamw_masked_schedule": lambda: optim.adamw(lambda n: 1e-2 / (1.0 + n), weight_decay=0.1, mask=lambda name, p: p.ndim >= 2),
-    "amsgrad": lambda: optim.amsgrad(1e-2),
+    "amsgrad": lambda: optim.amsgrad(1e-2, max_raw_nu=True),  # torch's rule: the one with a fused path
     "inject_lr": lambda: optim.inject_hyperparams(optim.adamw, static_args=("b1", "b2", "eps", "weight_decay"))(
         learning_rate=1e-2, weight_decay=0.1),
     # every hyperparameter a tensor: the in-place _foreach path, which divides first
