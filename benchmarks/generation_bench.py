@@ -254,17 +254,7 @@ def main() -> None:
     same = {name: torch.equal(out, reference) for name, out in tokens.items()}
 
     base = results["no-cache eager (nanoGPT recompute)"]
-    load = os.getloadavg()
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), platform.processor())
-    print()
-    print(f"Command: `.venv/bin/python benchmarks/generation_bench.py {' '.join(os.sys.argv[1:])}`".replace("  ", " "))
-    print(f"Date: {datetime.date.today()}; machine: {os.cpu_count()} CPUs ({model_name}); torch {torch.__version__}, "
-          f"{args.threads} thread(s); load average at the end {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}")
-    print(f"Model: GPT {config.n_layer} layers x {config.n_embd} wide, {config.n_head} heads, vocab {config.vocab_size}, "
-          f"{model.num_params(non_embedding=False) / 1e6:.2f} M parameters; prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, greedy, batch 1, best of {args.repeats}")
-    print()
+    _describe(args, model, config, "greedy")
     print("| method | tokens/s | vs no-cache eager | same tokens |")
     print("|---|---:|---:|:---:|")
     for name, tps in results.items():
