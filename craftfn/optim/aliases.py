@@ -224,13 +224,16 @@ def with_fused_adam(
             fields["nu_max"] = tree.unflatten(treedef, moments[2])
         return (state_cls(**fields), *state[1:-1], new_lr_state)
 
-    def step_(target: list[torch.Tensor], g: list[torch.Tensor], moments: list[list[torch.Tensor]], count: torch.Tensor, lr: Any, wd_per_leaf: list[Any]) -> None:
+    def step_(
+        target: list[torch.Tensor], g: list[torch.Tensor], moments: list[list[torch.Tensor]], count: torch.Tensor, lr: Any,
+        wd_per_leaf: list[Any], grad_divisor: Optional[torch.Tensor] = None,
+    ) -> None:
         for wd in {id(w): w for w in wd_per_leaf}.values():
             idx = [i for i, w in enumerate(wd_per_leaf) if w is wd]
             pick = lambda xs, idx=idx: [xs[i] for i in idx]  # noqa: E731
             _fused_adam_step(
                 pick(target), pick(g), pick(moments[0]), pick(moments[1]), pick(moments[2]) if amsgrad else [], count,
-                lr, b1, b2, eps, wd, amsgrad,
+                lr, b1, b2, eps, wd, amsgrad, grad_divisor,
             )
 
     def update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
@@ -260,17 +263,21 @@ def with_fused_adam(
         step_(out, g, fresh, count, lr, [0.0] * len(p))
         return tree.unflatten(treedef, out), new_state(state, adam_state, new_lr_state, fresh, treedef)
 
-    def donated_fn(updates: Updates, state: Any, params: Params, **extra: Any) -> tuple[Params, Any]:
+    def donated_fn(updates: Updates, state: Any, params: Params, *, grad_divisor: Optional[torch.Tensor] = None, **extra: Any) -> tuple[Params, Any]:
+        # grad_divisor (fused_divide below): a chain's clip factor, divided out inside the kernel.
         planned = plan(updates, state, params)
         if planned is None:
+            if grad_divisor is not None:
+                u = tree.leaves(updates)
+                foreach_groups(lambda xs: torch._foreach_div_(xs, grad_divisor.to(device=xs[0].device, dtype=xs[0].dtype)), u)
             new_updates, st = tx.update(updates, state, params, **extra)
             return apply_updates_(params, new_updates), st
         treedef, g, p, moments, lr, adam_state, new_lr_state, decay = planned
         wd = weight_decay if weight_decay is not None else 0.0
-        step_(p, g, moments, adam_state.count + 1, lr, [wd if d else 0.0 for d in decay])
+        step_(p, g, moments, adam_state.count + 1, lr, [wd if d else 0.0 for d in decay], grad_divisor)
         return params, new_state(state, adam_state, new_lr_state, moments, treedef)
 
-    return GradientTransformation(tx.init, update_fn, donated_fn)
+    return GradientTransformation(tx.init, update_fn, donated_fn, fused_divide=True)
 
 
 def _fused_eligible(*, nesterov: bool, eps_root: Any, mu_dtype: Optional[torch.dtype]) -> bool:

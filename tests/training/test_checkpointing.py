@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -152,13 +153,37 @@ def test_streaming_in_many_chunks_with_overlapped_hashing(tmp_path, monkeypatch)
     assert restored["label"] == "run-7"
     meta = json.loads((tmp_path / "step_00000001" / "meta.json").read_text())
     data = (tmp_path / "step_00000001" / "state.safetensors").read_bytes()
-    assert meta["files"]["state.safetensors"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert meta["files"]["state.safetensors"]["xxh3_128"] == xxhash.xxh3_128(data).hexdigest()
     assert meta["files"]["state.safetensors"]["bytes"] == len(data) > 4 * 40
     corrupted = bytearray(data)
     corrupted[-3] ^= 0x10
     (tmp_path / "step_00000001" / "state.safetensors").write_bytes(bytes(corrupted))
-    with CheckpointManager(tmp_path) as ckpt, pytest.raises(CorruptCheckpointError, match="sha256"):
+    with CheckpointManager(tmp_path) as ckpt, pytest.raises(CorruptCheckpointError, match="xxh3_128 checksum"):
         ckpt.restore(template)
+
+
+@pytest.mark.parametrize("chunk", [40, 16 << 20])
+def test_format_1_sha256_checkpoints_are_still_read_and_verified(tmp_path, monkeypatch, chunk):
+    """A step written by format 1 (sha256 of state.safetensors in meta.json) restores bit-exactly; damage is caught."""
+    monkeypatch.setattr(checkpointing, "_CHUNK", chunk)
+    state = gpt_state()
+    with monkeypatch.context() as old_writer:  # what craftfn wrote before xxh3: the same file, sha256 in meta.json
+        old_writer.setattr(checkpointing, "_FILE_HASH", "sha256")
+        old_writer.setattr(checkpointing, "FORMAT_VERSION", 1)
+        with CheckpointManager(tmp_path, async_save=False) as ckpt:
+            ckpt.save(1, state)
+    step_dir = tmp_path / "step_00000001"
+    meta = json.loads((step_dir / "meta.json").read_text())
+    data = (step_dir / "state.safetensors").read_bytes()
+    assert meta["format_version"] == 1
+    assert meta["files"]["state.safetensors"] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    with CheckpointManager(tmp_path) as ckpt:
+        assert same_leaves(ckpt.restore(gpt_state(seed=1)), state)
+    corrupted = bytearray(data)
+    corrupted[len(data) // 2] ^= 0x04
+    (step_dir / "state.safetensors").write_bytes(bytes(corrupted))
+    with CheckpointManager(tmp_path) as ckpt, pytest.raises(CorruptCheckpointError, match="sha256 checksum"):
+        ckpt.restore(gpt_state())
 
 
 def test_async_save_copies_before_returning(tmp_path):
