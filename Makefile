@@ -11,7 +11,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.craftfn-installed
 GIN ?= gin/char_gpt.gin
 RUN_DIR ?= runs/char_gpt
-PYTEST_ARGS ?=
+# pytest-xdist workers: CI has 2 cores and the suite is mostly single-threaded Python (tracing,
+# compiling), so two workers halve its wall time. PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS ?= -n $(PYTEST_WORKERS)
 
 .PHONY: venv test train lint bench mutate clean
 
