@@ -479,12 +479,14 @@ def radam(
     threshold: float = 5.0,
     *,
     nesterov: bool = False,
+    rectification_dtype: torch.dtype = torch.float32,
 ) -> GradientTransformation:
     """Rectified Adam (Liu et al., 2020): ``chain(scale_by_radam(...), scale_by_learning_rate(lr))``.
 
     Uses the variance-rectified Adam step once the SMA length ``rho_t`` reaches ``threshold``
-    and plain bias-corrected momentum before. ``torch.optim.RAdam`` is ``threshold=5.0`` (its
-    test is ``rho_t > 5``).
+    and plain bias-corrected momentum before. The rectification term is computed in float32 as
+    optax does; ``torch.optim.RAdam`` is ``threshold=5.0`` (its test is ``rho_t > 5``) with
+    ``rectification_dtype=torch.float64`` (see :func:`scale_by_radam`).
 
     Example:
         >>> tx = optim.radam(1e-3)
@@ -493,7 +495,7 @@ def radam(
     """
     check_hyperparameter("learning_rate", learning_rate)
     return chain(
-        scale_by_radam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, threshold=threshold, nesterov=nesterov),
+        scale_by_radam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, threshold=threshold, nesterov=nesterov, rectification_dtype=rectification_dtype),
         scale_by_learning_rate(learning_rate),
     )
 

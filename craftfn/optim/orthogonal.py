@@ -8,7 +8,8 @@ network, so :func:`muon` sends every 2-D parameter through it and every other on
 
 Layout: optax's default reads a matrix as ``(in, out)`` (JAX's) and scales the orthogonalised
 update by ``sqrt(max(1, out / in))``; pass ``muon_weight_dimension_numbers=TORCH_LAYOUT`` for
-torch's ``(out_features, in_features)`` weights (``torch.optim.Muon``'s scaling).
+torch's ``(out_features, in_features)`` weights (``torch.optim.Muon``'s scaling; :func:`muon` lists
+the arguments that make it ``torch.optim.Muon``).
 
 Example:
     >>> import torch
@@ -55,11 +56,20 @@ __all__ = ["MuonState", "MuonDimensionNumbers", "TORCH_LAYOUT", "orthogonalize_v
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize_via_newton_schulz(x: torch.Tensor, ns_coeffs: tuple[float, float, float] = _NS_COEFFS, ns_steps: int = 5, eps: float = 1e-8) -> torch.Tensor:
+def orthogonalize_via_newton_schulz(
+    x: torch.Tensor,
+    ns_coeffs: tuple[float, float, float] = _NS_COEFFS,
+    ns_steps: int = 5,
+    eps: float = 1e-8,
+    *,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
     """Approximately orthogonalise the matrices in the last two dims of ``x`` (batched over the rest).
 
-    ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``, starting from ``x / ||x||_F``;
-    with the default coefficients the singular values land in about ``[0.7, 1.2]``.
+    ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``, starting from ``x / (||x||_F + eps)``;
+    with the default coefficients the singular values land in about ``[0.7, 1.2]``. The
+    iteration runs in ``dtype`` (default: ``x``'s) and the result keeps that dtype:
+    ``torch.optim.Muon`` and the reference implementation run it in ``torch.bfloat16``.
 
     Example:
         >>> o = orthogonalize_via_newton_schulz(torch.randn(16, 8))
@@ -72,10 +82,19 @@ def orthogonalize_via_newton_schulz(x: torch.Tensor, ns_coeffs: tuple[float, flo
     a, b, c = ns_coeffs
     transpose = x.shape[-2] > x.shape[-1]
     m = x.mT if transpose else x
-    m = m / (torch.linalg.matrix_norm(m, keepdim=True) + eps)
+    batch = m.shape[:-2]
+    if m.ndim > 3:
+        m = m.reshape(-1, *m.shape[-2:])
+    if dtype is not None:
+        m = m.to(dtype)
+    m = m / (torch.linalg.vector_norm(m, dim=(-2, -1), keepdim=True) + eps)
+    # The multiply-adds are fused (addmm/baddbmm) in torch.optim.Muon's order: in bfloat16 every
+    # separate rounding shows, and with these ops a 2-D matrix takes exactly torch's steps.
+    fma = torch.addmm if m.ndim == 2 else torch.baddbmm
     for _ in range(ns_steps):
         gram = m @ m.mT
-        m = a * m + (b * gram + c * (gram @ gram)) @ m
+        m = fma(m, fma(gram, gram, gram, beta=b, alpha=c), m, beta=a)
+    m = m.reshape(*batch, *m.shape[-2:])
     return m.mT if transpose else m
 
 
@@ -116,6 +135,7 @@ def scale_by_muon(
     nesterov: bool = True,
     adaptive: bool = False,
     bias_correction: bool = True,
+    ns_dtype: Optional[torch.dtype] = None,
 ) -> GradientTransformation:
     """Muon's direction for matrices (optax's ``scale_by_muon``): orthogonalise the momentum.
 
@@ -137,6 +157,8 @@ def scale_by_muon(
         nesterov: orthogonalise the Nesterov look-ahead rather than the momentum.
         adaptive: scale by the inner product of the momentum and its orthogonalisation.
         bias_correction: divide the momentum by ``1 - beta^t`` (optax) or not (torch).
+        ns_dtype: dtype the Newton-Schulz iteration runs in (default: the momentum's, as optax);
+            ``torch.optim.Muon`` runs it in ``torch.bfloat16``.
 
     Example:
         >>> tx = scale_by_muon()
@@ -148,6 +170,8 @@ def scale_by_muon(
     check_hyperparameter("eps", eps)
     if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
         raise ValueError(f"scale_by_muon: ns_steps must be an int >= 1, got {ns_steps!r}")
+    if ns_dtype is not None and not (isinstance(ns_dtype, torch.dtype) and ns_dtype.is_floating_point):
+        raise ValueError(f"scale_by_muon: ns_dtype must be None or a floating torch.dtype such as torch.bfloat16, got {ns_dtype!r}")
 
     def init_fn(params: Params) -> MuonState:
         return MuonState(count=_count_like(params), mu=tree.zeros_like(params, dtype=mu_dtype))
@@ -175,7 +199,10 @@ def scale_by_muon(
             buckets[(tuple(x.shape), x.dtype, x.device)].append(i)
         out: list[Any] = [None] * len(look)
         for idx in buckets.values():
-            ortho = orthogonalize_via_newton_schulz(torch.stack([look[i] for i in idx]), ns_coeffs, ns_steps, eps)
+            # A lone matrix stays 2-D: then each op is the one torch.optim.Muon runs.
+            batch = look[idx[0]] if len(idx) == 1 else torch.stack([look[i] for i in idx])
+            ortho = orthogonalize_via_newton_schulz(batch, ns_coeffs, ns_steps, eps, dtype=ns_dtype)
+            ortho = ortho.unsqueeze(0) if len(idx) == 1 else ortho
             for j, i in enumerate(idx):
                 o = ortho[j]
                 if adaptive:
@@ -229,6 +256,7 @@ def muon(
     muon_weight_dimension_numbers: Optional[MuonDimensionNumbers] = None,
     consistent_rms: Optional[float] = None,
     bias_correction: bool = True,
+    ns_dtype: Optional[torch.dtype] = None,
 ) -> GradientTransformation:
     """Muon for 2-D parameters, AdamW for the rest (optax's ``contrib.muon``).
 
@@ -236,10 +264,11 @@ def muon(
     scale_by_learning_rate(lr)), "adam": adamw(adam_learning_rate or lr, adam_b1, adam_b2, eps, adam_eps_root,
     weight_decay=adam_weight_decay, nesterov=nesterov)}, lambda name, p: "muon" if p.ndim == 2 else "adam")``.
 
-    For torch's ``(out, in)`` weights with the reference implementation's un-debiased momentum use
-    ``muon(lr, muon_weight_dimension_numbers=TORCH_LAYOUT, bias_correction=False, ...)`` (not yet checked
-    against ``torch.optim.Muon``, whose first step differs by ~2% of a step here).
-    With ``nesterov=False`` the AdamW part keeps its fused donated path.
+    ``torch.optim.Muon(params, lr, weight_decay, momentum, eps=eps)`` on ``(out, in)`` weights is
+    ``muon(lr, beta=momentum, eps=eps, weight_decay=weight_decay, muon_weight_dimension_numbers=TORCH_LAYOUT,
+    bias_correction=False, ns_dtype=torch.bfloat16)``: torch's layout, the reference implementation's
+    un-debiased momentum, and its Newton-Schulz iteration in bfloat16 (in float32 the first step already
+    differs from torch's by ~2% of a step). With ``nesterov=False`` the AdamW part keeps its fused donated path.
 
     Example:
         >>> tx = optim.muon(0.02)
@@ -252,7 +281,9 @@ def muon(
     check_hyperparameter("adam_eps_root", adam_eps_root)
     check_hyperparameter("adam_weight_decay", adam_weight_decay)
     muon_part = chain(
-        scale_by_muon(ns_coeffs, ns_steps, beta, eps, mu_dtype, nesterov=nesterov, adaptive=adaptive, bias_correction=bias_correction),
+        scale_by_muon(
+            ns_coeffs, ns_steps, beta, eps, mu_dtype, nesterov=nesterov, adaptive=adaptive, bias_correction=bias_correction, ns_dtype=ns_dtype
+        ),
         scale_by_shape(muon_weight_dimension_numbers, consistent_rms),
         add_decayed_weights(weight_decay, mask=weight_decay_mask),
         scale_by_learning_rate(learning_rate),

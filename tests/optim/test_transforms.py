@@ -45,6 +45,8 @@ def _g(seed: int = 1) -> dict[str, torch.Tensor]:
         (lambda: optim.amsgrad(1e-3, eps=-1.0), r"eps must be >= 0.0"),
         (lambda: optim.lamb(-1.0), r"learning_rate must be >= 0.0"),
         (lambda: optim.muon(1e-3, beta=1.0), r"beta must be < 1.0"),
+        (lambda: optim.muon(1e-3, ns_dtype=torch.int8), r"ns_dtype must be None or a floating torch.dtype.*got torch.int8"),
+        (lambda: optim.radam(1e-3, rectification_dtype=torch.float16), r"rectification_dtype must be torch.float32.*got torch.float16"),
         (lambda: optim.schedule_free_adamw(1e-3, b1=0.0), r"b1 must be > 0.0"),
         (lambda: optim.clip_by_global_norm(0.0), r"max_norm must be > 0.0"),
         (lambda: optim.ema(1.2), r"decay must be < 1.0"),
