@@ -18,6 +18,7 @@ from craftfn.distributed.collectives import _flat, _shard_sum
 from craftfn.distributed.dp_state import DataParallelState, _check_dp_state, _Config, _norm_init
 from craftfn.distributed.process import _guard, rank, world_size
 from craftfn.optim.base import GradientTransformation, Params, Updates
+from craftfn.optim.sharding import Sharding, sharded
 
 
 class _Group(NamedTuple):
@@ -99,6 +100,7 @@ def _gather_params_dict(
 
 def _sharded(tx: GradientTransformation, bucket_bytes: int) -> GradientTransformation:
     cache: dict[Any, tuple[list[str], list[_Group]]] = {}
+    whole_cache: dict[str, Any] = {}
 
     def layout(params: Params) -> tuple[list[str], list[_Group]]:
         leaves, treedef = tree.flatten(params)
@@ -108,10 +110,20 @@ def _sharded(tx: GradientTransformation, bucket_bytes: int) -> GradientTransform
             cache[key] = _layout(params, rank(), world_size())
         return cache[key]
 
+    def on_shards(params: Params) -> Any:
+        """The rule runs on 1-D pieces: tell it the whole parameters (for masks) and how to sum over ranks."""
+        key = tuple((name, tuple(x.shape), x.dtype) for name, x in zip(tree.paths(params), tree.leaves(params)))
+        if whole_cache.get("key") != key:
+            whole_cache["key"] = key
+            whole_cache["whole"] = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape, dtype in key}
+        return sharded(Sharding("ZeRO-1", whole_cache["whole"], _shard_sum))
+
     def init_fn(params: Params) -> DataParallelState:
         _, groups = layout(params)
         full = dict(zip(tree.paths(params), tree.leaves(params)))
-        return DataParallelState(inner=tx.init(_slice_params_dict(full, groups)), grad_norm=_norm_init(params))
+        with on_shards(params):
+            inner = tx.init(_slice_params_dict(full, groups))
+        return DataParallelState(inner=inner, grad_norm=_norm_init(params))
 
     def scatter_grads(updates: Updates, state: DataParallelState, params: Params) -> tuple[Any, ...]:
         """Reduce-scatter the gradients: this rank's averaged slice, as pieces named like the params.
@@ -177,7 +189,8 @@ def _sharded(tx: GradientTransformation, bucket_bytes: int) -> GradientTransform
         }
         # The rule on this rank's slice only; rules that need a sum over the whole gradient
         # (clip_by_global_norm) get it through extra["shard_sum"].
-        u_pieces, inner = tx.update(g_pieces, state.inner, p_pieces, shard_sum=_shard_sum, **extra)
+        with on_shards(params):
+            u_pieces, inner = tx.update(g_pieces, state.inner, p_pieces, shard_sum=_shard_sum, **extra)
         # All-gather the updates; every rank adds them to its full parameters (apply_updates).
         mine = [
             _flat([u_pieces[name] for name in g.names], g.dtype, pad=g.shard - sum(hi - lo for lo, hi in g.pieces))
@@ -205,12 +218,14 @@ def _sharded(tx: GradientTransformation, bucket_bytes: int) -> GradientTransform
                 p_pieces[name] = m[at : at + hi - lo]
                 at += hi - lo
         if tx.donated_update is not None:
-            new_pieces, inner = tx.donated_update(g_pieces, state.inner, p_pieces, shard_sum=_shard_sum, **extra)
+            with on_shards(params):
+                new_pieces, inner = tx.donated_update(g_pieces, state.inner, p_pieces, shard_sum=_shard_sum, **extra)
             for name, piece in p_pieces.items():
                 if new_pieces[name] is not piece and piece.numel():
                     piece.copy_(new_pieces[name])  # the rule returned fresh tensors
         else:
-            u_pieces, inner = tx.update(g_pieces, state.inner, p_pieces, shard_sum=_shard_sum, **extra)
+            with on_shards(params):
+                u_pieces, inner = tx.update(g_pieces, state.inner, p_pieces, shard_sum=_shard_sum, **extra)
             names = [n for g in groups for n in g.names]
             torch._foreach_add_([p_pieces[n] for n in names], [u_pieces[n].to(p_pieces[n].dtype) for n in names])
         for g, full in zip(groups, gather(groups, mine)):

@@ -99,6 +99,7 @@ from craftfn.optim.schedulefree import (
     schedule_free_adamw,
     schedule_free_eval_params,
 )
+from craftfn.optim.sharding import Sharding, ShardingError, current_sharding, refuse_sharded, sharded, whole_leaves
 from craftfn.optim.transforms import (
     AddDecayedWeightsState,
     AddNoiseState,
@@ -266,3 +267,4 @@ __all__ += [
 
 # factory.py
 __all__ += ["create_optimizer", "optimizer_names", "no_decay_mask"]
+__all__ += ["Sharding", "ShardingError", "sharded", "current_sharding", "refuse_sharded", "whole_leaves"]

@@ -30,6 +30,7 @@ from craftfn import tree
 from craftfn.optim.aliases import adamw
 from craftfn.optim.base import GradientTransformation, Params, ScalarOrSchedule, Updates, chain, check_hyperparameter
 from craftfn.optim.combine import partition
+from craftfn.optim.sharding import refuse_sharded
 from craftfn.optim.transforms import (
     MaskOrFn,
     _cast_to,
@@ -117,6 +118,7 @@ def scale_by_muon(
 
     def update_fn(updates: Updates, state: MuonState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, MuonState]:
         del params, extra
+        refuse_sharded("scale_by_muon (Muon)", "it orthogonalizes each whole matrix")
         _check_state("scale_by_muon", state, MuonState)
         g, treedef, (mu,) = _flatten_like(updates, "scale_by_muon", state.mu)
         for name, x in zip(tree.paths(updates), g):

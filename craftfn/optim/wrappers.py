@@ -41,6 +41,7 @@ from craftfn.optim.base import (
     check_hyperparameter,
     check_updates_match,
 )
+from craftfn.optim.sharding import current_sharding
 from craftfn.optim.transforms import foreach_groups
 
 __all__ = [
@@ -312,6 +313,10 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra)
         device = state.notfinite_count.device
         finite = tree.all_finite(updates).to(device) & tree.all_finite(new_updates).to(device)
+        sharding = current_sharding()
+        if sharding is not None:
+            # On shards (ZeRO-1/3) every rank must take the same decision: finite on all shards.
+            finite = sharding.shard_sum((~finite).to(torch.float32)) == 0
         one = torch.ones_like(state.notfinite_count)
         notfinite_count = torch.where(finite, torch.zeros_like(one), state.notfinite_count + one)
         total = torch.where(finite, state.total_notfinite, state.total_notfinite + one)
