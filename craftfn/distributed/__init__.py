@@ -54,7 +54,9 @@ from craftfn.distributed.collectives import (
     broadcast_tree,
 )
 from craftfn.distributed.data_parallel import broadcast_state, data_parallel, make_data_parallel_step
-from craftfn.distributed.dp_state import DataParallelState, opt_state_bytes
+from craftfn.distributed.dp_state import DataParallelState, local_bytes, opt_state_bytes
+from craftfn.distributed.dropout import global_batch_masks
+from craftfn.distributed.fully_sharded import default_mesh, fully_shard, gather_params, is_fully_sharded
 from craftfn.distributed.process import (
     DEFAULT_TIMEOUT_S,
     TIMEOUT_ENV,
@@ -97,6 +99,12 @@ __all__ = [
     "gather_state",
     "shard_state",
     "opt_state_bytes",
+    "local_bytes",
+    "fully_shard",
+    "is_fully_sharded",
+    "gather_params",
+    "default_mesh",
+    "global_batch_masks",
     "save_checkpoint",
     "restore_checkpoint",
     "CheckpointCoordinator",

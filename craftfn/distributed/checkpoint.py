@@ -10,10 +10,16 @@ import torch
 from craftfn import tree
 from craftfn.distributed.collectives import _on_main, broadcast_tree
 from craftfn.distributed.dp_state import DataParallelState, _check_dp_state, _config_of, _config_or_none, _norm_init
+from craftfn.distributed.fully_sharded import full_tree, is_fully_sharded
 from craftfn.distributed.process import _check_rank_world, barrier, is_main, rank
 from craftfn.distributed.zero1 import _gather_params_dict, _is_params_dict, _slice_params_dict
 from craftfn.optim.base import GradientTransformation
 from craftfn.state import TrainState, check_live
+
+_ZERO3_CHECKPOINTS = (
+    "a fully sharded (ZeRO-3) state is saved by every rank, each its own shards: use "
+    "distributed.ShardedCheckpointManager(directory) (it restores on any number of ranks, or in one process)"
+)
 
 
 def gather_state(state: TrainState, dst: Optional[int] = 0) -> Optional[TrainState]:
@@ -35,6 +41,10 @@ def gather_state(state: TrainState, dst: Optional[int] = 0) -> Optional[TrainSta
     _check_dp_state(opt_state)
     if dst is not None:
         _check_rank_world(dst, None)
+    if cfg.fully_sharded:
+        keep = dst is None or rank() == dst
+        params, inner = full_tree(state.params, keep), full_tree(opt_state.inner, keep)
+        return state.replace(tx=cfg.inner, params=params, opt_state=inner) if keep else None
     if not cfg.sharded:
         if dst is not None and rank() != dst:
             return None
@@ -70,6 +80,8 @@ def shard_state(state: TrainState, tx: GradientTransformation) -> TrainState:
     """
     check_live(state)
     cfg = _config_of(tx, "tx")
+    if cfg.fully_sharded:
+        raise ValueError("shard_state: for a fully sharded (ZeRO-3) run use distributed.fully_shard(state) on a plain state")
     inner = state.opt_state
     if isinstance(inner, DataParallelState):
         raise ValueError("shard_state: state is already data-parallel; pass the result of gather_state")
@@ -109,6 +121,8 @@ def save_checkpoint(manager: Any, step: int, state: Any, *args: Any, **kwargs: A
     Example:
         >>> distributed.save_checkpoint(manager, int(state.step), state)  # doctest: +SKIP
     """
+    if is_fully_sharded(state):
+        raise ValueError(_ZERO3_CHECKPOINTS)
     plain = gather_state(state, dst=0) if _config_or_none(getattr(state, "tx", None)) is not None else state
     barrier("barrier before writing a checkpoint")
     return _on_main("checkpoint save", lambda: manager.save(step, plain, *args, **kwargs))
@@ -144,6 +158,8 @@ def restore_checkpoint(manager: Any, template: Any, *args: Any, **kwargs: Any) -
     """
     if isinstance(template, TrainState):
         check_live(template, "template")
+    if is_fully_sharded(template):
+        raise ValueError(_ZERO3_CHECKPOINTS)
     plain = _plain_template(template)
     box: dict[str, Any] = {}
 

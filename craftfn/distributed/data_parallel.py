@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional
 
 import torch
@@ -23,7 +24,10 @@ from craftfn.distributed.dp_state import (
     _config_or_none,
     _norm_init,
 )
-from craftfn.distributed.process import world_size
+from craftfn.distributed.dropout import global_batch_masks
+from craftfn.distributed.fully_sharded import gather_params
+from craftfn.distributed.overlap import ExchangePlanner, current_exchange, exchange_scope
+from craftfn.distributed.process import rank, world_size
 from craftfn.distributed.zero1 import _sharded
 from craftfn.optim.base import GradientTransformation, Params, Updates
 from craftfn.state import TrainState, _mark_donated, check_live
@@ -39,8 +43,11 @@ def broadcast_state(state: TrainState, src: int = 0) -> TrainState:
         >>> s = distributed.broadcast_state(TrainState.create(model=torch.nn.Linear(2, 1), tx=None))
     """
     check_live(state)
-    sharded = _config_or_none(state.tx) is not None and _config_or_none(state.tx).sharded
-    fields = ("step", "params", "buffers", "rng") + (() if sharded else ("opt_state",))
+    cfg = _config_or_none(state.tx)
+    if cfg is not None and cfg.fully_sharded:
+        fields: tuple[str, ...] = ("step", "buffers", "rng")  # the shards came from rank 0 (fully_shard)
+    else:
+        fields = ("step", "params", "buffers", "rng") + (() if cfg is not None and cfg.sharded else ("opt_state",))
     values = broadcast_tree({f: getattr(state, f) for f in fields}, src)
     return state.replace(**values)
 
@@ -91,6 +98,9 @@ def data_parallel(
         return _sharded(tx, bucket_bytes)
 
     def reduce(updates: Updates) -> Updates:
+        exchange = current_exchange()
+        if exchange is not None and not exchange.finished:
+            return exchange.finish(updates)  # started in the backward (make_data_parallel_step)
         leaves, treedef = tree.flatten(updates)
         return tree.unflatten(treedef, _all_reduce_mean_leaves(leaves, bucket_bytes))
 
@@ -122,26 +132,45 @@ def data_parallel(
     return GradientTransformation(init_fn, update_fn, donated_fn)
 
 
+_DROPOUT_MODES = ("per_rank", "global_batch")
+
+
 def make_data_parallel_step(
-    loss_fn: LossFn, *, shard_global_batch: bool = False, **step_options: Any
+    loss_fn: LossFn,
+    *,
+    shard_global_batch: bool = False,
+    dropout: str = "per_rank",
+    overlap: bool = True,
+    **step_options: Any,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, torch.Tensor]]]:
     """The data-parallel training step: ``step(state, local_batch) -> (state, metrics)``.
 
-    It is :func:`craftfn.make_train_step` with three differences: ``state.tx`` must be
-    wrapped by :func:`data_parallel` (which averages the gradients); each rank runs its
-    forward under its own key (:func:`rank_key`, so dropout differs across ranks while
-    the state's key stays the same everywhere); and the metrics are averaged over
-    ranks, with ``grad_norm`` the norm of the averaged gradient. Without a process
-    group it computes exactly what ``make_train_step`` does.
+    It is :func:`craftfn.make_train_step` for a state whose ``tx`` was wrapped by
+    :func:`data_parallel` (gradients averaged over the ranks; ZeRO-1 with
+    ``shard_optimizer_state=True``) or made by :func:`fully_shard` (ZeRO-3: the parameters are
+    gathered inside the differentiated function and the gradients reduce-scattered in the
+    backward). ``loss_fn`` is the one-process loss, unchanged. The metrics are averaged over
+    ranks, with ``grad_norm`` the norm of the averaged gradient. Without a process group it
+    computes exactly what ``make_train_step`` does.
 
     Args:
         loss_fn: as in :func:`craftfn.make_train_step`.
         shard_global_batch: the step takes the *global* batch (the same on every rank)
             and keeps this rank's rows itself (:func:`shard_batch`); by default it takes
             the rank's shard.
+        dropout: ``"per_rank"`` (default): each rank draws its rows' dropout masks from its own
+            key (:func:`rank_key`): cheap, a valid random draw, not the one one process would
+            make. ``"global_batch"``: each rank draws the masks of the whole global batch from
+            the step's key and keeps its rows (:func:`global_batch_masks`), so the run equals
+            one process over the global batch, for ``world`` times the random numbers.
+        overlap: plain data parallel starts each bucket's all-reduce from backward hooks as
+            soon as its gradients exist, while the backward goes on (DDP's overlap); ``False``
+            reduces everything after the backward. (ZeRO-3 always overlaps: its reduce-scatters
+            run in the backward.)
         step_options: ``accum_steps``, ``donate``, ``policy``, ``remat`` as in
-            :func:`craftfn.make_train_step`. ``compile`` is not supported (the collectives are
-            not traced; compile the model), nor is ``loss_scale`` (fp16) yet.
+            :func:`craftfn.make_train_step` (accumulation still reduces once per step).
+            ``compile`` is not supported (the collectives are not traced; compile the model),
+            nor is ``loss_scale`` (fp16) yet.
 
     Returns:
         The step; give it this rank's shard of the global batch (:func:`shard_batch`),
@@ -167,21 +196,46 @@ def make_data_parallel_step(
         )
     if not isinstance(shard_global_batch, bool):
         raise TypeError(f"shard_global_batch must be a bool, got {shard_global_batch!r}")
-    inner = make_train_step(loss_fn, **step_options)
+    if dropout not in _DROPOUT_MODES:
+        raise ValueError(f"dropout must be one of {_DROPOUT_MODES}, got {dropout!r}")
+    if not isinstance(overlap, bool):
+        raise TypeError(f"overlap must be a bool, got {overlap!r}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+
+    def loss_on_this_rank(state: TrainState, params: Any, batch: Any, rng: torch.Tensor) -> Any:
+        exchange = current_exchange()
+        if exchange is not None:
+            exchange.watch(params)  # hooks that start the all-reduces during the backward
+        return loss_fn(state, gather_params(params), batch, rng)
+
+    inner = make_train_step(loss_on_this_rank, **step_options)
     donate = bool(step_options.get("donate", False))
+    accum_steps = inner.accum_steps  # type: ignore[attr-defined]
+    planner = ExchangePlanner()
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
         check_live(state)
-        _config_of(state.tx)
+        cfg = _config_of(state.tx)
+        n = world_size()
         key = state.rng
-        local = state.replace(rng=rank_key(key)) if world_size() > 1 else state
-        new_state, metrics = inner(local, shard_batch(batch) if shard_global_batch else batch)
+        local = state.replace(rng=rank_key(key)) if n > 1 and dropout == "per_rank" else state
+        exchange = None
+        if overlap and n > 1 and not cfg.sharded and not cfg.fully_sharded:
+            exchange = planner.exchange(state.params, cfg.bucket_bytes, accum_steps)
+        masks = global_batch_masks(rank(), n) if dropout == "global_batch" else contextlib.nullcontext()
+        with exchange_scope(exchange), masks:
+            new_state, metrics = inner(local, shard_batch(batch) if shard_global_batch else batch)
         if donate:
             _mark_donated(state)
+        # The optimizer wrapper measured the norm of the averaged gradient; the inner step's is this rank's.
+        metrics.pop("grad_norm", None)
         metrics = average_metrics(metrics)
         metrics["grad_norm"] = new_state.opt_state.grad_norm
         return new_state.replace(rng=key), metrics
 
-    step.accum_steps = inner.accum_steps  # type: ignore[attr-defined]
+    step.accum_steps = accum_steps  # type: ignore[attr-defined]
     step.donate = donate  # type: ignore[attr-defined]
+    step.dropout = dropout  # type: ignore[attr-defined]
+    step.overlap = overlap  # type: ignore[attr-defined]
     return step
