@@ -56,6 +56,7 @@ from craftfn.distributed.collectives import (
 from craftfn.distributed.data_parallel import broadcast_state, data_parallel, make_data_parallel_step
 from craftfn.distributed.dp_state import DataParallelState, local_bytes, opt_state_bytes
 from craftfn.distributed.dropout import global_batch_masks
+from craftfn.distributed.evaluation import eval_split, make_data_parallel_eval_step
 from craftfn.distributed.fully_sharded import default_mesh, fully_shard, gather_params, is_fully_sharded
 from craftfn.distributed.process import (
     DEFAULT_TIMEOUT_S,
@@ -71,6 +72,7 @@ from craftfn.distributed.process import (
     shutdown,
     world_size,
 )
+from craftfn.distributed.sharded_checkpoint import ShardedCheckpointManager
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -105,7 +107,10 @@ __all__ = [
     "gather_params",
     "default_mesh",
     "global_batch_masks",
+    "eval_split",
+    "make_data_parallel_eval_step",
     "save_checkpoint",
     "restore_checkpoint",
     "CheckpointCoordinator",
+    "ShardedCheckpointManager",
 ]

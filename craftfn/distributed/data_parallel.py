@@ -6,6 +6,7 @@ import contextlib
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from craftfn import tree
 from craftfn.distributed.batch import rank_key, shard_batch
@@ -140,7 +141,7 @@ def make_data_parallel_step(
     *,
     shard_global_batch: bool = False,
     dropout: str = "per_rank",
-    overlap: bool = True,
+    overlap: Optional[bool] = None,
     **step_options: Any,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, torch.Tensor]]]:
     """The data-parallel training step: ``step(state, local_batch) -> (state, metrics)``.
@@ -163,10 +164,13 @@ def make_data_parallel_step(
             make. ``"global_batch"``: each rank draws the masks of the whole global batch from
             the step's key and keeps its rows (:func:`global_batch_masks`), so the run equals
             one process over the global batch, for ``world`` times the random numbers.
-        overlap: plain data parallel starts each bucket's all-reduce from backward hooks as
-            soon as its gradients exist, while the backward goes on (DDP's overlap); ``False``
-            reduces everything after the backward. (ZeRO-3 always overlaps: its reduce-scatters
-            run in the backward.)
+        overlap: ``True``: plain data parallel starts each bucket's all-reduce from backward
+            hooks as soon as its gradients exist, while the backward goes on (DDP's overlap).
+            ``False``: everything is reduced after the backward. ``None`` (default): overlap
+            where the collectives run off the compute cores (NCCL), not on gloo, whose
+            all-reduce is CPU work that competes with the backward for the same cores
+            (measured on 2 cores: overlapping made the step slower; benchmarks/RESULTS.md).
+            (ZeRO-3's reduce-scatters always run inside the backward.)
         step_options: ``accum_steps``, ``donate``, ``policy``, ``remat`` as in
             :func:`craftfn.make_train_step` (accumulation still reduces once per step).
             ``compile`` is not supported (the collectives are not traced; compile the model),
@@ -198,8 +202,8 @@ def make_data_parallel_step(
         raise TypeError(f"shard_global_batch must be a bool, got {shard_global_batch!r}")
     if dropout not in _DROPOUT_MODES:
         raise ValueError(f"dropout must be one of {_DROPOUT_MODES}, got {dropout!r}")
-    if not isinstance(overlap, bool):
-        raise TypeError(f"overlap must be a bool, got {overlap!r}")
+    if overlap is not None and not isinstance(overlap, bool):
+        raise TypeError(f"overlap must be True, False or None (by backend), got {overlap!r}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
 
@@ -221,7 +225,8 @@ def make_data_parallel_step(
         key = state.rng
         local = state.replace(rng=rank_key(key)) if n > 1 and dropout == "per_rank" else state
         exchange = None
-        if overlap and n > 1 and not cfg.sharded and not cfg.fully_sharded:
+        overlapped = overlap if overlap is not None else n > 1 and dist.get_backend() == "nccl"
+        if overlapped and n > 1 and not cfg.sharded and not cfg.fully_sharded:
             exchange = planner.exchange(state.params, cfg.bucket_bytes, accum_steps)
         masks = global_batch_masks(rank(), n) if dropout == "global_batch" else contextlib.nullcontext()
         with exchange_scope(exchange), masks:

@@ -16,6 +16,7 @@ so that communication starts early.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
@@ -85,23 +86,26 @@ class ExchangePlanner:
                 rest = [i for i in reversed(range(len(leaves))) if i not in set(order)]
                 self._plans[key] = (_plan(leaves, order + rest, bucket_bytes), True)
 
-        return GradientExchange(buckets, len(leaves), accum_steps, None if observed else replan)
+        return GradientExchange(buckets, [x.shape for x in leaves], accum_steps, None if observed else replan)
 
 
 class GradientExchange:
     """One step's exchange: buckets filled by backward hooks, all-reduced as soon as they are complete."""
 
-    def __init__(self, buckets: list[_Bucket], n_leaves: int, accum_steps: int, replan: Optional[Callable[[list[int]], None]]) -> None:
+    def __init__(self, buckets: list[_Bucket], shapes: list[torch.Size], accum_steps: int, replan: Optional[Callable[[list[int]], None]]) -> None:
+        n_leaves = len(shapes)
+        self.shapes = shapes
         self.buckets = buckets
         self.accum_steps = accum_steps
         self.where: list[tuple[int, int]] = [(0, 0)] * n_leaves
         for b, bucket in enumerate(buckets):
             for i, o in zip(bucket.members, bucket.offsets):
                 self.where[i] = (b, o)
-        # Zeros: a parameter the loss does not use gets no hook call and a zero gradient.
-        self.flats = [torch.zeros(b.numel, dtype=b.dtype, device=b.device) for b in buckets]
+        self.flats = [torch.empty(b.numel, dtype=b.dtype, device=b.device) for b in buckets]
+        self.seen = [False] * n_leaves  # written once: the next microbatches add to it
         self.missing = [len(b.members) for b in buckets]
         self.works: list[Any] = [None] * len(buckets)
+        self.started_in_backward = 0  # buckets whose all-reduce the hooks started (the overlap)
         self.microbatch = -1
         self.arrived: list[int] = []
         self.replan = replan
@@ -120,13 +124,18 @@ class GradientExchange:
         b, o = self.where[i]
 
         def hook(grad: torch.Tensor) -> None:
-            flat = self.flats[b]
-            flat[o : o + grad.numel()].view(grad.shape).add_(grad)
+            place = self.flats[b][o : o + grad.numel()].view(grad.shape)
+            if self.seen[i]:
+                place.add_(grad)
+            else:
+                place.copy_(grad)
+                self.seen[i] = True
             if last:
                 self.arrived.append(i)
                 self.missing[b] -= 1
                 if self.missing[b] == 0:
                     self._launch(b)
+                    self.started_in_backward += 1
 
         return hook
 
@@ -136,6 +145,10 @@ class GradientExchange:
     def finish(self, like: Any) -> Any:
         """Wait for every bucket (starting those whose members were never all used) and return the mean gradients."""
         self.finished = True
+        for i, seen in enumerate(self.seen):
+            if not seen:  # a parameter the loss did not use: no hook call, a zero gradient
+                b, o = self.where[i]
+                self.flats[b][o : o + math.prod(self.shapes[i])].zero_()
         for b, work in enumerate(self.works):
             if work is None:
                 self._launch(b)

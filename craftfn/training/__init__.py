@@ -22,7 +22,7 @@ from craftfn.training.checkpointing import (
     CorruptCheckpointError,
     export_params,
 )
-from craftfn.training.evaluation import Evaluator
+from craftfn.training.evaluation import EvalSplit, Evaluator
 from craftfn.training.progress import ProgressTracker, default_peak_flops
 from craftfn.training.trainer import Event, Trainer, count_tokens, learning_rate_of
 
@@ -30,6 +30,7 @@ __all__ = [
     "Trainer",
     "Event",
     "Evaluator",
+    "EvalSplit",
     "ProgressTracker",
     "default_peak_flops",
     "Callback",
