@@ -115,10 +115,13 @@ def skip_not_finite(updates: Updates, gradient_step: torch.Tensor, params: Optio
     del gradient_step, params
     device = _device_of(updates)
     num_not_finite = torch.zeros((), dtype=torch.int64, device=device)
-    for g in tree.group_by_device_dtype([x for x in tree.leaves(updates) if x.is_floating_point()]):
+    for g in tree.group_by_device_dtype([x for x in tree.leaves(updates) if x.is_floating_point() and x.numel()]):
         # An element is non-finite iff its max-abs (inf) norm is; counting per leaf keeps this one kernel per group.
         norms = torch.stack([n.to(device) for n in torch._foreach_norm(g.tensors, float("inf"))])
         num_not_finite = num_not_finite + (~torch.isfinite(norms)).sum()
+    sharding = current_sharding()
+    if sharding is not None:  # on shards (ZeRO-1/3) every rank must skip alike: count over all shards
+        num_not_finite = sharding.shard_sum(num_not_finite)
     should_skip = num_not_finite > 0
     return should_skip, {"should_skip": should_skip, "num_not_finite": num_not_finite}
 

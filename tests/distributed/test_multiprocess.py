@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,58 +18,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_worker  # noqa: E402
+import launcher  # noqa: E402
 
 from craftfn import TrainState, distributed, make_train_step, tree  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
-LAUNCH_TIMEOUT_S = 90.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+LAUNCH_TIMEOUT_S = launcher.LAUNCH_TIMEOUT_S
 
 
 def _start(args: list[str], world: int = 2) -> list[subprocess.Popen]:
-    port = _free_port()
-    procs = []
-    for r in range(world):
-        env = {
-            **os.environ,
-            "RANK": str(r),
-            "LOCAL_RANK": str(r),
-            "WORLD_SIZE": str(world),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
-        procs.append(subprocess.Popen([sys.executable, WORKER, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return procs
+    return launcher.start(WORKER, args, world)
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float = LAUNCH_TIMEOUT_S) -> list[tuple[int, str]]:
-    out = []
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            _, err = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
-            out.append((p.returncode, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    return out
+    return launcher.finish(procs, timeout)
 
 
-def _run(args: list[str]) -> None:
-    results = _finish(_start(args))
-    for r, (rc, err) in enumerate(results):
-        assert rc == 0, f"rank {r} exited with {rc}:\n{err[-3000:]}"
+def _run(args: list[str], world: int = 2) -> None:
+    launcher.run(WORKER, args, world)
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +190,7 @@ def test_torchrun_cli_trains_data_parallel_and_matches_one_process(tmp_path):
     gin_file.write_text(GIN.format(models=Path(__file__).resolve().parents[2] / "gin" / "models" / "gpt_small.gin"))
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = str(_free_port())
+    port = str(launcher.free_port())
     two = subprocess.run(
         [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "craftfn", "train",
          "--gin_file", str(gin_file), "--run_dir", str(tmp_path / "two")],
