@@ -141,7 +141,8 @@ def _opt_layout(opt_leaves: list[Any], opt_paths: list[str], names: list[str], l
     An entry belongs to a parameter when its tree path ends with the parameter's dotted name (the
     rules keep parameter-shaped state keyed by the parameters' names, possibly nested, e.g.
     ``0.mu.fc.weight`` or a masked rule's ``inner_state.mu.fc.weight``) and it has the shape of
-    that parameter's local shard. Other entries must be scalars (counts, hyperparameters).
+    that parameter's local shard. Other entries must be scalars or integer tensors (counts,
+    hyperparameters, keys), kept whole on every rank.
     """
     index = {name: i for i, name in enumerate(names)}
     out: list[Optional[int]] = []
@@ -155,8 +156,8 @@ def _opt_layout(opt_leaves: list[Any], opt_paths: list[str], names: list[str], l
                 match = name
         if match is not None and leaf.shape == locals_[index[match]].shape:
             out.append(index[match])
-        elif leaf.dim() == 0:
-            out.append(None)
+        elif leaf.dim() == 0 or not leaf.is_floating_point():
+            out.append(None)  # counts, hyperparameters, keys: the same on every rank
         else:
             raise ShardingError(
                 f"fully_shard: optimizer state entry {path!r} has shape {tuple(leaf.shape)}, the shape of no parameter "

@@ -38,6 +38,7 @@ Example (one process here; under torchrun every rank runs the same lines):
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import logging
@@ -47,7 +48,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -82,6 +83,14 @@ SHARDED_FORMAT = "craftfn.sharded_checkpoint"
 SHARDED_FORMAT_VERSION = 1
 _TMP_PREFIX = ".tmp-"
 _CHUNK = 16 << 20
+
+
+@contextlib.contextmanager
+def _one_process_is_intended() -> Iterator[None]:
+    """Without a process group the distributed checkpoint warns that it assumes one process: it is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _sha256_file(path: Path) -> tuple[str, int]:
@@ -331,7 +340,8 @@ class ShardedCheckpointManager:
         import torch.distributed.checkpoint as dcp
 
         writer = dcp.HuggingFaceStorageWriter(str(path), save_distributed=True)
-        dcp.save(tensors, storage_writer=writer, no_dist=world_size() == 1)
+        with _one_process_is_intended():
+            dcp.save(tensors, storage_writer=writer, no_dist=world_size() == 1)
 
     def _commit(self, step: int, tmp: Path, body: dict[str, Any]) -> None:
         final = self.directory / _step_dirname(step)
@@ -456,7 +466,8 @@ class ShardedCheckpointManager:
         # Fresh tensors laid out like the template's (DTensors stay sharded as the template is), loaded in place.
         fresh = {k: torch.empty_like(v) for k, v in wanted.items()}
         reader = dcp.HuggingFaceStorageReader(str(self.directory / _step_dirname(step)))
-        dcp.load(fresh, storage_reader=reader, no_dist=world_size() == 1)
+        with _one_process_is_intended():
+            dcp.load(fresh, storage_reader=reader, no_dist=world_size() == 1)
         bools = set(meta.get("bool_tensors", []))
         scalars = meta.get("scalars", {})
         pairs, treedef = tree.flatten_with_path(plain)

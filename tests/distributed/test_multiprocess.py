@@ -47,8 +47,8 @@ def equivalence(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def _single_process(name: str, steps: int = 3):
-    state = TrainState.create(model=dist_worker.make_model(), tx=dist_worker.optimizers()[name], seed=1)
+def _single_process(name: str, steps: int = 3, tx=None):
+    state = TrainState.create(model=dist_worker.make_model(), tx=tx or dist_worker.optimizers()[name], seed=1)
     step = make_train_step(dist_worker.loss_fn)
     history = []
     for i in range(steps):
@@ -58,7 +58,7 @@ def _single_process(name: str, steps: int = 3):
 
 
 @pytest.mark.parametrize("name", sorted(dist_worker.optimizers()))
-@pytest.mark.parametrize("mode", ["dp", "dp_accum2", "zero", "zero_donate"])
+@pytest.mark.parametrize("mode", ["dp", "dp_accum2", "zero", "zero_donate", "dp_overlap", "dp_overlap_accum2_donate"])
 def test_two_ranks_over_2b_rows_equal_one_process_over_2b_rows(equivalence, name, mode):
     reference, history = _single_process(name)
     for rank_result in equivalence:
@@ -87,6 +87,22 @@ def test_zero1_equals_plain_data_parallel_with_half_the_optimizer_state(equivale
     # Parameter-shaped state splits in two; scalars (step counts) are kept on every rank.
     assert all(s <= full / 2 + 64 for s in shards), (shards, full)
     assert sum(shards) >= full
+
+
+def test_overlapped_buckets_start_their_all_reduce_during_the_backward(equivalence):
+    for rank_result in equivalence:
+        started = rank_result["overlap_started"]
+        # 3 optimizers x 2 overlapped modes x 3 steps, each with several buckets, most started by hooks:
+        # all but the one holding the first layer (its gradients come last, the backward ends with them).
+        assert len(started) == 3 * 2 * 3
+        assert all(buckets >= 3 and hooks >= buckets - 1 for hooks, buckets in started), started
+
+
+@pytest.mark.parametrize("name", sorted(dist_worker.whole_tensor_rules()))
+def test_zero1_runs_whole_tensor_rules_exactly(equivalence, name):
+    reference, _ = _single_process(name, tx=dist_worker.whole_tensor_rules()[name])
+    for rank_result in equivalence:
+        assert tree.allclose(rank_result["runs"][f"{name}/zero"]["params"], reference.params, rtol=1e-5, atol=1e-6)
 
 
 def test_dropout_differs_across_ranks_while_states_agree(equivalence):
