@@ -77,6 +77,16 @@ def equivalence(out: str) -> None:
         return finish(self, like)
 
     overlap.GradientExchange.finish = recording_finish
+    # Every all-reduce the steps issue (gradient buckets, metrics), counted per step: with accumulation
+    # the buckets are reduced once per step, not once per microbatch.
+    all_reduces = [0]
+    plain_all_reduce = torch.distributed.all_reduce
+
+    def counting_all_reduce(*args, **kwargs):
+        all_reduces[0] += 1
+        return plain_all_reduce(*args, **kwargs)
+
+    torch.distributed.all_reduce = counting_all_reduce
     modes = [("dp", False, 1, False), ("zero", True, 1, False), ("dp_accum2", False, 2, False), ("zero_donate", True, 1, False),
              ("dp_overlap", False, 1, True), ("dp_overlap_accum2_donate", False, 2, True)]
     for name, tx in optimizers().items():
@@ -85,9 +95,11 @@ def equivalence(out: str) -> None:
             dp_tx = distributed.data_parallel(tx, shard_optimizer_state=sharded, bucket_mb=1e-4)
             state = TrainState.create(model=make_model(), tx=dp_tx, seed=1)
             step = distributed.make_data_parallel_step(loss_fn, accum_steps=accum, donate=mode.endswith("donate"), overlap=overlapped)
-            history = []
+            history, calls = [], []
             for i in range(steps):
+                all_reduces[0] = 0
                 state, metrics = step(state, distributed.shard_batch(global_batch(i)))
+                calls.append(all_reduces[0])
                 history.append(host(metrics))
             full = distributed.gather_state(state, dst=None)
             result["runs"][f"{name}/{mode}"] = {
@@ -95,6 +107,7 @@ def equivalence(out: str) -> None:
                 "metrics": history,
                 "opt_state": full.opt_state,
                 "opt_state_bytes": distributed.opt_state_bytes(state.opt_state.inner),
+                "all_reduces": calls,
             }
     result["overlap_started"] = started
     # ZeRO-1 runs rules that look at whole tensors exactly (trust ratios, masks by shape, finiteness over all shards).

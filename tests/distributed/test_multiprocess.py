@@ -98,6 +98,16 @@ def test_overlapped_buckets_start_their_all_reduce_during_the_backward(equivalen
         assert all(buckets >= 3 and hooks >= buckets - 1 for hooks, buckets in started), started
 
 
+@pytest.mark.parametrize("name", sorted(dist_worker.optimizers()))
+def test_accumulation_reduces_the_gradients_once_per_step(equivalence, name):
+    for rank_result in equivalence:
+        runs = {mode: rank_result["runs"][f"{name}/{mode}"]["all_reduces"] for mode in ("dp", "dp_accum2", "dp_overlap", "dp_overlap_accum2_donate")}
+        # Several ~100-byte buckets plus one metrics all-reduce per step; two microbatches issue no more.
+        assert all(n >= 4 for n in runs["dp"]), runs
+        assert runs["dp_accum2"] == runs["dp"], runs
+        assert runs["dp_overlap_accum2_donate"] == runs["dp_overlap"], runs
+
+
 @pytest.mark.parametrize("name", sorted(dist_worker.whole_tensor_rules()))
 def test_zero1_runs_whole_tensor_rules_exactly(equivalence, name):
     reference, _ = _single_process(name, tx=dist_worker.whole_tensor_rules()[name])
