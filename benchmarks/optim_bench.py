@@ -186,6 +186,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 20, small 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--no-torchopt", action="store_true", help="skip TorchOpt even if installed")
+    parser.add_argument("--only", action="append", default=[], help="run only the variants whose name contains this (repeatable)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -226,6 +227,8 @@ def main() -> None:
     if has_torchopt:
         factories += [(f"TorchOpt adamw ({m})", lambda inplace=inplace: torchopt_variant(params0, grads, inplace))
                       for m, inplace in (("functional", False), ("in place", True))]
+    if args.only:
+        factories = [(n, f) for n, f in factories if any(o in n for o in args.only)]
     grads_check = [float(g.double().sum()) for g in grads.values()]
 
     info = machine()

@@ -10,6 +10,7 @@ Example:
 """
 
 from craftfn import optim, random, schedules, struct, tree
+from craftfn.jit import Jitted, jit  # noqa: I001 - after step: the name craftfn.jit is the function
 from craftfn.state import DonatedStateError, TrainState
 from craftfn.step import make_eval_step, make_train_step, value_and_grad
 
@@ -21,6 +22,8 @@ __all__ = [
     "make_train_step",
     "make_eval_step",
     "value_and_grad",
+    "jit",
+    "Jitted",
     "tree",
     "struct",
     "random",

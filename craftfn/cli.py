@@ -1,18 +1,26 @@
-"""``craftfn train|eval``: gin-configured experiments from the command line (t5x conventions).
+"""``craftfn train|eval|generate|export|configs``: gin-configured experiments from the command line (t5x conventions).
 
 Usage::
 
-    craftfn train --gin_file gin/char_gpt.gin [--gin_file more.gin ...]
+    craftfn train --gin_file char_gpt.gin [--gin_file more.gin ...]
                   [--gin.NAME=VALUE ...] [--gin_bindings 'Trainer.max_steps = 100' ...]
                   [--run_dir runs/char_gpt] [--resume]
-    craftfn eval  --gin_file gin/char_gpt.gin --run_dir runs/char_gpt [--checkpoint FILE]
+    craftfn eval  --run_dir runs/char_gpt [--gin_file FILE ...] [--checkpoint FILE]
     craftfn generate --run_dir runs/char_gpt --prompt 'def ' [--num_samples N --max_new_tokens N
                   --temperature T --top_k K --top_p P --num_beams B --seed S --checkpoint FILE --compile]
+    craftfn export --format hf RUN_DIR OUT_DIR [--checkpoint FILE]
+    craftfn configs
+    craftfn --version
 
-Files are read in order, then bindings in command-line order: later ones win.
-``--gin.NAME=VALUE`` is the binding ``NAME = VALUE`` (a bare word such as a path is
-taken as a string). A run directory that already holds checkpoints is resumed
-automatically. User errors (a missing gin file, an unknown binding, an unset
+``--gin_file`` takes a path or the name of a shipped config (``craftfn configs`` lists them);
+includes resolve relative to the including file, then the shipped configs (see
+:mod:`craftfn.gin_files`). Files are read in order, then bindings in command-line order: later
+ones win, and a binding on the command line also replaces the scoped bindings of the same
+parameter that the files hold. ``--gin.NAME=VALUE`` is the binding ``NAME = VALUE``: a bare word
+such as a path is taken as a string, and bare comma-separated words are a list
+(``--gin.create_optimizer.no_decay=bias,ln_`` is ``['bias', 'ln_']``; so is ``[bias, ln_]``).
+``craftfn eval`` without ``--gin_file`` replays the run's own ``config.gin``. A run directory
+that already holds checkpoints is resumed automatically. User errors (a missing gin file, an unknown binding, an unset
 ``%gin.REQUIRED`` macro, a missing or empty data file) print one paragraph on
 stderr and exit with status 2.
 
@@ -26,6 +34,7 @@ import argparse
 import ast
 import importlib
 import importlib.util
+import os
 import re
 import sys
 import textwrap
@@ -35,15 +44,13 @@ from typing import Optional, Sequence
 __all__ = ["main", "parse_gin_arguments", "UsageError"]
 
 EXIT_USAGE = 2
-# The gin/ folder of a source checkout (editable install), searched after the working directory.
-_REPO_GIN = Path(__file__).resolve().parent.parent / "gin"
 
 
 class UsageError(Exception):
     """A mistake in the command line or the configuration: reported in one paragraph, exit status 2."""
 
 
-def _gin_value(value: str) -> str:
+def _gin_scalar(value: str) -> str:
     """Keep gin literals, references and macros; quote anything else (a bare path or word)."""
     v = value.strip()
     if not v or v[0] in "@%[({'\"" or v in ("True", "False", "None"):
@@ -53,6 +60,24 @@ def _gin_value(value: str) -> str:
         return v
     except (ValueError, SyntaxError):
         return repr(v)
+
+
+def _gin_value(value: str) -> str:
+    """A command-line value as gin text: scalars as :func:`_gin_scalar`; bare comma-separated
+    items (``a,b``) and brackets of bare items (``[a, b]``, ``(a, b)``) as a gin list/tuple of
+    quoted items. Anything quoted, or a bracket gin parses as it is, is left alone."""
+    v = value.strip()
+    if v[:1] in "[(" and v[-1:] == {"[": "]", "(": ")"}[v[:1]]:
+        from craftfn.gin_files import is_gin_value
+
+        if is_gin_value(v):
+            return v
+        items = [i for i in v[1:-1].split(",") if i.strip()]
+        joined = ", ".join(_gin_scalar(i) for i in items)
+        return f"[{joined}]" if v[0] == "[" else f"({joined}{',' if len(items) == 1 else ''})"
+    if "," in v and v[:1] not in "@%{'\"":
+        return "[" + ", ".join(_gin_scalar(i) for i in v.split(",") if i.strip()) + "]"
+    return _gin_scalar(v)
 
 
 def parse_gin_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -96,15 +121,22 @@ def parse_gin_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import craftfn
+
     parser = argparse.ArgumentParser(
         prog="craftfn",
         description="Train and evaluate gin-configured models with craftfn.",
         epilog="Bindings: --gin.NAME=VALUE or --gin_bindings 'NAME = VALUE' (repeatable; later ones win).",
     )
+    parser.add_argument("--version", action="version", version=f"craftfn {craftfn.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("train", "train a model (default job: gin/char_gpt.gin)"), ("eval", "evaluate a trained run")):
+    for name, help_text in (("train", "train a model (default job: char_gpt.gin)"), ("eval", "evaluate a trained run")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--gin_file", action="append", default=[], help="a gin file (repeatable; later files win)")
+        p.add_argument(
+            "--gin_file", action="append", default=[],
+            help="a gin file: a path or a shipped config's name, e.g. char_gpt.gin (repeatable; later files win)"
+            + ("" if name == "train" else "; default: the run's own config.gin"),
+        )
         p.add_argument("--run_dir", default=None, help="the run directory (default runs/<first gin file's name>)")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint (automatic when one exists)")
@@ -122,20 +154,22 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--checkpoint", default=None, help="model weights (default RUN_DIR/model.safetensors)")
     gen.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+    exp = sub.add_parser("export", help="export a trained run's model in another format (hf: a Hugging Face GPT-2 directory)")
+    exp.add_argument("--format", required=True, choices=["hf"], help="hf: a directory AutoModelForCausalLM.from_pretrained loads (needs the hf extra)")
+    exp.add_argument("run_dir", help="the run directory of craftfn train")
+    exp.add_argument("out_dir", help="the directory to create (must not exist, or be empty)")
+    exp.add_argument("--checkpoint", default=None, help="model weights (default RUN_DIR/model.safetensors)")
+    sub.add_parser("configs", help="list the gin configs craftfn ships (pass a name to --gin_file)")
     return parser
 
 
 def _find_gin_file(name: str) -> Path:
-    candidates = [Path(name)]
-    if not Path(name).is_absolute():
-        candidates.append(_REPO_GIN / name)
-        if name.startswith("gin/"):
-            candidates.append(_REPO_GIN / name[len("gin/") :])
-    for c in candidates:
-        if c.is_file():
-            return c
-    where = ", ".join(str(c) for c in candidates)
-    raise UsageError(f"gin file {name!r} not found (looked for {where}). Check the path; the shipped configs are in {_REPO_GIN}.")
+    from craftfn.gin_files import GinFileNotFoundError, find_config
+
+    try:
+        return find_config(name)
+    except GinFileNotFoundError as e:
+        raise UsageError(str(e)) from None
 
 
 def _one_paragraph(message: str) -> str:
@@ -163,27 +197,12 @@ def _gin_error(e: BaseException) -> str:
             f"bind it in a gin file or with --gin.{m.group(1)}.{example}=VALUE."
         )
     if text.startswith("No configurable matching") or "doesn't have a parameter named" in text:
-        return f"unknown gin binding: {text}. Check the spelling; configurable names are listed in the gin files under gin/ and in craftfn/gin_training.py."
+        return f"unknown gin binding: {text}. Check the spelling; configurable names are listed in the shipped configs (craftfn configs) and in craftfn/gin_training.py."
     return f"gin configuration error: {text}"
 
 
-class _QuietSearch:
-    """Drop gin's "Path not found" log lines: it logs one per search folder it tries."""
-
-    def filter(self, record: object) -> bool:
-        return not str(getattr(record, "msg", "")).startswith("Path not found")
-
-
-_QUIET = _QuietSearch()
-
-
 def _configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
-    import logging
-
     import gin
-
-    if _QUIET not in logging.getLogger().filters:
-        logging.getLogger().addFilter(_QUIET)  # type: ignore[arg-type]
 
     # Importing these registers every configurable before parsing. Optimizers and schedules
     # come from craftfn.gin_config (a real import error inside it must surface).
@@ -193,15 +212,13 @@ def _configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
 
     gin_training.ensure_optimizer_configurables()
     if not gin_files:
-        raise UsageError("no --gin_file given: name a job, e.g. craftfn train --gin_file gin/char_gpt.gin")
+        raise UsageError("no --gin_file given: name a job, e.g. craftfn train --gin_file char_gpt.gin (craftfn configs lists the shipped ones)")
     paths = [_find_gin_file(f) for f in gin_files]
     gin.clear_config()
-    # `include 'gin/models/x.gin'` resolves against these folders. (Includes name the gin/ folder:
-    # gin also looks a relative include up as a Python package, and a bare 'models/...' can hit one.)
-    for folder in {str(p.resolve().parent) for p in paths} | {str(_REPO_GIN), str(_REPO_GIN.parent)}:
-        gin.add_config_file_search_path(folder)
+    from craftfn import gin_files as files
+
     try:
-        gin.parse_config_files_and_bindings([str(p) for p in paths], list(bindings), finalize_config=True)
+        files.parse_config(paths, list(bindings))
     except (ValueError, SyntaxError, OSError, TypeError, KeyError, AttributeError, ImportError) as e:
         raise UsageError(_gin_error(e)) from None
 
@@ -254,7 +271,20 @@ def _train_configured(args: argparse.Namespace, bindings: Sequence[str]) -> int:
     return 0 if summary.get("stop_reason") is None or "EarlyStopping" in str(summary.get("stop_reason")) else 1
 
 
+def _run_config_files(args: argparse.Namespace) -> list[str]:
+    """The gin files of ``craftfn eval``: those given, else the run's own operative config."""
+    if args.gin_file:
+        return list(args.gin_file)
+    if not args.run_dir:
+        raise UsageError("give --run_dir (its config.gin is replayed) or --gin_file, e.g. craftfn eval --run_dir runs/char_gpt")
+    config = Path(args.run_dir) / "config.gin"
+    if not config.is_file():
+        raise UsageError(f"no --gin_file given and no config.gin in {args.run_dir!r}: train first (craftfn train --run_dir {args.run_dir}) or pass --gin_file")
+    return [str(config)]
+
+
 def _eval(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+    args.gin_file = _run_config_files(args)
     _configure(args.gin_file, bindings)
     from craftfn import gin_training
 
@@ -290,6 +320,66 @@ def _generate(args: argparse.Namespace, bindings: Sequence[str]) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+    if bindings:
+        raise UsageError(f"export takes no gin bindings, got {list(bindings)}")
+    from craftfn.generation.run import load_model
+
+    try:
+        from craftfn.models.gpt import to_hf_gpt2
+
+        model = load_model(args.run_dir, args.checkpoint)
+        hf_model = to_hf_gpt2(model)
+    except ImportError as e:
+        raise UsageError(f"--format hf needs transformers (pip install 'craftfn[hf]'): {e}") from None
+    except (ValueError, TypeError, OSError) as e:
+        raise UsageError(_one_paragraph(str(e))) from None
+    out = Path(args.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{str(out)!r} exists and is not an empty directory: export into a new directory")
+    _save_pretrained_atomically(hf_model, out)
+    print(f"craftfn: wrote a Hugging Face GPT-2 ({model.num_params():,} parameters) to {out}; load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def _save_pretrained_atomically(hf_model: object, out: Path) -> None:
+    """``save_pretrained`` into a hidden sibling, then rename it to ``out``: no half-written directory."""
+    import shutil
+    import uuid
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex}"
+    tmp.mkdir()  # mode 0o777 less the umask, like any directory the user makes
+    try:
+        hf_model.save_pretrained(tmp)  # type: ignore[attr-defined]
+        mask = os.umask(0)
+        os.umask(mask)
+        for f in tmp.iterdir():  # the safetensors writer makes its file 0600; the others follow the umask
+            f.chmod(0o666 & ~mask)
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _configs(args: argparse.Namespace, bindings: Sequence[str]) -> int:
+    from craftfn.gin_files import list_configs, shipped_config_dir
+
+    if bindings:
+        raise UsageError(f"configs takes no gin bindings, got {list(bindings)}")
+    configs = list_configs()
+    if not configs:
+        raise UsageError(f"no gin configs in {shipped_config_dir()}: this craftfn installation is incomplete; reinstall it")
+    width = max(len(name) for name, _ in configs)
+    print(f"gin configs shipped with craftfn (in {shipped_config_dir()}); pass a name to --gin_file:")
+    for name, summary in configs:
+        print(f"  {name:<{width}}  {summary}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit status (2 for user errors, with one paragraph on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -300,9 +390,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _train(args, bindings)
         if args.command == "generate":
             return _generate(args, bindings)
+        if args.command == "export":
+            return _export(args, bindings)
+        if args.command == "configs":
+            return _configs(args, bindings)
         return _eval(args, bindings)
     except UsageError as e:
-        command = f"craftfn {argv[0]}" if argv and argv[0] in ("train", "eval", "generate") else "craftfn"
+        command = f"craftfn {argv[0]}" if argv and argv[0] in ("train", "eval", "generate", "export", "configs") else "craftfn"
         print(textwrap.fill(f"{command}: error: {e}", width=100, break_on_hyphens=False, break_long_words=False), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

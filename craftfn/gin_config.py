@@ -20,19 +20,21 @@ includes one of each and uses ``%OPTIMIZER``::
     MAX_STEPS = 2000
     train.optimizer = %OPTIMIZER
 
+``run_fraction`` sizes a phase of the schedule from the run length (``warmup/run_fraction()``).
+
 The math modules know nothing of gin: the functions registered here are the plain
 functions of :mod:`craftfn.optim` and :mod:`craftfn.schedules`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import gin
 
 from craftfn import optim, schedules
 
-__all__ = ["register", "create_optimizer", "create_scheduler", "SCHEDULE_NAMES"]
+__all__ = ["register", "create_optimizer", "create_scheduler", "run_fraction", "SCHEDULE_NAMES"]
 
 # The public schedule functions (create_scheduler covers the torch-style names).
 SCHEDULE_NAMES = tuple(
@@ -76,6 +78,32 @@ def register() -> dict[str, Any]:
     return dict(_REGISTERED)
 
 
+def run_fraction(total_steps: int, fraction: float, at_most: Optional[int] = None) -> int:
+    """``int(fraction * total_steps)``, at most ``at_most``: a phase length (warm-up, cool-down)
+    that follows the run's length, so a short run (``--gin.MAX_STEPS=20``) still fits its schedule.
+
+    Registered with gin as ``run_fraction``; the shipped configs use it scoped, e.g.::
+
+        WARMUP_STEPS = @warmup/run_fraction()
+        warmup/run_fraction.total_steps = %MAX_STEPS
+        warmup/run_fraction.fraction = 0.05
+        warmup/run_fraction.at_most = 100
+
+    Example:
+        >>> run_fraction(2000, 0.05, at_most=100), run_fraction(50, 0.05, at_most=100), run_fraction(1, 0.05)
+        (100, 2, 0)
+    """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 0:
+        raise ValueError(f"run_fraction: total_steps must be an int >= 0, got {total_steps!r}")
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"run_fraction: fraction must be a number in [0, 1], got {fraction!r}")
+    if at_most is not None and (isinstance(at_most, bool) or not isinstance(at_most, int) or at_most < 0):
+        raise ValueError(f"run_fraction: at_most must be None or an int >= 0, got {at_most!r}")
+    steps = int(fraction * total_steps)
+    return steps if at_most is None else min(steps, at_most)
+
+
 _CONFIGURABLES = register()
+_register(run_fraction, "craftfn")
 create_optimizer = _CONFIGURABLES["create_optimizer"]
 create_scheduler = _CONFIGURABLES["create_scheduler"]

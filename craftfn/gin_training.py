@@ -24,13 +24,14 @@ Example (a gin file)::
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import gin
-import safetensors.torch
 import torch
 
 from craftfn import data as cdata
@@ -38,7 +39,7 @@ from craftfn import distributed, make_eval_step, make_train_step, optim
 from craftfn.models.gpt import GPT, GPTConfig, lm_eval_metrics, lm_loss
 from craftfn.state import TrainState
 from craftfn.training import callbacks as cb
-from craftfn.training.checkpointing import CheckpointManager, CheckpointMismatchError, export_params
+from craftfn.training.checkpointing import CheckpointManager, CheckpointMismatchError, export_params, load_exported
 from craftfn.training.evaluation import Evaluator
 from craftfn.training.trainer import Trainer
 
@@ -196,8 +197,16 @@ def _atomic_write_text(path: Path, text: str) -> None:
     cdata.atomic_write_text(path, text)
 
 
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+def _model_config_json(config: GPTConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=1, sort_keys=True)
+
+
 def _export(state: TrainState, path: Path) -> None:
-    export_params(state, path)
+    # The model config travels in the file's header too, so the weights alone describe the model.
+    export_params(state, path, metadata={"model_config": _model_config_json(state.apply_fn.config)})
 
 
 def _clean_gin_message(e: BaseException) -> str:
@@ -233,6 +242,8 @@ def _prepare_training(
     eval_step = make_eval_step(lm_eval_metrics, policy=(step_options or {}).get("policy"))
     if main:
         task.tokenizer.save(run / "tokenizer.json")
+        # GPT(GPTConfig(**json.load(open("model_config.json")))) rebuilds the model without gin.
+        _atomic_write_text(run / MODEL_CONFIG_FILE, _model_config_json(task.config) + "\n")
     sampler = ConfiguredSampleText(
         task.tokenizer.encode,
         task.tokenizer.decode,
@@ -272,10 +283,10 @@ def _prepare_training(
         batch_size=task.batch_size,
         seed=task.seed,
         flops_per_token=float(task.model.flops_per_token()),
-        checkpoint_extra={"tokenizer": task.tokenizer.to_dict()},
+        checkpoint_extra={"tokenizer": task.tokenizer.to_dict(), "world_size": distributed.world_size()},
     )
     # Every configurable has been called now, so the operative config is complete.
-    config_text = gin.operative_config_str()
+    config_text = _run_header() + gin.operative_config_str()
     if main:
         _atomic_write_text(run / "config.gin", config_text)
     tensorboard.config_text = config_text
@@ -284,6 +295,15 @@ def _prepare_training(
         trainer.tracker.peak_flops *= distributed.world_size()
     trainer.checkpoint_extra["gin_config"] = config_text
     return trainer, state, task, sampler, manager, run
+
+
+def _run_header() -> str:
+    import craftfn
+
+    return (
+        f"# Operative config of a craftfn train run (craftfn {craftfn.__version__}, torch {torch.__version__}, "
+        f"world size {distributed.world_size()}).\n# Replay it: craftfn train --gin_file RUN_DIR/config.gin --run_dir NEW_RUN_DIR [--gin.NAME=VALUE ...]\n\n"
+    )
 
 
 def _silent(text: str) -> None:
@@ -313,7 +333,7 @@ def train_language_model(
     print_fn: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train a GPT language model; the run directory gets config.gin, metrics.jsonl,
-    TensorBoard events, checkpoints/, model.safetensors and tokenizer.json.
+    TensorBoard events, checkpoints/, model.safetensors, model_config.json and tokenizer.json.
 
     Args:
         run_dir: the run directory (created).
@@ -391,7 +411,7 @@ def train_language_model(
         f"vs unigram entropy {entropy:.4f} nats/token: the model uses context worth {entropy - val:.2f} nats/token."
     )
     print_fn(f"sample after {trainer.step} steps:\n{'-' * 60}\n{sample}\n{'-' * 60}")
-    print_fn(f"run directory: {run} (config.gin, metrics.jsonl, TensorBoard events, model.safetensors); {summary['seconds']:.0f} s")
+    print_fn(f"run directory: {run} (config.gin, metrics.jsonl, TensorBoard events, model.safetensors, model_config.json); {summary['seconds']:.0f} s")
     return summary
 
 
@@ -410,10 +430,7 @@ def evaluate_language_model(run_dir: str, checkpoint: Optional[str] = None, prin
     if not path.is_file():
         raise ValueError(f"no model weights at {str(path)!r}: train first (craftfn train --run_dir {run_dir}) or pass --checkpoint")
     task = build_language_model_task()
-    try:
-        task.model.load_state_dict(safetensors.torch.load_file(str(path)))
-    except RuntimeError as e:
-        raise ValueError(f"the weights in {str(path)!r} do not fit the configured model: {str(e).splitlines()[0]}") from None
+    load_exported(task.model, path)  # either tied layout; a ValueError names what does not fit
     state = TrainState.create(model=task.model, tx=None, seed=task.seed)
     metrics = Evaluator(make_eval_step(lm_eval_metrics), task.eval_batches).evaluate(state)
     metrics["unigram_entropy"] = unigram_entropy(task.tokens)

@@ -14,17 +14,27 @@ Example:
     >>> bool((x == random.normal(step_key, (2, 3))).all())
     True
 
-Keys live on the CPU by default; they are tiny, and keeping them there means
-reading one (to seed a ``torch.Generator`` for module dropout) never stalls an
+Keys live on the CPU by default; they are tiny, and deriving them never stalls an
 accelerator.
+
+Module randomness (``nn.Dropout``, ``F.dropout``, the dropout of
+``F.scaled_dot_product_attention``, ``torch.rand``/``randn``/``bernoulli`` called inside a
+model) becomes a function of a key inside :func:`module_rng`: the same key gives the same masks
+eagerly and under ``torch.compile`` (any backend), different keys give independent masks, and
+the key is never read to the host. ``TrainState.apply(..., rng=key)`` and the train/eval steps
+open that scope for you.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from craftfn._donated import Donated
 
 __all__ = [
     "Key",
@@ -39,6 +49,8 @@ __all__ = [
     "bernoulli",
     "randint",
     "permutation",
+    "dropout",
+    "module_rng",
     "fork_torch_rng",
 ]
 
@@ -78,6 +90,8 @@ def _hash2(k0: torch.Tensor, k1: torch.Tensor, data: torch.Tensor, tag: int) -> 
 
 
 def _check_key(k: torch.Tensor, argname: str = "key") -> None:
+    if isinstance(k, Donated):  # the key of a donated TrainState
+        raise k.error()
     if not isinstance(k, torch.Tensor) or k.dtype != torch.int64 or k.shape[-1:] != (2,):
         raise TypeError(
             f"{argname} must be a craftfn key: an int64 tensor of shape (..., 2) from random.key(seed); "
@@ -271,6 +285,329 @@ def permutation(key: Key, n: int, device: torch.device | str | None = None) -> t
         [0, 1, 2, 3, 4]
     """
     return torch.argsort(_bits(key, (n,), device), stable=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Module randomness: a keyed counter stream cheap enough to replace torch's dropout RNG.
+#
+# The stream hashes (key, counter) with 32-bit integer arithmetic in int32 tensors. int32
+# multiplication and addition wrap modulo 2**32 (two's complement) in torch's kernels and in the
+# code inductor generates, so eager and compiled runs give the same bits; right shifts are made
+# logical by masking. Two rounds of the 'lowbias32' mixer, one keyed by each key word, cost about
+# what torch's own CPU dropout RNG costs (``benchmarks/dropout_bench.py``), where the int64 hash
+# behind :func:`uniform` costs ~6x more.
+
+
+def _as_i32(c: int) -> int:
+    """The int32 with the same low 32 bits as ``c``."""
+    c &= _MASK32
+    return c - (1 << 32) if c >= (1 << 31) else c
+
+
+_MIX_M1, _MIX_M2 = _as_i32(0x7FEB352D), _as_i32(0x846CA68B)
+_UNIFORM_BITS = 24  # uniform draws and dropout thresholds use the top 24 bits
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """'lowbias32' on int32 in place: xor-shift, multiply, xor-shift, multiply, xor-shift."""
+    x.bitwise_xor_((x >> 16) & 0xFFFF)
+    x.mul_(_MIX_M1)
+    x.bitwise_xor_((x >> 15) & 0x1FFFF)
+    x.mul_(_MIX_M2)
+    x.bitwise_xor_((x >> 16) & 0xFFFF)
+    return x
+
+
+def _stream_words(key: Key, device: torch.device) -> torch.Tensor:
+    """The key's two 32-bit words as int32 on ``device`` (an exact re-interpretation)."""
+    w = ((key.reshape(2) + (1 << 31)) & _MASK32) - (1 << 31)
+    return w.to(device=device, dtype=torch.int32)
+
+
+def _stream_bits(words: torch.Tensor, offset: int, numel: int) -> torch.Tensor:
+    """``numel`` 32-bit words (int32) of the stream keyed by ``words``, at counters ``offset + i``."""
+    if numel >= (1 << 31):
+        raise ValueError(f"a keyed draw takes at most 2**31 - 1 elements at once, got {numel}")
+    c = torch.arange(numel, dtype=torch.int32, device=words.device)
+    if offset % (1 << 32):
+        c.add_(_as_i32(offset))
+    c.bitwise_xor_(words[0])
+    _mix32_(c)
+    c.add_(words[1])
+    return _mix32_(c)
+
+
+def _uniform_from_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Uniform in [0, 1) from 32-bit words, with no more bits than ``dtype`` holds (never 1.0)."""
+    m = {torch.float16: 11, torch.bfloat16: 8}.get(dtype, _UNIFORM_BITS)
+    u = ((bits >> (32 - m)) & ((1 << m) - 1)).to(torch.float32) * (1.0 / (1 << m))
+    return u if dtype == torch.float32 else u.to(dtype)
+
+
+def _check_p(p: Any, argname: str = "p") -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"dropout probability {argname} must be a Python float, got {p!r:.60}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability {argname} must be in [0, 1], got {p}")
+    return float(p)
+
+
+def _dropout_with(draw: Callable[[int, torch.device], torch.Tensor], x: torch.Tensor, p: float, training: bool, inplace: bool, mask_shape: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Dropout of ``x`` with the keep mask (of ``mask_shape``, broadcast) drawn by ``draw``."""
+    p = _check_p(p)
+    if not training or p == 0.0:
+        return x
+    shape = tuple(x.shape) if mask_shape is None else tuple(mask_shape)
+    if p == 1.0:
+        return x.mul_(0.0) if inplace else x * 0.0
+    threshold = int(round(p * (1 << _UNIFORM_BITS)))
+    bits = draw(math.prod(shape), x.device)
+    keep = (((bits >> (32 - _UNIFORM_BITS)) & ((1 << _UNIFORM_BITS) - 1)) >= threshold).reshape(shape)
+    scale = 1.0 / (1.0 - p)
+    if inplace:
+        return x.mul_(keep).mul_(scale)
+    return torch.where(keep, x * scale, 0.0)
+
+
+def dropout(key: Key, x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Tensor:
+    """Dropout of ``x`` as a pure function of ``key``: zero each element with probability ``p``,
+    scale the rest by ``1 / (1 - p)``.
+
+    The same key gives the same mask eagerly and under ``torch.compile``; the key stays on its
+    device (no host read). Inside :func:`module_rng`, ``F.dropout`` draws from the same kind of
+    stream.
+
+    Example:
+        >>> x = torch.ones(2, 4)
+        >>> a = random.dropout(random.key(0), x, 0.5)
+        >>> bool((a == random.dropout(random.key(0), x, 0.5)).all()), sorted(set(a.flatten().tolist())) <= [0.0, 2.0]
+        (True, True)
+    """
+    _check_key(key)
+    return _dropout_with(lambda n, device: _stream_bits(_stream_words(key, device), 0, n), x, p, training, False)
+
+
+class _KeyedRandomness(TorchFunctionMode):
+    """The torch function mode behind :func:`module_rng` (see there)."""
+
+    def __init__(self, key: Key, offset: int = 0) -> None:
+        super().__init__()
+        self.key = key
+        # Counter of the next draw: each draw takes the next ``numel`` counters, so draws in one
+        # scope never overlap and replay identically in the same call order.
+        self.offset = offset
+        self._fallback: Optional[fork_torch_rng] = None
+
+    def draw(self, numel: int, device: torch.device) -> torch.Tensor:
+        bits = _stream_bits(_stream_words(self.key, device), self.offset, numel)
+        self.offset += numel
+        return bits
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        handler = _KEYED_HANDLERS.get(func)
+        if handler is not None and kwargs.get("generator") is None:
+            out = handler(self, *args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        elif func in _UNKEYED_RANDOM and kwargs.get("generator") is None:
+            self._seed_fallback(func)
+        return func(*args, **kwargs)
+
+    def _seed_fallback(self, func: Any) -> None:
+        if torch.compiler.is_compiling():
+            raise TypeError(
+                f"{getattr(func, '__name__', func)} is not keyed: inside craftfn.random.module_rng (a step or "
+                f"TrainState.apply(..., rng=key)) under torch.compile, module randomness must come from: "
+                f"{', '.join(sorted(_KEYED_NAMES))}; draw anything else with craftfn.random (randint, permutation, ...) from a key."
+            )
+        if self._fallback is None:
+            # Eagerly, other random functions run on torch's global RNG seeded from the key on
+            # first use (one host read), restored when the scope ends.
+            self._fallback = fork_torch_rng(fold_in(self.key, _TAG_FALLBACK))
+            self._fallback.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            if self._fallback is not None:
+                self._fallback.__exit__(*exc)
+                self._fallback = None
+
+
+_TAG_FALLBACK = 0x5EED
+
+
+def module_rng(key: Key) -> _KeyedRandomness:
+    """A scope in which module randomness is a pure function of ``key``.
+
+    Inside it, ``F.dropout`` (``nn.Dropout``), ``F.dropout1d/2d/3d``, the dropout of
+    ``F.scaled_dot_product_attention``, ``torch.rand``/``randn``, ``torch.bernoulli`` and
+    ``Tensor.bernoulli_``/``uniform_``/``normal_`` (without a ``generator=``) draw from a counter
+    stream keyed by ``key``: successive draws take successive counters, so a forward in the same
+    order gives the same masks, eagerly and under ``torch.compile``, without reading the key to
+    the host. Other random functions (``randint``, ``multinomial``, ``rrelu``, ...) run eagerly on
+    torch's RNG seeded from the key, and raise under ``torch.compile``; ``rand_like``/``randn_like``
+    too, except that under ``torch.compile`` (torch 2.13) they bypass the scope and draw from
+    torch's RNG: write ``torch.rand(x.shape, dtype=x.dtype, device=x.device)`` instead. Steps open this scope with their key; ``TrainState.apply(...,
+    rng=key)`` with the given key.
+
+    Example:
+        >>> drop = torch.nn.Dropout(0.5)
+        >>> with random.module_rng(random.key(0)):
+        ...     a = drop(torch.ones(8))
+        >>> with random.module_rng(random.key(0)):
+        ...     b = drop(torch.ones(8))
+        >>> bool((a == b).all())
+        True
+    """
+    _check_key(key)
+    return _KeyedRandomness(key)
+
+
+def _active_module_rng() -> Optional[_KeyedRandomness]:
+    """The innermost :func:`module_rng` scope in effect, if any (for activation checkpointing)."""
+    for mode in reversed(torch.overrides._get_current_function_mode_stack()):
+        if isinstance(mode, _KeyedRandomness):
+            return mode
+    return None
+
+
+# --- keyed versions of torch's random functions (argument names as torch's)
+
+
+def _keyed_dropout(mode: _KeyedRandomness, input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    return _dropout_with(mode.draw, input, p, training, inplace)
+
+
+def _channel_dropout(batched_ndim: int) -> Callable[..., torch.Tensor]:
+    def keyed(mode: _KeyedRandomness, input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Any:
+        if input.dim() not in (batched_ndim, batched_ndim - 1):
+            return NotImplemented  # torch raises its own error
+        lead = 2 if input.dim() == batched_ndim else 1
+        mask_shape = tuple(input.shape[:lead]) + (1,) * (input.dim() - lead)
+        return _dropout_with(mode.draw, input, p, training, inplace, mask_shape)
+
+    return keyed
+
+
+def _keyed_sdpa(
+    mode: _KeyedRandomness,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> Any:
+    if not dropout_p:
+        return NotImplemented  # no randomness: torch's fused kernels
+    # Attention with dropout on the weights, as torch's math kernel computes it, the mask keyed.
+    L, S = query.size(-2), key.size(-2)  # noqa: N806
+    if enable_gqa and key.size(-3) != query.size(-3):
+        key = key.repeat_interleave(query.size(-3) // key.size(-3), -3)
+        value = value.repeat_interleave(query.size(-3) // value.size(-3), -3)
+    factor = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    scores = (query @ key.transpose(-2, -1)) * factor
+    if is_causal:
+        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    weights = _dropout_with(mode.draw, torch.softmax(scores, dim=-1), dropout_p, True, False)
+    return weights @ value
+
+
+def _size_args(size: Sequence[Any]) -> tuple[int, ...]:
+    if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
+        size = tuple(size[0])
+    return tuple(size)
+
+
+def _keyed_rand(normal: bool) -> Callable[..., Any]:
+    def keyed(mode: _KeyedRandomness, *size: Any, out: Any = None, dtype: Optional[torch.dtype] = None, layout: Any = None,
+              device: Any = None, requires_grad: bool = False, pin_memory: bool = False, names: Any = None) -> Any:
+        if out is not None or names is not None or layout not in (None, torch.strided):
+            return NotImplemented
+        dtype = dtype or torch.get_default_dtype()
+        if not dtype.is_floating_point:
+            return NotImplemented
+        device = torch.device(device) if device is not None else torch.empty(0).device
+        values = _draw_values(mode, _size_args(size), dtype, device, normal)
+        return values.requires_grad_(requires_grad) if requires_grad else values
+
+    return keyed
+
+
+def _draw_values(mode: _KeyedRandomness, shape: Sequence[int], dtype: torch.dtype, device: torch.device, normal: bool) -> torch.Tensor:
+    n = math.prod(shape)
+    if not normal:
+        return _uniform_from_bits(mode.draw(n, device), dtype).reshape(shape)
+    u1 = _uniform_from_bits(mode.draw(n, device), torch.float32)
+    u2 = _uniform_from_bits(mode.draw(n, device), torch.float32)
+    z = torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos((2.0 * math.pi) * u2)
+    return z.to(dtype).reshape(shape)
+
+
+def _keyed_bernoulli(mode: _KeyedRandomness, input: torch.Tensor, p: Any = None, *, out: Any = None) -> Any:
+    if out is not None or not input.is_floating_point():
+        return NotImplemented
+    probs = input if p is None else p
+    u = _uniform_from_bits(mode.draw(input.numel(), input.device), torch.float32).reshape(input.shape)
+    return (u < probs).to(input.dtype)
+
+
+def _keyed_bernoulli_(mode: _KeyedRandomness, self: torch.Tensor, p: Any = 0.5) -> Any:
+    if not self.is_floating_point():
+        return NotImplemented
+    u = _uniform_from_bits(mode.draw(self.numel(), self.device), torch.float32).reshape(self.shape)
+    return self.copy_(u < p)
+
+
+def _keyed_uniform_(mode: _KeyedRandomness, self: torch.Tensor, from_: float = 0.0, to: float = 1.0, **kwargs: Any) -> Any:
+    if kwargs or not self.is_floating_point():
+        return NotImplemented
+    u = _draw_values(mode, tuple(self.shape), torch.float32, self.device, normal=False)
+    return self.copy_(from_ + (to - from_) * u)
+
+
+def _keyed_normal_(mode: _KeyedRandomness, self: torch.Tensor, mean: float = 0.0, std: float = 1.0, **kwargs: Any) -> Any:
+    if kwargs or not self.is_floating_point():
+        return NotImplemented
+    z = _draw_values(mode, tuple(self.shape), torch.float32, self.device, normal=True)
+    return self.copy_(mean + std * z)
+
+
+_KEYED_HANDLERS: dict[Any, Callable[..., Any]] = {
+    F.dropout: _keyed_dropout,
+    F.dropout1d: _channel_dropout(3),
+    F.dropout2d: _channel_dropout(4),
+    F.dropout3d: _channel_dropout(5),
+    F.scaled_dot_product_attention: _keyed_sdpa,
+    torch.rand: _keyed_rand(normal=False),
+    torch.randn: _keyed_rand(normal=True),
+    torch.bernoulli: _keyed_bernoulli,
+    torch.Tensor.bernoulli: _keyed_bernoulli,
+    torch.Tensor.bernoulli_: _keyed_bernoulli_,
+    torch.Tensor.uniform_: _keyed_uniform_,
+    torch.Tensor.normal_: _keyed_normal_,
+}
+_KEYED_NAMES = {
+    "F.dropout", "F.dropout1d", "F.dropout2d", "F.dropout3d", "F.scaled_dot_product_attention(dropout_p=...)",
+    "torch.rand", "torch.randn", "torch.bernoulli",
+    "Tensor.bernoulli_", "Tensor.uniform_", "Tensor.normal_",
+}
+# torch.rand_like/randn_like: dynamo (torch 2.13) calls them without consulting function modes,
+# so keying them eagerly would make eager and compiled draws differ.
+_UNKEYED_RANDOM = {
+    torch.rand_like, torch.randn_like, torch.randint, torch.randint_like, torch.randperm, torch.multinomial, torch.normal, torch.poisson,
+    torch.rrelu, F.rrelu, F.rrelu_, F.alpha_dropout, F.feature_alpha_dropout, F.gumbel_softmax,
+    torch.Tensor.random_, torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.cauchy_,
+    torch.Tensor.log_normal_, torch.Tensor.multinomial,
+}
 
 
 class fork_torch_rng:  # noqa: N801 - used like a function (``with random.fork_torch_rng(key):``)

@@ -45,6 +45,8 @@ from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from craftfn import random
+
 __all__ = ["Targets", "checkpoint_modules", "select", "checkpointed_names", "is_checkpointed"]
 
 Target = Union[str, type, Callable[[str, nn.Module], bool]]
@@ -134,11 +136,27 @@ def _remat_class(cls: type) -> type:
                 **dict(self.named_buffers(remove_duplicate=False)),
             }
 
-            def run(*a: Any, **kw: Any) -> Any:
-                with _reparametrize_module(self, current):
-                    return base_forward(self, *a, **kw)
+            # Keyed module randomness (craftfn.random.module_rng) is replayed like torch's RNG:
+            # the recompute draws from the counters the forward drew from.
+            scope = random._active_module_rng()
+            if scope is None:
 
-            return checkpoint(run, *args, use_reentrant=False, context_fn=_save_rng_ops_context, **kwargs)
+                def run(*a: Any, **kw: Any) -> Any:
+                    with _reparametrize_module(self, current):
+                        return base_forward(self, *a, **kw)
+
+                return checkpoint(run, *args, use_reentrant=False, context_fn=_save_rng_ops_context, **kwargs)
+            key, start, end = scope.key, scope.offset, [scope.offset]
+
+            def run(*a: Any, **kw: Any) -> Any:
+                with _reparametrize_module(self, current), random._KeyedRandomness(key, start) as replay:
+                    out = base_forward(self, *a, **kw)
+                end[0] = replay.offset
+                return out
+
+            out = checkpoint(run, *args, use_reentrant=False, context_fn=_save_rng_ops_context, **kwargs)
+            scope.offset = end[0]
+            return out
 
         _REMAT_CLASSES[cls] = type(
             f"Checkpointed{cls.__name__}",

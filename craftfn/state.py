@@ -22,39 +22,12 @@ from torch import nn
 from torch.func import functional_call
 
 from craftfn import _context, random, struct, tree
+from craftfn._donated import DONATED_MESSAGE as _DONATED_MESSAGE
+from craftfn._donated import Donated as _Donated
+from craftfn._donated import DonatedStateError
 from craftfn.optim.base import GradientTransformation, apply_updates, apply_updates_, check_updates_match
 
 __all__ = ["TrainState", "DonatedStateError", "check_live"]
-
-
-class DonatedStateError(RuntimeError):
-    """A ``TrainState`` was used after being donated to a step."""
-
-
-_DONATED_MESSAGE = (
-    "this TrainState was donated (donate=True): its buffers were reused in place by the step, "
-    "so its values are gone. Use the state the step returned, e.g. `state, metrics = step(state, batch)`."
-)
-
-
-class _Donated:
-    """Placeholder for the fields of a donated state; any use raises a clear error."""
-
-    __slots__ = ("field",)
-
-    def __init__(self, field: str) -> None:
-        object.__setattr__(self, "field", field)
-
-    def __getattr__(self, name: str) -> Any:
-        raise DonatedStateError(f"{_DONATED_MESSAGE} (accessed .{self.field}.{name})")
-
-    def _raise(self, *args: Any, **kwargs: Any) -> Any:
-        raise DonatedStateError(f"{_DONATED_MESSAGE} (used .{self.field})")
-
-    __iter__ = __len__ = __getitem__ = __add__ = __radd__ = __mul__ = __float__ = __int__ = __bool__ = _raise
-
-    def __repr__(self) -> str:
-        return f"<donated {self.field}>"
 
 
 _LEAF_FIELDS = ("step", "params", "buffers", "opt_state", "rng")
@@ -168,8 +141,10 @@ class TrainState(struct.PyTreeNode):
         Args:
             params: the parameters to use (usually ``state.params``, or the traced
                 copy a loss function receives).
-            rng: a key; module randomness (dropout) then runs under torch's RNG seeded
-                from it. Inside a step this is already arranged, and ``rng`` is not needed.
+            rng: a key; module randomness (dropout, attention dropout) is then drawn from it
+                (:func:`craftfn.random.module_rng`): the same key gives the same masks, eagerly
+                and compiled. Inside a step the step's key is already in effect, so ``rng`` is
+                only needed for forwards that should draw from another key (SAM's second pass).
             mutable: also return the buffers as the forward left them (BatchNorm statistics):
                 ``(output, new_buffers)``.
             training: run the module in train (True) or eval (False) mode; default: the
@@ -192,7 +167,9 @@ class TrainState(struct.PyTreeNode):
         module = self.apply_fn
         if training is None and ctx is not None:
             training = ctx.training
-        rng_scope = random.fork_torch_rng(rng, devices=_cuda_devices(params)) if (rng is not None and not in_step) else contextlib.nullcontext()
+        # Module randomness draws from the key (traceable; no host read). Without rng, a step's
+        # own scope (its per-step key) is already in effect; outside a step torch's RNG is.
+        rng_scope = random.module_rng(rng) if rng is not None else contextlib.nullcontext()
         if isinstance(module, nn.Module):
             with rng_scope, _train_mode(module, training):
                 out = functional_call(module, {**params, **buffers}, args, kwargs, tie_weights=True, strict=False)
@@ -227,30 +204,49 @@ class TrainState(struct.PyTreeNode):
                 "TrainState has no tx (optimizer): create it with TrainState.create(..., tx=optim.sgd(...)) "
                 "or state.replace(tx=..., opt_state=tx.init(state.params))"
             )
-        check_updates_match(grads, self.params, "grads")
         if donate:
-            if self.tx.donated_update is not None:
-                params, opt_state = self.tx.donated_update(grads, self.opt_state, self.params, **extra)
-            else:
-                updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra)
-                params = apply_updates_(self.params, updates)
-        else:
-            updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra)
-            params = apply_updates(self.params, updates)
-        new_state = self.replace(step=self.step + 1, params=params, opt_state=opt_state)
-        if donate and _context.current() is None:
-            # Inside a step the step marks the state after its (possibly compiled) core returns.
+            _check_donation_allowed()
+        new_state = _updated(self, grads, in_place=donate, extra=extra)
+        if donate and _context.current() is None and _context.current_jit() is None:
+            # Inside a step or craftfn.jit, the state is marked after the (possibly compiled)
+            # call returns: placeholders cannot be built inside a graph.
             _mark_donated(self)
         return new_state
+
+
+def _check_donation_allowed() -> None:
+    jit_ctx = _context.current_jit()
+    if jit_ctx is None and torch.compiler.is_compiling():
+        raise ValueError(
+            "apply_gradients(donate=True) inside torch.compile: compile the step with "
+            "craftfn.jit(step, donate_argnums=<position of the state>) instead; it marks the donated state "
+            "after the call (outside the graph) so that reusing it raises DonatedStateError"
+        )
+    if jit_ctx is not None and not jit_ctx.donating:
+        raise ValueError(
+            "apply_gradients(donate=True) inside craftfn.jit without donate_argnums: the caller's state would be "
+            "overwritten yet stay usable; pass donate_argnums=<position of the state>, or donate=False"
+        )
+
+
+def _updated(state: TrainState, grads: Any, *, in_place: bool, extra: dict[str, Any]) -> TrainState:
+    """One optimizer step, in place on ``state``'s buffers or not (no checks of liveness or donation)."""
+    check_updates_match(grads, state.params, "grads")
+    if in_place:
+        if state.tx.donated_update is not None:
+            params, opt_state = state.tx.donated_update(grads, state.opt_state, state.params, **extra)
+        else:
+            updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra)
+            params = apply_updates_(state.params, updates)
+    else:
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra)
+        params = apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
 
 
 def _mark_donated(state: TrainState) -> None:
     for name in _LEAF_FIELDS:
         object.__setattr__(state, name, _Donated(name))
-
-
-def _cuda_devices(params: Any) -> list[torch.device]:
-    return sorted({x.device for x in tree.leaves(params) if isinstance(x, torch.Tensor) and x.device.type == "cuda"}, key=str)
 
 
 @contextlib.contextmanager

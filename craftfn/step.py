@@ -37,7 +37,8 @@ import torch
 
 from craftfn import _context, precision, random, tree
 from craftfn import remat as remat_lib
-from craftfn.state import TrainState, _cuda_devices, _mark_donated, check_live
+from craftfn.jit import jit
+from craftfn.state import TrainState, _mark_donated, _updated, check_live
 
 __all__ = ["value_and_grad", "make_train_step", "make_eval_step", "LossFn", "MetricFn"]
 
@@ -59,11 +60,23 @@ def _check_scalar_loss(loss: Any) -> None:
         raise TypeError(f"the loss must be a floating-point tensor, got dtype {loss.dtype}")
 
 
+def _under_functorch_transform() -> bool:
+    # Dynamo (torch 2.13) wraps this query's None result in an object that is not None, so
+    # traced code never asks: compiled steps keep the autograd.grad engine.
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def value_and_grad(fn: Callable[..., Any], has_aux: bool = False) -> Callable[..., Any]:
     """Return ``f(params, *args, **kwargs) -> (value, grads)`` (``((value, aux), grads)`` with aux).
 
     ``grads`` has the structure of ``params``; parameters that do not affect the value
     get zero gradients. Values and aux come back detached.
+
+    It composes with ``craftfn.jit``/``torch.compile`` (the default engine, ``autograd.grad``,
+    which also runs activation checkpointing) and with the ``torch.func`` transforms: under
+    ``torch.func.vmap`` (per-example gradients: ``vmap(value_and_grad(loss), in_dims=(None, 0))``)
+    and ``torch.func.jvp`` (forward-over-reverse: Hessian-vector products) it switches to
+    ``torch.func.grad_and_value``, which does not run activation checkpointing.
 
     Example:
         >>> f = value_and_grad(lambda p, x: (p["w"] * x).sum())
@@ -72,22 +85,36 @@ def value_and_grad(fn: Callable[..., Any], has_aux: bool = False) -> Callable[..
         (tensor(3.), tensor([1., 2.]))
     """
 
+    def split(out: Any) -> tuple[torch.Tensor, Any]:
+        if has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError("value_and_grad(has_aux=True): the function must return (value, aux)")
+            value, aux = out
+        else:
+            value, aux = out, None
+        _check_scalar_loss(value)
+        return value, aux
+
     def wrapped(params: Any, *args: Any, **kwargs: Any) -> Any:
         leaves, treedef = tree.flatten(params)
         for name, x in zip(tree.paths(params), leaves):
             if not isinstance(x, torch.Tensor) or not x.is_floating_point():
                 raise TypeError(f"value_and_grad: parameter {name!r} must be a floating-point tensor, got {x!r:.60}")
-        traced = [x.detach().requires_grad_(True) for x in leaves]
-        with torch.enable_grad():
-            out = fn(tree.unflatten(treedef, traced), *args, **kwargs)
-            if has_aux:
-                if not (isinstance(out, tuple) and len(out) == 2):
-                    raise TypeError("value_and_grad(has_aux=True): the function must return (value, aux)")
-                value, aux = out
-            else:
-                value, aux = out, None
-            _check_scalar_loss(value)
-            grads = torch.autograd.grad(value, traced, allow_unused=True, materialize_grads=True)
+        if _under_functorch_transform():
+            # Under a torch.func transform (vmap for per-example gradients, jvp for
+            # Hessian-vector products), autograd.grad on requires_grad_ copies cannot see the
+            # transform's wrapped tensors; torch.func's own grad composes with it.
+            def objective(flat: list[torch.Tensor]) -> Any:
+                value, aux = split(fn(tree.unflatten(treedef, flat), *args, **kwargs))
+                return (value, aux) if has_aux else value
+
+            grads, out = torch.func.grad_and_value(objective, has_aux=has_aux)(leaves)
+            value, aux = out if has_aux else (out, None)
+        else:
+            traced = [x.detach().requires_grad_(True) for x in leaves]
+            with torch.enable_grad():
+                value, aux = split(fn(tree.unflatten(treedef, traced), *args, **kwargs))
+                grads = torch.autograd.grad(value, traced, allow_unused=True, materialize_grads=True)
         grads_tree = tree.unflatten(treedef, list(grads))
         value = value.detach()
         if has_aux:
@@ -140,20 +167,13 @@ def _microbatch(batch: Any, accum_steps: int, i: int) -> Any:
     return tree.map(take, batch)
 
 
-def _maybe_compile(fn: Callable[..., Any], compile: Union[bool, Mapping[str, Any]]) -> Callable[..., Any]:
+def _maybe_compile(fn: Callable[..., Any], compile: Union[bool, Mapping[str, Any]], donate_argnums: tuple[int, ...] = ()) -> Callable[..., Any]:
+    """``fn`` itself, or ``craftfn.jit(fn, ...)`` with the options of ``compile=``."""
     if not compile:
         return fn
-    options = dict(compile) if isinstance(compile, Mapping) else {}
-    compiled = torch.compile(fn, **options)
-
-    def run(*args: Any) -> Any:
-        # Dynamo traces torch.autograd.grad only with this flag (torch 2.13); without it the
-        # backward would silently run eagerly, or fail under fullgraph=True.
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
-            return compiled(*args)
-
-    run.compiled = compiled  # type: ignore[attr-defined]
-    return run
+    if not isinstance(compile, (bool, Mapping)):
+        raise TypeError(f"compile must be a bool or a dict of torch.compile options, got {type(compile).__name__}")
+    return jit(fn, donate_argnums=donate_argnums, **(dict(compile) if isinstance(compile, Mapping) else {}))
 
 
 def _check_accum(accum_steps: Any) -> None:
@@ -226,9 +246,9 @@ def _apply_own_gradients(state: TrainState, grads: Any, donate: bool) -> TrainSt
     parameters, torch fused 34 ms). The gradients may be overwritten: they are the step's own.
     """
     if donate or state.tx is None or state.tx.donated_update is None:
-        return state.apply_gradients(grads, donate=donate)
+        return _updated(state, grads, in_place=donate, extra={})
     copy = state.replace(params=tree.clone(state.params), opt_state=tree.clone(state.opt_state))
-    return copy.apply_gradients(grads, donate=True)
+    return _updated(copy, grads, in_place=True, extra={})
 
 
 def make_train_step(
@@ -312,12 +332,14 @@ def make_train_step(
         state: TrainState, batch: Any, rng: torch.Tensor, scale: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, Any], Any]:
         def objective(params: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+            # Module dropout draws from this (micro)step's key, inside the graph when compiled.
             if policy_ is None:
-                loss, aux = _split_loss_output(loss_fn(state, params, batch, rng))
+                with random.module_rng(rng):
+                    loss, aux = _split_loss_output(loss_fn(state, params, batch, rng))
             else:
                 # Autocast must wrap the forward inside the differentiated function.
                 device_type = next((x.device.type for x in tree.leaves(params)), "cpu")
-                with policy_.autocast(device_type):
+                with policy_.autocast(device_type), random.module_rng(rng):
                     loss, aux = _split_loss_output(loss_fn(state, params, batch, rng))
                 if isinstance(loss, torch.Tensor) and loss.is_floating_point():
                     loss = loss.to(policy_.output_dtype)
@@ -370,7 +392,7 @@ def make_train_step(
         )
         return new_state, metrics
 
-    run = _maybe_compile(core, compile)
+    run = _maybe_compile(core, compile, donate_argnums=(0,) if donate else ())
 
     def prepare(state: TrainState) -> TrainState:
         """Outside the compiled core: attach the loss scale and the checkpointed model (same objects every step)."""
@@ -404,7 +426,7 @@ def make_train_step(
         state_in = prepare(state)
         first_compiled_call = compile and step.compile_seconds is None  # type: ignore[attr-defined]
         t0 = time.perf_counter()
-        with _context.step_context(training=True), random.fork_torch_rng(rng, devices=_cuda_devices(state.params)):
+        with _context.step_context(training=True):
             new_state, metrics = run(state_in, batch, rng)
         if first_compiled_call:
             step.compile_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
@@ -421,9 +443,10 @@ def make_train_step(
     step.remat = remat  # type: ignore[attr-defined]
     # Wall time of the first compiled call (None until then, and without compile=).
     step.compile_seconds = None  # type: ignore[attr-defined]
-    step.compiled = getattr(run, "compiled", None)  # type: ignore[attr-defined]
+    # The craftfn.jit of the core (None without compile=): ``step.compiled.explain(...)``.
+    step.compiled = run if compile else None  # type: ignore[attr-defined]
     # The pure core, ``core(state, batch, rng)``: what ``compile=`` compiles, exposed so
-    # tools such as ``torch._dynamo.explain`` can inspect it.
+    # tools such as ``craftfn.jit(step.core).explain`` can inspect it.
     step.core = core  # type: ignore[attr-defined]
     return step
 
@@ -459,7 +482,8 @@ def make_eval_step(
         if cast_batch:
             batch = policy_.cast_to_compute(batch)
         device_type = next((x.device.type for x in tree.leaves(work.params)), "cpu")
-        with torch.no_grad(), policy_.autocast(device_type) if policy_ is not None else contextlib.nullcontext():
+        autocast = policy_.autocast(device_type) if policy_ is not None else contextlib.nullcontext()
+        with torch.no_grad(), autocast, random.module_rng(rng):
             out = metric_fn(work, work.params, batch, rng)
         if isinstance(out, torch.Tensor):
             out = {"loss": out}
@@ -473,10 +497,10 @@ def make_eval_step(
         check_live(state)
         _check_batch(batch, 1)
         rng = random.fold_in(random.fold_in(state.rng, state.step), _EVAL_KEY_TAG)
-        with _context.step_context(training=False), random.fork_torch_rng(rng, devices=_cuda_devices(state.params)):
+        with _context.step_context(training=False):
             return run(state, batch, rng)
 
-    eval_step.compiled = getattr(run, "compiled", None)  # type: ignore[attr-defined]
+    eval_step.compiled = run if compile else None  # type: ignore[attr-defined]
     return eval_step
 
 

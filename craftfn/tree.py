@@ -16,8 +16,10 @@ Example:
 
 from __future__ import annotations
 
+import builtins
+import operator
 from collections import defaultdict
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import optree
 import torch
@@ -58,6 +60,8 @@ __all__ = [
     "all_finite",
     "LeafGroup",
     "group_by_device_dtype",
+    "check_match",
+    "leaf_mismatch",
 ]
 
 
@@ -403,3 +407,176 @@ def group_by_device_dtype(*lists: list[torch.Tensor]) -> list[LeafGroup] | list[
         per_list = tuple(LeafGroup(device, dtype, idx, [lst[i] for i in idx]) for lst in lists)
         groups.append(per_list[0] if len(lists) == 1 else per_list)
     return groups
+
+
+# ----------------------------------------------------------------------------- matching trees
+
+_DTYPE_RULES = ("floating", "equal", "any")
+_META = operator.attrgetter("shape", "dtype", "device")
+# Signatures of (tree, reference) pairs that passed check_match. Bounded: a program that keeps
+# making new shapes (say, variable sequence lengths in a tree it checks) never grows it past this.
+_MATCH_CACHE: dict[Any, None] = {}
+_MATCH_CACHE_SIZE = 4096
+
+
+def _signature(leaves_: list[Any]) -> tuple[Any, ...]:
+    """(shape, dtype, device) per tensor leaf (the type otherwise): what a match depends on."""
+    try:
+        return tuple(builtins.map(_META, leaves_))  # the builtin: this module defines its own map
+    except AttributeError:  # a non-tensor leaf
+        return tuple(_META(x) if isinstance(x, torch.Tensor) else type(x) for x in leaves_)
+
+
+def _dtypes_ok(dtype: torch.dtype, ref: torch.dtype, rule: str) -> bool:
+    if rule == "any" or dtype == ref:
+        return True
+    if rule == "equal":
+        return False
+    # "floating": the caller casts a leaf to the reference's dtype; only the kind must agree.
+    if ref.is_floating_point:
+        return dtype.is_floating_point
+    if ref.is_complex:
+        return dtype.is_floating_point or dtype.is_complex
+    return False
+
+
+def _leaf_problems(leaf: Any, reference: Any, dtype: str, device: bool) -> list[tuple[str, str, str]]:
+    """``[(what, leaf's value, reference's value), ...]`` for each way ``leaf`` does not fit."""
+    is_t, ref_t = isinstance(leaf, torch.Tensor), isinstance(reference, torch.Tensor)
+    if not (is_t and ref_t):
+        if is_t == ref_t and type(leaf) is type(reference):
+            return []
+        kind = lambda x: f"tensor {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__  # noqa: E731
+        return [("type", kind(leaf), kind(reference))]
+    out = []
+    if leaf.shape != reference.shape:
+        out.append(("shape", str(tuple(leaf.shape)), str(tuple(reference.shape))))
+    if not _dtypes_ok(leaf.dtype, reference.dtype, dtype):
+        floating = dtype == "floating" and (reference.is_floating_point() or reference.is_complex())
+        out.append(("dtype", str(leaf.dtype), f"{reference.dtype}{' (a floating dtype is needed)' if floating else ''}"))
+    if device and leaf.device != reference.device:
+        out.append(("device", str(leaf.device), str(reference.device)))
+    return out
+
+
+def leaf_mismatch(leaf: Any, reference: Any, *, dtype: str = "floating", device: bool = True) -> Optional[str]:
+    """Why ``leaf`` does not fit ``reference`` (shape, dtype, device), or ``None`` when it does.
+
+    The per-leaf rule of :func:`check_match`, for callers that pair leaves themselves
+    (checkpoint restore pairs saved tensors with a template by name).
+
+    Args:
+        leaf, reference: tensors (other leaves: only their types are compared).
+        dtype: ``"floating"``: a floating (complex) reference needs a floating (floating or
+            complex) leaf, any width, as when the leaf is cast to the reference's dtype;
+            other dtypes must be equal. ``"equal"``: the same dtype. ``"any"``: not compared.
+        device: compare devices.
+
+    Example:
+        >>> tree.leaf_mismatch(torch.zeros(2, 1), torch.zeros(1, 2))
+        'shape (2, 1) vs (1, 2)'
+        >>> tree.leaf_mismatch(torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2)) is None
+        True
+    """
+    if dtype not in _DTYPE_RULES:
+        raise ValueError(f"dtype must be one of {list(_DTYPE_RULES)}, got {dtype!r}")
+    problems = _leaf_problems(leaf, reference, dtype, device)
+    return ", ".join(f"{what} {a} vs {b}" for what, a, b in problems) or None
+
+
+def _raise_mismatch(
+    tree: PyTree, reference: PyTree, leaves_: list[Any], ref_leaves: list[Any], same_structure: bool,
+    name: str, reference_name: str, dtype: str, device: bool, error: type[Exception],
+) -> None:
+    """Build the message (names are computed here, on the error path only) and raise if anything differs."""
+    if not same_structure:
+        names, ref_names = paths(tree), paths(reference)
+        missing = sorted(set(ref_names) - set(names))
+        unexpected = sorted(set(names) - set(ref_names))
+        if missing or unexpected:
+            detail = f"missing {missing[:8]}, unexpected {unexpected[:8]}"
+        else:
+            detail = f"{structure(tree)} vs {structure(reference)}"
+        raise error(f"{name} must have the same tree structure as {reference_name}: {detail}")
+    bad = [(i, p) for i, (x, r) in enumerate(zip(leaves_, ref_leaves)) if (p := _leaf_problems(x, r, dtype, device))]
+    if not bad:
+        return
+    ref_names = paths(reference)
+    shown = "; ".join(
+        f"leaf {ref_names[i] or '<root>'!r}: " + ", ".join(f"{name} {what} {a}, {reference_name} {what} {b}" for what, a, b in problems)
+        for i, problems in bad[:8]
+    )
+    more = f" (and {len(bad) - 8} more leaves)" if len(bad) > 8 else ""
+    raise error(f"{name} do not match {reference_name}: {shown}{more}")
+
+
+def check_match(
+    tree: PyTree,
+    reference: PyTree,
+    *,
+    name: str = "updates",
+    reference_name: str = "params",
+    dtype: str = "floating",
+    device: bool = True,
+    error: type[Exception] = ValueError,
+) -> None:
+    """Raise unless ``tree`` has ``reference``'s structure and each leaf its shape, dtype kind and device.
+
+    The one check of a tree against another in craftfn (updates against parameters in every
+    update path, fused kernels included; moments against parameters; gradients against
+    accumulators). It reads only metadata (shapes, dtypes, devices): no host sync. A pair of
+    trees with a signature (structures, shapes, dtypes, devices) that passed before costs one
+    flatten and a dictionary lookup. Under ``torch.compile`` the comparison runs while tracing
+    (dynamo guards on the shapes it reads), so the compiled graph holds none of it.
+
+    Args:
+        tree: the tree to check (e.g. updates or gradients).
+        reference: the tree it must match (e.g. the parameters).
+        name, reference_name: how the message calls the two trees.
+        dtype: ``"floating"`` (default: a floating reference leaf needs a floating leaf of any
+            width, since update paths cast to the parameter's dtype), ``"equal"`` or ``"any"``;
+            see :func:`leaf_mismatch`.
+        device: require each leaf on its reference leaf's device.
+        error: the exception type raised (a ``ValueError`` subclass such as
+            ``CheckpointMismatchError`` for callers with their own).
+
+    Raises:
+        ``error`` (``ValueError``), naming every differing leaf (up to 8) with both shapes,
+        dtypes or devices, or the missing and unexpected leaf names.
+
+    Example:
+        >>> tree.check_match({"w": torch.zeros(2)}, {"w": torch.ones(2)})
+        >>> tree.check_match({"w": torch.zeros(2, 1)}, {"w": torch.ones(1, 2)})
+        Traceback (most recent call last):
+        ...
+        ValueError: updates do not match params: leaf 'w': updates shape (2, 1), params shape (1, 2)
+    """
+    leaves_, treedef = flatten(tree)
+    if torch.compiler.is_compiling():
+        # Tracing: Python on static metadata, evaluated once per compile (dynamo guards on shapes).
+        ref_leaves, ref_def = flatten(reference)
+        same = treedef == ref_def
+        if not same or any(_leaf_problems(x, r, dtype, device) for x, r in zip(leaves_, ref_leaves)):
+            _raise_mismatch(tree, reference, leaves_, ref_leaves, same, name, reference_name, dtype, device, error)
+        return
+    try:
+        # Cheaper than flattening the reference anew; a reference with another structure either
+        # raises here or yields a non-tensor "leaf", and the slow path below sorts it out.
+        ref_leaves = treedef.flatten_up_to(reference)
+    except (ValueError, TypeError):
+        ref_leaves = None
+    if ref_leaves is not None:
+        sig, ref_sig = _signature(leaves_), _signature(ref_leaves)
+        if sig == ref_sig:
+            return  # the same metadata leaf for leaf: a match under every rule
+        key = (dtype, device, sig, ref_sig)
+        if key in _MATCH_CACHE:
+            return
+    # First sight of this pair of signatures (or a mismatch): the full comparison.
+    if dtype not in _DTYPE_RULES:
+        raise ValueError(f"dtype must be one of {list(_DTYPE_RULES)}, got {dtype!r}")
+    ref_leaves, ref_def = flatten(reference)
+    _raise_mismatch(tree, reference, leaves_, ref_leaves, treedef == ref_def, name, reference_name, dtype, device, error)
+    if len(_MATCH_CACHE) >= _MATCH_CACHE_SIZE:
+        _MATCH_CACHE.clear()
+    _MATCH_CACHE[(dtype, device, _signature(leaves_), _signature(ref_leaves))] = None

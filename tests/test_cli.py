@@ -81,7 +81,7 @@ def test_tiny_default_job_end_to_end_with_resume_and_eval(tmp_path, capsys):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [5, 10]
     weights = safetensors.torch.load_file(str(run_dir / "model.safetensors"))
-    assert "transformer.wte.weight" in weights
+    assert "lm_head.weight" in weights and "transformer.wte.weight" not in weights  # tied: stored once, as save_model does
 
     # Running again with more steps resumes from the checkpoint at step 10.
     proc = run_cli("train", "--gin_file", DEFAULT_GIN, "--run_dir", str(run_dir), *TINY, "--gin.MAX_STEPS=14")
@@ -118,7 +118,7 @@ def _assert_one_paragraph_error(status, err, *needles):
         (["--gin_file", DEFAULT_GIN, "--gin_bindings", "NoSuchThing.x = 1"], ["unknown gin binding", "NoSuchThing"]),
         (["--gin_file", TEXT_GIN], ["DATA_PATH", "required", "--gin.DATA_PATH="]),
         (["--gin_file", TEXT_GIN, "--gin.DATA_PATH=/no/such/file.txt"], ["/no/such/file.txt", "does not exist"]),
-        (["--gin_file", DEFAULT_GIN, "--gin.MAX_STEPS=60"], ["warmup_steps=100", "decay_steps=60"]),
+        (["--gin_file", DEFAULT_GIN, "--gin.MAX_STEPS=60", "--gin.WARMUP_STEPS=100"], ["warmup_steps=100", "decay_steps=60"]),
     ],
 )
 def test_user_errors_exit_2_with_one_paragraph(args, needles, tmp_path, capsys):
@@ -187,3 +187,131 @@ def test_step_options_from_gin_bf16_remat_donate(tmp_path, capsys):
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     assert "final validation loss" in out
+
+
+# --------------------------------------------------------------------------------------------
+# Configs by name, replayed configs, self-describing run directories (issue 14)
+# --------------------------------------------------------------------------------------------
+
+# TINY without its warm-up binding: the shipped default's warm-up must fit any run length.
+TINY_MODEL = [a for a in TINY if "warmup_steps" not in a]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny run of the default job, shared by the tests that read its run directory."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    assert main(["train", "--gin_file", "char_gpt.gin", "--run_dir", str(run_dir), *TINY, "--gin.train.save_checkpoints=False"]) == 0
+    return run_dir
+
+
+def _operative(run_dir):
+    return (run_dir / "config.gin").read_text()
+
+
+@pytest.mark.parametrize("max_steps", [1, 20, 50])
+def test_max_steps_alone_trains_any_run_length(max_steps, tmp_path):
+    run_dir = tmp_path / "run"
+    status = main(["train", "--gin_file", DEFAULT_GIN, "--run_dir", str(run_dir), *TINY_MODEL, f"--gin.MAX_STEPS={max_steps}",
+                   "--gin.train.save_checkpoints=False", "--gin.train.sample_tokens=2"])
+    assert status == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, max_steps + 1))
+    # The warm-up (5% of the run: 0, 1, 2 steps) ends inside the run: the peak rate is reached.
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    assert max(lrs) == pytest.approx(3e-3)
+
+
+def test_a_replayed_config_trains_with_the_command_line_override(tmp_path):
+    # The replayed operative config binds every create_optimizer parameter inside the scope
+    # `main`; the unscoped override on the command line must still be what trains.
+    job = tmp_path / "job.gin"
+    job.write_text("include 'char_gpt.gin'\ntrain.optimizer = @main/create_optimizer()\nmain/create_optimizer.name = 'adamw'\n")
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = [*TINY_MODEL, "--gin.MAX_STEPS=2", "--gin.train.save_checkpoints=False", "--gin.train.sample_tokens=2"]
+    assert main(["train", "--gin_file", str(job), "--run_dir", str(first), *common]) == 0
+    assert "main/create_optimizer.name = 'adamw'" in _operative(first)
+    assert main(["train", "--gin_file", str(first / "config.gin"), "--run_dir", str(second), "--gin.create_optimizer.name=lion",
+                 "--gin.MAX_STEPS=3"]) == 0
+    config = _operative(second)
+    assert "main/create_optimizer.name = 'lion'" in config and "'adamw'" not in config and "MAX_STEPS = 3" in config
+    records = [json.loads(line) for line in (second / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+
+
+def test_no_decay_typed_as_comma_list_on_the_command_line(tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--gin_file", DEFAULT_GIN, "--run_dir", str(run_dir), *TINY_MODEL, "--gin.MAX_STEPS=1",
+                 "--gin.create_optimizer.no_decay=bias,ln_", "--gin.train.save_checkpoints=False"]) == 0
+    assert "create_optimizer.no_decay = ['bias', 'ln_']" in _operative(run_dir)
+
+
+def test_shipped_configs_by_name_from_another_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--gin_file", "text_file_gpt.gin", "--run_dir", "r"]) == 2  # found; DATA_PATH is required
+    assert "DATA_PATH" in capsys.readouterr().err
+    assert main(["configs"]) == 0
+    out = capsys.readouterr().out
+    assert "char_gpt.gin" in out and "optim/adamw.gin" in out and "schedules/wsd.gin" in out
+
+
+def test_version_flag(capsys):
+    import craftfn
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"craftfn {craftfn.__version__}"
+
+
+def test_run_directory_is_self_describing(tiny_run):
+    from safetensors import safe_open
+
+    from craftfn.models import GPT, GPTConfig
+
+    described = json.loads((tiny_run / "model_config.json").read_text())
+    with safe_open(str(tiny_run / "model.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["model_config"]) == described
+    # No craftfn code beyond the class: safetensors' own strict loader takes the file.
+    with open(tiny_run / "model_config.json") as f:
+        model = GPT(GPTConfig(**json.load(f)))
+    missing, unexpected = safetensors.torch.load_model(model, str(tiny_run / "model.safetensors"), strict=True)
+    assert not missing and not unexpected
+    assert "world size 1" in _operative(tiny_run).splitlines()[0]
+
+
+def test_run_files_respect_the_umask(tiny_run):
+    # Every file of the run was created the way open() creates files (0o666 less the umask).
+    probe = tiny_run / "probe"
+    probe.write_text("")
+    expected = probe.stat().st_mode & 0o777
+    probe.unlink()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tiny_run.iterdir() if p.is_file()}
+    assert {"config.gin", "tokenizer.json", "model_config.json", "model.safetensors", "metrics.jsonl"} <= set(modes)
+    assert set(modes.values()) == {expected}, modes
+
+
+def test_eval_replays_the_runs_config_and_takes_a_save_model_file(tiny_run, tmp_path, capsys):
+    from craftfn.models import GPT, GPTConfig
+
+    assert main(["eval", "--run_dir", str(tiny_run)]) == 0  # no --gin_file: the run's own config.gin
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if r["kind"] == "eval"][-1]
+    assert f"loss {final['loss']:.4f}" in capsys.readouterr().out
+
+    model = GPT(GPTConfig(**json.loads((tiny_run / "model_config.json").read_text())))
+    safetensors.torch.load_model(model, str(tiny_run / "model.safetensors"))
+    saved = tmp_path / "save_model.safetensors"
+    safetensors.torch.save_model(model, str(saved))
+    both = tmp_path / "both_names.safetensors"  # the layout older craftfn runs wrote
+    safetensors.torch.save_file({k: v.clone() for k, v in model.state_dict().items()}, str(both))
+    for weights in (saved, both):
+        assert main(["eval", "--run_dir", str(tiny_run), "--checkpoint", str(weights)]) == 0
+        assert f"loss {final['loss']:.4f}" in capsys.readouterr().out
+        assert main(["generate", "--run_dir", str(tiny_run), "--checkpoint", str(weights), "--prompt", "def ",
+                     "--max_new_tokens", "5", "--temperature", "0"]) == 0
+        assert capsys.readouterr().out.startswith("def ")
+
+
+def test_eval_without_a_config_is_a_user_error(tmp_path, capsys):
+    status = main(["eval", "--run_dir", str(tmp_path / "nothing")])
+    _assert_one_paragraph_error(status, capsys.readouterr().err, "no config.gin", "--gin_file")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import craftfn
 from craftfn import TrainState, make_train_step, optim, schedules, tree
 from craftfn.models.gpt import GPT, GPTConfig, lm_loss
 
@@ -95,8 +96,7 @@ def test_fused_adam_kernel_compiles():
 
     args = lambda: ([torch.ones(3)], [torch.full((3,), 0.5)], [torch.zeros(3)], [torch.zeros(3)], torch.tensor(1), torch.tensor(0.1))  # noqa: E731
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(trace_autograd_ops=True):
-        out = torch.compile(update, backend="aot_eager", fullgraph=True)(*args())
+    out = craftfn.jit(update, backend="aot_eager")(*args())
     assert torch.allclose(out[0], update(*args())[0])
 
 

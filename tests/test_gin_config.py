@@ -10,19 +10,18 @@ import gin
 import pytest
 import torch
 
-from craftfn import optim, schedules
-
-gin_config = pytest.importorskip("craftfn.gin_config")
+from craftfn import gin_config, optim, schedules, testing, tree
 
 GIN = Path(__file__).resolve().parent.parent / "gin"
 OPTIMIZERS = sorted(p.name for p in (GIN / "optim").glob("*.gin"))
 SCHEDULES = sorted(p.name for p in (GIN / "schedules").glob("*.gin"))
 MAX_STEPS = 1000
 
-# What each schedule snippet should build (kept in step with the files by this test).
+# What each schedule snippet should build (kept in step with the files by this test): the
+# warm-up is 5% of the run (50 of 1000 steps), wsd's cool-down 20% (200).
 EXPECTED_SCHEDULES = {
-    "warmup_cosine.gin": schedules.warmup_cosine_decay(0.0, 3e-4, warmup_steps=100, decay_steps=MAX_STEPS, end_value=3e-5),
-    "wsd.gin": schedules.warmup_stable_decay(3e-4, total_steps=MAX_STEPS, warmup_steps=100, decay_steps=400, decay_shape="1-sqrt"),
+    "warmup_cosine.gin": schedules.warmup_cosine_decay(0.0, 3e-4, warmup_steps=50, decay_steps=MAX_STEPS, end_value=3e-5),
+    "wsd.gin": schedules.warmup_stable_decay(3e-4, total_steps=MAX_STEPS, warmup_steps=50, decay_steps=200, decay_shape="1-sqrt"),
     "constant.gin": schedules.constant(3e-4),
 }
 
@@ -109,6 +108,20 @@ def test_registration_is_idempotent_and_aliases_are_configurable():
     gin.parse_config("optim.lion.b1 = 0.8")
     tx = first["lion"](learning_rate=0.1)
     assert isinstance(tx, optim.GradientTransformation)
+
+    # The binding takes effect: the configured lion follows lion(b1=0.8), not the default b1=0.9.
+    def trajectory(tx):
+        params = named_params()
+        state = tx.init(params)
+        for seed in range(4):
+            grads = testing.random_grads(params, seed=seed)
+            updates, state = tx.update(grads, state, params)
+            params = optim.apply_updates(params, updates)
+        return params
+
+    configured = trajectory(tx)
+    assert not tree.allclose(trajectory(optim.lion(0.1, b1=0.8)), trajectory(optim.lion(0.1)))  # b1 matters here
+    assert tree.equal(configured, trajectory(optim.lion(0.1, b1=0.8))), "the optim.lion.b1 binding had no effect"
 
 
 def test_a_bad_name_in_a_gin_file_names_the_problem():

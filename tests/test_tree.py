@@ -98,3 +98,88 @@ def test_struct_dataclass_static_fields_and_replace():
 def test_map_with_path_gives_names():
     out = tree.map_with_path(lambda name, x: name.endswith("bias"), {"fc": {"bias": torch.ones(1), "weight": torch.ones(1)}})
     assert out == {"fc": {"bias": True, "weight": False}}
+
+
+# ----------------------------------------------------------------------------- check_match
+
+
+def test_check_match_names_the_leaf_and_both_shapes():
+    params = {"fc": {"weight": torch.ones(1, 4), "bias": torch.ones(4)}}
+    tree.check_match({"fc": {"weight": torch.zeros(1, 4), "bias": torch.zeros(4)}}, params)
+    with pytest.raises(ValueError, match=r"leaf 'fc.weight': updates shape \(4, 1\), params shape \(1, 4\)"):
+        tree.check_match({"fc": {"weight": torch.zeros(4, 1), "bias": torch.zeros(4)}}, params)
+    with pytest.raises(ValueError, match=r"grads must have the same tree structure as params: missing \['fc.bias'\]"):
+        tree.check_match({"fc": {"weight": torch.zeros(1, 4)}}, params, name="grads")
+
+
+def test_check_match_dtype_rules_and_non_tensor_leaves():
+    params = {"w": torch.ones(2)}
+    tree.check_match({"w": torch.ones(2, dtype=torch.bfloat16)}, params)  # floating kind: cast later
+    with pytest.raises(ValueError, match=r"updates dtype torch.int64, params dtype torch.float32 \(a floating dtype is needed\)"):
+        tree.check_match({"w": torch.ones(2, dtype=torch.int64)}, params)
+    with pytest.raises(ValueError, match=r"dtype torch.bfloat16, params dtype torch.float32"):
+        tree.check_match({"w": torch.ones(2, dtype=torch.bfloat16)}, params, dtype="equal")
+    tree.check_match({"w": torch.ones(2, dtype=torch.int64)}, params, dtype="any")
+    with pytest.raises(ValueError, match=r"updates type float, params type tensor \(2,\)"):
+        tree.check_match({"w": 1.0}, params)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        tree.check_match({"w": torch.ones(3)}, params, dtype="kind")
+
+
+def test_check_match_reports_devices_and_a_custom_error_type():
+    class MismatchError(ValueError):
+        pass
+
+    params = {"w": torch.ones(2)}
+    with pytest.raises(MismatchError, match=r"updates device meta, params device cpu"):
+        tree.check_match({"w": torch.ones(2, device="meta")}, params, error=MismatchError)
+    tree.check_match({"w": torch.ones(2, device="meta")}, params, device=False)
+
+
+def test_check_match_caches_passing_signatures_and_never_a_failure():
+    tree._MATCH_CACHE.clear()
+    params = {"w": torch.ones(2)}
+    tree.check_match({"w": torch.ones(2, dtype=torch.bfloat16)}, params)
+    assert len(tree._MATCH_CACHE) == 1  # dtypes differ, so the pair's signature is remembered
+    tree.check_match({"w": torch.zeros(2, dtype=torch.bfloat16)}, params)  # other values, same signature
+    assert len(tree._MATCH_CACHE) == 1
+    tree.check_match({"w": torch.zeros(2)}, params)  # identical metadata: no entry needed
+    assert len(tree._MATCH_CACHE) == 1
+    for _ in range(2):  # a failing pair is never cached: it fails every time
+        with pytest.raises(ValueError, match="shape"):
+            tree.check_match({"w": torch.zeros(3, dtype=torch.bfloat16)}, params)
+    assert len(tree._MATCH_CACHE) == 1
+
+
+def test_check_match_structure_mismatch_deeper_reference():
+    # The reference has a subtree where the checked tree has a leaf: a structure error, not a crash.
+    with pytest.raises(ValueError, match="same tree structure"):
+        tree.check_match({"a": torch.ones(1)}, {"a": {"b": torch.ones(1)}})
+    with pytest.raises(ValueError, match="same tree structure"):
+        tree.check_match([torch.ones(1), torch.ones(1)], [torch.ones(1)])
+
+
+def test_leaf_mismatch_describes_or_returns_none():
+    assert tree.leaf_mismatch(torch.zeros(2, 1), torch.zeros(1, 2)) == "shape (2, 1) vs (1, 2)"
+    assert tree.leaf_mismatch(torch.zeros(2), torch.zeros(2)) is None
+    assert tree.leaf_mismatch(torch.zeros(2, dtype=torch.float16), torch.zeros(2), dtype="equal") == "dtype torch.float16 vs torch.float32"
+
+
+def test_check_match_traces_without_graph_breaks():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def f(u, p):
+        tree.check_match(u, p)
+        return tree.map(lambda a, b: a + b, u, p)
+
+    p = {"fc": {"weight": torch.ones(2, 3), "bias": torch.ones(3)}}
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(f)(p, p).graph_break_count == 0
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
+    assert tree.equal(compiled(p, p), f(p, p))
+    compiled(p, p)
+    assert counter.frame_count == 1
+    bad = {"fc": {"weight": torch.ones(3, 2), "bias": torch.ones(3)}}
+    with pytest.raises(ValueError, match=r"leaf 'fc.weight'"):
+        torch.compile(f, backend="eager")(bad, p)  # dynamo falls back to eager: the same message

@@ -1,9 +1,9 @@
 """Generate from a trained run directory (what ``craftfn generate`` calls).
 
-A run directory of ``craftfn train`` holds ``model.safetensors`` (the weights), ``tokenizer.json``
-and ``config.gin``. The model's shape is read from the weights (vocabulary, context, width,
-layers, biases) and the number of heads from ``model_config.json`` when present, else from the
-``GPTConfig.n_head`` binding in ``config.gin`` (read as text: no gin import below the CLI).
+A run directory of ``craftfn train`` holds ``model.safetensors`` (the weights, with the model
+config in their metadata), ``model_config.json``, ``tokenizer.json`` and ``config.gin``. The model
+is rebuilt from ``model_config.json`` (older runs: the weights' shapes and the ``GPTConfig.n_head``
+binding in ``config.gin``, read as text: no gin import below the CLI).
 
 Example:
     >>> generate_from_run_dir("runs/char_gpt", "def ", max_new_tokens=100)  # doctest: +SKIP
@@ -17,13 +17,15 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import safetensors
 import safetensors.torch
 
 from craftfn.data import load_tokenizer
 from craftfn.generation.text_generator import TextGenerator
 from craftfn.models import GPT, GPTConfig
+from craftfn.training.checkpointing import load_exported
 
-__all__ = ["load_run", "generate_from_run_dir"]
+__all__ = ["load_model", "load_run", "generate_from_run_dir"]
 
 
 def _n_head_from_gin(text: str) -> Optional[int]:
@@ -37,8 +39,69 @@ def _n_head_from_gin(text: str) -> Optional[int]:
     return int(value) if value.isdigit() else None
 
 
+def _config_from_shapes(weights: dict[str, Any], run: Path) -> GPTConfig:
+    """Runs written before model_config.json: the shape from the weights, the heads from config.gin."""
+    n_head = _n_head_from_gin((run / "config.gin").read_text()) if (run / "config.gin").is_file() else None
+    if n_head is None:
+        raise ValueError(f"cannot find the number of heads: no model_config.json and no GPTConfig.n_head in {str(run / 'config.gin')!r}")
+    embedding = weights.get("transformer.wte.weight", weights.get("lm_head.weight"))
+    if embedding is None or "transformer.wpe.weight" not in weights:
+        raise ValueError("the weights are not craftfn GPT weights (no transformer.wte/wpe)")
+    vocab_size, n_embd = embedding.shape
+    n_layer = len({k.split(".")[2] for k in weights if k.startswith("transformer.h.")})
+    return GPTConfig(
+        vocab_size=vocab_size, block_size=weights["transformer.wpe.weight"].shape[0], n_layer=n_layer,
+        n_head=int(n_head), n_embd=n_embd, bias="transformer.ln_f.bias" in weights,
+    )
+
+
+def load_model(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None) -> GPT:
+    """The trained ``GPT`` of a run directory, in eval mode.
+
+    The model's config is ``run_dir/model_config.json``, else the one in the weights file's
+    metadata (``craftfn train`` writes both), else (older runs) the shapes of the weights and
+    the heads bound in ``config.gin``. The weights may store the tied embedding once
+    (``safetensors.torch.save_model``) or under each name.
+
+    Args:
+        run_dir: the run directory.
+        checkpoint: a safetensors file of model weights (default ``run_dir/model.safetensors``).
+
+    Raises:
+        ValueError: naming the missing or unreadable file.
+
+    Example:
+        >>> load_model("runs/char_gpt").config.n_layer  # doctest: +SKIP
+        4
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ValueError(f"run_dir {str(run)!r} is not a directory; train first (craftfn train --run_dir {run})")
+    weights_path = Path(checkpoint) if checkpoint else run / "model.safetensors"
+    if not weights_path.is_file():
+        raise ValueError(f"no model weights at {str(weights_path)!r}; train first or pass --checkpoint")
+    config_json = run / "model_config.json"
+    described, source = (config_json.read_text(), str(config_json)) if config_json.is_file() else (None, "")
+    if described is None:
+        try:
+            with safetensors.safe_open(str(weights_path), framework="pt") as f:
+                described, source = (f.metadata() or {}).get("model_config"), f"the metadata of {str(weights_path)!r}"
+            if described is None:
+                config = _config_from_shapes(safetensors.torch.load_file(str(weights_path)), run)
+        except (OSError, safetensors.SafetensorError) as e:
+            raise ValueError(f"cannot read the weights in {str(weights_path)!r}: {e}") from None
+    if described is not None:
+        try:
+            config = GPTConfig(**json.loads(described))
+        except (TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"the model config in {source} is not a GPTConfig: {e}") from None
+    model = GPT(config)
+    load_exported(model, weights_path)
+    return model.eval()
+
+
 def load_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] = None) -> tuple[GPT, Any]:
-    """The trained ``GPT`` (eval mode) and tokenizer of a run directory.
+    """The trained ``GPT`` (eval mode, see :func:`load_model`) and tokenizer of a run directory.
 
     Args:
         run_dir: the run directory.
@@ -51,48 +114,16 @@ def load_run(run_dir: Union[str, Path], checkpoint: Optional[Union[str, Path]] =
         ValueError: naming the missing or unreadable file.
     """
     run = Path(run_dir)
-    if not run.is_dir():
-        raise ValueError(f"run_dir {str(run)!r} is not a directory; train first (craftfn train --run_dir {run})")
-    weights_path = Path(checkpoint) if checkpoint else run / "model.safetensors"
-    if not weights_path.is_file():
-        raise ValueError(f"no model weights at {str(weights_path)!r}; train first or pass --checkpoint")
+    model = load_model(run, checkpoint)
     tokenizer_path = run / "tokenizer.json"
     if not tokenizer_path.is_file():
         raise ValueError(f"no tokenizer at {str(tokenizer_path)!r}; the run directory is incomplete")
     tokenizer = load_tokenizer(tokenizer_path)
-    try:
-        weights = safetensors.torch.load_file(str(weights_path))
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"cannot read the weights in {str(weights_path)!r}: {e}") from None
-    if "transformer.wte.weight" not in weights or "transformer.wpe.weight" not in weights:
-        raise ValueError(f"{str(weights_path)!r} does not hold craftfn GPT weights (no transformer.wte/wpe)")
-
-    n_head = None
-    config_json = run / "model_config.json"
-    if config_json.is_file():
-        n_head = json.loads(config_json.read_text()).get("n_head")
-    elif (run / "config.gin").is_file():
-        n_head = _n_head_from_gin((run / "config.gin").read_text())
-    if n_head is None:
-        raise ValueError(f"cannot find the number of heads: no model_config.json and no GPTConfig.n_head in {str(run / 'config.gin')!r}")
-    vocab_size, n_embd = weights["transformer.wte.weight"].shape
-    n_layer = len({k.split(".")[2] for k in weights if k.startswith("transformer.h.")})
-    config = GPTConfig(
-        vocab_size=vocab_size,
-        block_size=weights["transformer.wpe.weight"].shape[0],
-        n_layer=n_layer,
-        n_head=int(n_head),
-        n_embd=n_embd,
-        bias="transformer.ln_f.bias" in weights,
-    )
-    if vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"the weights have a vocabulary of {vocab_size}, the tokenizer {tokenizer.vocab_size}: they are from different runs")
-    model = GPT(config)
-    try:
-        model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:
-        raise ValueError(f"the weights in {str(weights_path)!r} do not fit {config}: {str(e).splitlines()[0]}") from None
-    return model.eval(), tokenizer
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise ValueError(
+            f"the weights have a vocabulary of {model.config.vocab_size}, the tokenizer {tokenizer.vocab_size}: they are from different runs"
+        )
+    return model, tokenizer
 
 
 def generate_from_run_dir(

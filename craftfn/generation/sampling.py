@@ -32,6 +32,7 @@ import torch
 
 from craftfn import random
 from craftfn.generation import kv_cache as kvc
+from craftfn.jit import jit
 
 __all__ = [
     "SamplingOptions",
@@ -294,18 +295,21 @@ _COMPILED: dict[Any, Any] = {}
 
 
 def _compiled_decode_step(compile_options: Mapping[str, Any]) -> Any:
-    """``torch.compile(_decode_step, fullgraph=True, dynamic=False)``, built once per compile options.
+    """``craftfn.jit(_decode_step)`` with ``dynamic=False``, built once per compile options.
 
-    Dynamo then caches one graph per (model, batch size, cache length, sampling options) and
-    reuses it for every position: positions, keys and masks are tensors, so they never recompile.
-    A ``TrainState``'s params are inputs of the graph, so new weights (a later training step) reuse
-    it too. Dynamo keeps at most ``torch._dynamo.config.recompile_limit`` graphs per function; past
-    that it runs the step eagerly (same tokens, with a warning).
+    The sampling options and token ids are static (one graph per value); the KV cache is donated
+    (written in place). Dynamo then caches one graph per (model, batch size, cache length,
+    sampling options) and reuses it for every position: positions, keys and masks are tensors,
+    so they never recompile. A ``TrainState``'s params are inputs of the graph, so new weights
+    (a later training step) reuse it too. Dynamo keeps at most
+    ``torch._dynamo.config.recompile_limit`` graphs per compiled function; past that it runs the
+    step eagerly (same tokens, with a warning).
     """
-    options = {"fullgraph": True, "dynamic": False, **compile_options}
+    options = {"dynamic": False, **compile_options}
     cache_key = tuple(sorted((k, v if _hashable(v) else id(v)) for k, v in options.items()))
     if cache_key not in _COMPILED:
-        _COMPILED[cache_key] = torch.compile(_decode_step, **options)
+        # options, eos_token_id, pad_token_id: static; cache: donated (its layers are written in place).
+        _COMPILED[cache_key] = jit(_decode_step, static_argnums=(10, 11, 12), donate_argnums=(2,), **options)
     return _COMPILED[cache_key]
 
 

@@ -6,6 +6,6 @@ Example:
     True
 """
 
-from craftfn.models.gpt import GPT, GPTConfig, KVCache, lm_eval_metrics, lm_loss
+from craftfn.models.gpt import GPT, GPTConfig, KVCache, from_hf_gpt2, lm_eval_metrics, lm_loss, to_hf_gpt2
 
-__all__ = ["GPT", "GPTConfig", "KVCache", "lm_loss", "lm_eval_metrics"]
+__all__ = ["GPT", "GPTConfig", "KVCache", "lm_loss", "lm_eval_metrics", "from_hf_gpt2", "to_hf_gpt2"]

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,23 @@ from torch import nn
 
 from craftfn import struct
 
-__all__ = ["GPTConfig", "GPT", "KVCache", "lm_loss", "lm_eval_metrics"]
+__all__ = [
+    "GPTConfig",
+    "GPT",
+    "KVCache",
+    "lm_loss",
+    "lm_eval_metrics",
+    "ACTIVATIONS",
+    "config_from_hf_gpt2",
+    "hf_gpt2_config",
+    "state_dict_from_hf_gpt2",
+    "state_dict_to_hf_gpt2",
+    "from_hf_gpt2",
+    "to_hf_gpt2",
+]
+
+# GPTConfig.activation -> nn.GELU's `approximate`.
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +68,8 @@ class GPTConfig:
         n_embd: width of the residual stream.
         dropout: dropout probability on embeddings, attention weights and residual branches.
         bias: biases in the Linear and LayerNorm layers (GPT-2 has them).
+        activation: the MLP's nonlinearity: ``"gelu"`` (exact, erf) or ``"gelu_tanh"`` (the tanh
+            approximation GPT-2 was trained with; Hugging Face's ``"gelu_new"``).
 
     Example:
         >>> GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=2, n_embd=32).n_embd
@@ -65,6 +83,7 @@ class GPTConfig:
     n_embd: int
     dropout: float = 0.0
     bias: bool = True
+    activation: str = "gelu"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -75,6 +94,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.n_head={self.n_head} must divide n_embd={self.n_embd}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"GPTConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
 
 
 @struct.dataclass
@@ -147,7 +168,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate=ACTIVATIONS[config.activation])
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -343,3 +364,164 @@ def lm_eval_metrics(state: Any, params: Any, batch: dict[str, torch.Tensor], rng
     labels = batch["labels"]
     loss = lm_loss(state, params, batch, rng)
     return {"loss": loss, "num_tokens": (labels != -100).sum()}
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face GPT-2 (the optional `hf` extra): the same architecture, other conventions.
+# GPT-2 stores its four projection matrices as Conv1D weights, (in, out): the transposes of
+# nn.Linear's (out, in). Every other tensor has the same name and layout.
+# --------------------------------------------------------------------------------------------
+
+_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Hugging Face activation names -> GPTConfig.activation (gelu_new and gelu_pytorch_tanh are the same function).
+_FROM_HF_ACTIVATION = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+_TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+_LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, GPT-2's layer_norm_epsilon
+
+
+def config_from_hf_gpt2(hf_config: Any, **overrides: Any) -> GPTConfig:
+    """The :class:`GPTConfig` of a Hugging Face ``GPT2Config`` (or its ``to_dict()``).
+
+    Args:
+        hf_config: a ``transformers.GPT2Config`` or a dict of its fields.
+        **overrides: GPTConfig fields to set instead (e.g. ``dropout=0.0``).
+
+    Raises:
+        ValueError: for a GPT-2 variant this model does not implement (naming the field).
+
+    Example:
+        >>> config_from_hf_gpt2({"vocab_size": 50, "n_positions": 16, "n_embd": 8, "n_layer": 2, "n_head": 2}).activation
+        'gelu_tanh'
+    """
+    c = dict(hf_config if isinstance(hf_config, dict) else hf_config.to_dict())
+    activation = c.get("activation_function", "gelu_new")
+    if activation not in _FROM_HF_ACTIVATION:
+        raise ValueError(f"activation_function {activation!r} is not supported; supported: {sorted(_FROM_HF_ACTIVATION)}")
+    n_embd = c.get("n_embd", 768)
+    unsupported = {
+        "layer_norm_epsilon": (c.get("layer_norm_epsilon", _LAYER_NORM_EPS), _LAYER_NORM_EPS),
+        "n_inner": (c.get("n_inner") or 4 * n_embd, 4 * n_embd),
+        "scale_attn_weights": (c.get("scale_attn_weights", True), True),
+        "scale_attn_by_inverse_layer_idx": (c.get("scale_attn_by_inverse_layer_idx", False), False),
+        "tie_word_embeddings": (c.get("tie_word_embeddings", True), True),
+        "add_cross_attention": (c.get("add_cross_attention", False), False),
+    }
+    for name, (value, wanted) in unsupported.items():
+        if value != wanted:
+            raise ValueError(f"GPT-2 config {name}={value!r} is not supported: craftfn's GPT implements {name}={wanted!r}")
+    dropouts = {c.get(k, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+    if "dropout" not in overrides and len(dropouts) > 1:
+        raise ValueError(
+            f"the GPT-2 config has different dropouts (resid_pdrop, embd_pdrop, attn_pdrop = {sorted(dropouts)}); "
+            "craftfn's GPT has one: pass dropout=..."
+        )
+    fields = dict(
+        vocab_size=c.get("vocab_size", 50257), block_size=c.get("n_positions", 1024), n_layer=c.get("n_layer", 12),
+        n_head=c.get("n_head", 12), n_embd=n_embd, dropout=dropouts.pop(), bias=True,
+        activation=_FROM_HF_ACTIVATION[activation],
+    )
+    return GPTConfig(**{**fields, **overrides})
+
+
+def hf_gpt2_config(config: GPTConfig, **kwargs: Any) -> Any:
+    """The ``transformers.GPT2Config`` of a :class:`GPTConfig` (needs the ``hf`` extra).
+
+    Token ids 50256 (GPT-2's ``<|endoftext|>``) are kept as bos/eos only when the vocabulary
+    has them; pass ``bos_token_id=``/``eos_token_id=`` (any ``GPT2Config`` field) to set them.
+
+    Example:
+        >>> hf_gpt2_config(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=8)).n_positions
+        16
+    """
+    from transformers import GPT2Config
+
+    if not config.bias:
+        raise ValueError("GPT-2 has biases in every Linear and LayerNorm: a GPTConfig with bias=False has no GPT-2 equivalent")
+    endoftext = 50256 if config.vocab_size > 50256 else None
+    fields = dict(
+        vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
+        n_head=config.n_head, activation_function=_TO_HF_ACTIVATION[config.activation], resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout, attn_pdrop=config.dropout, layer_norm_epsilon=_LAYER_NORM_EPS,
+        bos_token_id=endoftext, eos_token_id=endoftext, tie_word_embeddings=True,
+    )
+    return GPT2Config(**{**fields, **kwargs})
+
+
+def state_dict_from_hf_gpt2(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ``GPT2LMHeadModel`` (or ``GPT2Model``) state dict, keyed and laid out as :class:`GPT`'s.
+
+    The Conv1D weights are transposed, a bare ``GPT2Model``'s keys get the ``transformer.`` prefix,
+    the head is the token embedding (tied), and GPT-2's attention-mask buffers are dropped. The
+    tensors are not copied unless transposed.
+
+    Example:
+        >>> sd = state_dict_from_hf_gpt2(hf_model.state_dict())  # doctest: +SKIP
+        >>> GPT(config_from_hf_gpt2(hf_model.config)).load_state_dict(sd)  # doctest: +SKIP
+    """
+    out = {}
+    for key, value in state_dict.items():
+        name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+        if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers of older transformers
+            continue
+        out[name] = value.t() if name.endswith(_CONV1D_WEIGHTS) else value
+    if "transformer.wte.weight" not in out:
+        raise ValueError("not a GPT-2 state dict: no transformer.wte.weight")
+    out.setdefault("lm_head.weight", out["transformer.wte.weight"])
+    return out
+
+
+def state_dict_to_hf_gpt2(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A :class:`GPT` state dict (tied head stored once or twice), keyed and laid out as ``GPT2LMHeadModel``'s.
+
+    Example:
+        >>> GPT2LMHeadModel(hf_gpt2_config(model.config)).load_state_dict(state_dict_to_hf_gpt2(model.state_dict()))  # doctest: +SKIP
+    """
+    out = {k: (v.t() if k.endswith(_CONV1D_WEIGHTS) else v) for k, v in state_dict.items()}
+    embedding = out.get("transformer.wte.weight", out.get("lm_head.weight"))
+    if embedding is None:
+        raise ValueError("not a craftfn GPT state dict: no transformer.wte.weight or lm_head.weight")
+    out["transformer.wte.weight"] = out["lm_head.weight"] = embedding
+    return out
+
+
+def from_hf_gpt2(hf_model: Any, **overrides: Any) -> GPT:
+    """A :class:`GPT` with the weights of a Hugging Face ``GPT2LMHeadModel`` (or ``GPT2Model``).
+
+    Logits match the Hugging Face model's (float32: to ~1e-6); the result is in eval mode.
+
+    Args:
+        hf_model: the Hugging Face model.
+        **overrides: :class:`GPTConfig` fields to set (e.g. ``dropout=0.0`` for fine-tuning).
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> hf = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=2, n_head=2))
+        >>> from_hf_gpt2(hf).config.activation
+        'gelu_tanh'
+    """
+    model = GPT(config_from_hf_gpt2(hf_model.config, **overrides))
+    weights = state_dict_from_hf_gpt2(hf_model.state_dict())
+    with torch.no_grad():
+        model.load_state_dict(weights, strict=True)  # copies
+    return model.eval()
+
+
+def to_hf_gpt2(model: GPT, **config_kwargs: Any) -> Any:
+    """A Hugging Face ``GPT2LMHeadModel`` with the weights of ``model`` (needs the ``hf`` extra), in eval mode.
+
+    Args:
+        model: a craftfn :class:`GPT` with ``bias=True``.
+        **config_kwargs: ``GPT2Config`` fields to set (e.g. ``eos_token_id=0``).
+
+    Example:
+        >>> gpt = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=8, activation="gelu_tanh"))
+        >>> type(to_hf_gpt2(gpt)).__name__
+        'GPT2LMHeadModel'
+    """
+    from transformers import GPT2LMHeadModel
+
+    hf_model = GPT2LMHeadModel(hf_gpt2_config(model.config, **config_kwargs))
+    weights = state_dict_to_hf_gpt2(model.state_dict())
+    with torch.no_grad():
+        hf_model.load_state_dict(weights, strict=True)  # copies
+    return hf_model.eval()

@@ -194,16 +194,25 @@ def scale_by_amsgrad(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     mu_dtype: Optional[torch.dtype] = None,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+    *,
+    max_raw_nu: bool = False,
 ) -> GradientTransformation:
     """AMSGrad: Adam with the running maximum of the second moment in the denominator.
 
-    ``nu_max = max(nu_max, nu)``; update ``mu_hat / (sqrt(nu_max / (1 - b2^t) + eps_root) + eps)``.
-    The maximum is taken over the raw ``nu`` and bias-corrected afterwards, as
-    ``torch.optim.Adam(amsgrad=True)`` does (optax takes it over the bias-corrected
-    ``nu_hat``; the two agree once ``b2^t`` is negligible).
+    optax's rule (the default): ``nu_max = max(nu_max, nu_hat)`` over the bias-corrected
+    ``nu_hat = nu / (1 - b2^t)``; update ``mu_hat / (sqrt(nu_max + eps_root) + eps)``.
+    With ``max_raw_nu=True``, torch's rule (``torch.optim.Adam(amsgrad=True)``): the maximum is
+    taken over the raw ``nu`` and bias-corrected afterwards,
+    ``mu_hat / (sqrt(max(nu_max, nu) / (1 - b2^t) + eps_root) + eps)``. The two agree once
+    ``b2^t`` is negligible.
 
     Args:
         b1, b2, eps, eps_root, mu_dtype: as :func:`scale_by_adam`.
+        bias_correction_mu, bias_correction_nu: divide ``mu`` / ``nu`` by ``1 - b^t`` (optax's
+            arguments; torch's rule needs both True).
+        max_raw_nu: take torch's variant (see above).
 
     Returns:
         A transformation with state :class:`ScaleByAmsgradState`.
@@ -215,6 +224,9 @@ def scale_by_amsgrad(
         {'w': tensor([1.])}
     """
     _check_adam_args(b1, b2, eps, eps_root)
+    if max_raw_nu and not (bias_correction_mu and bias_correction_nu):
+        raise ValueError("scale_by_amsgrad: max_raw_nu=True (torch's rule) bias-corrects both moments; "
+                         f"got bias_correction_mu={bias_correction_mu}, bias_correction_nu={bias_correction_nu}")
 
     def init_fn(params: Params) -> ScaleByAmsgradState:
         return ScaleByAmsgradState(
@@ -229,12 +241,30 @@ def scale_by_amsgrad(
         new_mu = foreach_groups(lambda m, gg: _lerp(m, gg, 1.0 - b1), mu, _cast_to(g, mu))
         g_nu = _cast_to(g, nu)
         new_nu = foreach_groups(lambda v, gg: _ema_sq(v, gg, b2), nu, g_nu)
-        new_max = foreach_groups(torch._foreach_maximum, _cast_to(nu_max, new_nu), new_nu)
         bc2 = _bias_correction(b2, count)
-        out = foreach_groups(
-            lambda v, m, gg: _adam_direction(m, _adam_denominator(v, bc2, eps, eps_root), gg, count, b1, False),
-            new_max, _cast_to(new_mu, new_max), g_nu,
-        )
+        if max_raw_nu:
+            new_max = foreach_groups(torch._foreach_maximum, _cast_to(nu_max, new_nu), new_nu)
+            out = foreach_groups(
+                lambda v, m, gg: _adam_direction(m, _adam_denominator(v, bc2, eps, eps_root), gg, count, b1, False),
+                new_max, _cast_to(new_mu, new_max), g_nu,
+            )
+        else:
+            # optax: nu_max = max(nu_max, nu_hat); update mu_hat / (sqrt(nu_max + eps_root) + eps).
+            one = torch.ones((), dtype=torch.float64, device=count.device)
+            bc1 = _bias_correction(b1, count) if bias_correction_mu else one
+            bc2 = bc2 if bias_correction_nu else one
+            nu_hat = foreach_groups(lambda v: torch._foreach_div(v, bc2.to(device=v[0].device, dtype=v[0].dtype)), new_nu)
+            new_max = foreach_groups(torch._foreach_maximum, _cast_to(nu_max, nu_hat), nu_hat)
+
+            def direction(v: list[torch.Tensor], m: list[torch.Tensor]) -> list[torch.Tensor]:
+                d = torch._foreach_add(v, _scalar(eps_root, v))
+                torch._foreach_sqrt_(d)
+                torch._foreach_add_(d, _scalar(eps, d))
+                out = torch._foreach_div(m, bc1.to(device=m[0].device, dtype=m[0].dtype))
+                torch._foreach_div_(out, d)
+                return out
+
+            out = foreach_groups(direction, new_max, _cast_to(new_mu, new_max))
         new_state = ScaleByAmsgradState(
             count=count, mu=tree.unflatten(treedef, new_mu), nu=tree.unflatten(treedef, new_nu), nu_max=tree.unflatten(treedef, new_max)
         )

@@ -47,16 +47,29 @@ from craftfn.optim.base import (
     apply_updates_,
     chain,
     check_hyperparameter,
+    check_updates_match,
     identity,
 )
 from craftfn.optim.clipping import clip_by_block_rms
-from craftfn.optim.fused import fused_adam_step_, fused_supported
+from craftfn.optim.fused import _fused_adam_step, fused_supported
+from craftfn.optim.rules import (
+    scale_by_adan,
+    scale_by_belief,
+    scale_by_lbfgs,
+    scale_by_novograd,
+    scale_by_optimistic_gradient,
+    scale_by_polyak,
+    scale_by_rprop,
+    scale_by_sm3,
+    scale_by_yogi,
+)
 from craftfn.optim.transforms import (
     MaskOrFn,
     ScaleByScheduleState,
     _flatten_like,
     _is_zero,
     add_decayed_weights,
+    add_noise,
     ema,
     foreach_groups,
     scale,
@@ -84,19 +97,38 @@ __all__ = [
     "lamb",
     "lars",
     "sign_sgd",
+    "signum",
+    "noisy_sgd",
+    "adamaxw",
+    "adabelief",
+    "yogi",
+    "adan",
+    "novograd",
+    "sm3",
+    "rprop",
+    "optimistic_gradient_descent",
+    "optimistic_adam",
+    "optimistic_adam_v2",
+    "fromage",
+    "polyak_sgd",
+    "lbfgs",
+    "with_fused_adam",
 ]
 
 
-def sgd(learning_rate: ScalarOrSchedule, momentum: Optional[float] = None, nesterov: bool = False) -> GradientTransformation:
+def sgd(
+    learning_rate: ScalarOrSchedule, momentum: Optional[float] = None, nesterov: bool = False, accumulator_dtype: Optional[torch.dtype] = None
+) -> GradientTransformation:
     """Stochastic gradient descent, optionally with (Nesterov) momentum.
 
-    ``trace(momentum, nesterov)`` then ``scale_by_learning_rate``; equals
+    ``chain(trace(momentum, nesterov) or identity(), scale_by_learning_rate(lr))``, as optax; equals
     ``torch.optim.SGD(lr, momentum, nesterov=nesterov)`` with ``dampening=0``.
 
     Args:
         learning_rate: a float, a 0-d tensor, or a schedule ``count -> lr``.
         momentum: decay of the momentum buffer, or ``None`` for plain SGD.
         nesterov: use Nesterov momentum (needs ``momentum``).
+        accumulator_dtype: dtype of the momentum buffer (default: the parameters').
 
     Example:
         >>> tx = optim.sgd(0.1, momentum=0.9)
@@ -106,59 +138,64 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: Optional[float] = None, neste
     check_hyperparameter("learning_rate", learning_rate)
     if nesterov and (momentum is None or _is_zero(momentum)):
         raise ValueError(f"sgd: nesterov=True needs a positive momentum, got momentum={momentum!r}")
-    if momentum is None:
-        return chain(scale_by_learning_rate(learning_rate))
-    check_hyperparameter("momentum", momentum, low=0.0, high=1.0, high_inclusive=True)
-    return chain(trace(decay=momentum, nesterov=nesterov), scale_by_learning_rate(learning_rate))
+    if momentum is not None:
+        check_hyperparameter("momentum", momentum, low=0.0, high=1.0, high_inclusive=True)
+    return chain(
+        trace(decay=momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype) if momentum is not None else identity(),
+        scale_by_learning_rate(learning_rate),
+    )
 
 
 # ----------------------------------------------------------------------------- adam family
 
 
-def _adam_family(
-    name: str,
+def with_fused_adam(
+    tx: GradientTransformation,
+    *,
     learning_rate: ScalarOrSchedule,
     b1: float,
     b2: float,
     eps: float,
-    eps_root: float,
-    mu_dtype: Optional[torch.dtype],
-    weight_decay: Optional[float],
-    mask: MaskOrFn,
-    nesterov: bool,
-    amsgrad: bool,
+    weight_decay: Optional[float] = None,
+    mask: MaskOrFn = None,
+    amsgrad: bool = False,
 ) -> GradientTransformation:
-    """``chain(scale_by_adam | scale_by_amsgrad, [add_decayed_weights], scale_by_learning_rate)``.
+    """Attach torch's fused Adam(W)/AMSGrad kernel to ``tx``, the chain computing the same rule.
 
-    Where the rule is exactly torch's fused one (no Nesterov, ``eps_root=0``, no separate
-    ``mu_dtype``) both paths run on the fused kernel (:mod:`craftfn.optim.fused`):
+    ``tx`` must be ``chain(scale_by_adam | scale_by_amsgrad(max_raw_nu=True), [add_decayed_weights],
+    scale_by_learning_rate)`` with no Nesterov, ``eps_root=0`` and no ``mu_dtype`` (the aliases
+    call this only then); the hyperparameters here are that chain's. Both paths then run on the
+    kernel (:mod:`craftfn.optim.fused`); its numbers are torch's operation order, equal to the
+    chain's up to float32 rounding:
 
-    - ``update`` (pure): copies the moments, starts the updates at ``-lr * wd * p`` (or 0)
-      and lets the kernel add the Adam step to them, all in fresh buffers; the inputs are
-      never written. Same numbers as the generic chain up to rounding.
+    - ``update`` (pure): copies the moments, starts the updates at ``-lr * wd * p`` (or 0) and
+      lets the kernel add the Adam step to them, all in fresh buffers; the inputs are never written.
     - ``donated_update``: the kernel steps params and moments in place.
 
-    Anything else (other dtypes or devices, a state from elsewhere) takes the generic chain.
+    Anything the kernel cannot take (other dtypes or devices, a state from elsewhere) runs ``tx``.
+
+    Example:
+        >>> rule = optim.chain(optim.scale_by_adam(), optim.scale_by_learning_rate(1e-3))
+        >>> fast = with_fused_adam(rule, learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8)
+        >>> fast.donated_update is not None
+        True
     """
-    check_hyperparameter("learning_rate", learning_rate)
-    core = scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype) if amsgrad else scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
-    parts = [core]
-    if weight_decay is not None:
-        parts.append(add_decayed_weights(weight_decay, mask))
-    parts.append(scale_by_learning_rate(learning_rate))
-    tx = chain(*parts)
-    if nesterov or not _is_zero(eps_root) or mu_dtype is not None:
-        return tx
+    n_parts = 3 if weight_decay is not None else 2
     state_cls = ScaleByAmsgradState if amsgrad else ScaleByAdamState
+    name = "amsgrad" if amsgrad else ("adamw" if weight_decay is not None else "adam")
 
     def plan(updates: Updates, state: Any, params: Optional[Params]) -> Optional[tuple]:
         """The flat lists, lr and new small states for a fused step, or None to take the generic chain."""
-        if not (isinstance(state, tuple) and len(state) == len(parts) and isinstance(state[0], state_cls)):
+        if not (isinstance(state, tuple) and len(state) == n_parts and isinstance(state[0], state_cls)):
             return None  # the generic chain raises the precise error
         if params is None and weight_decay is not None:
             return None
         adam_state, lr_state = state[0], state[-1]
         moments = [adam_state.mu, adam_state.nu] + ([adam_state.nu_max] if amsgrad else [])
+        # The kernel indexes the gradients and moments with the parameters' sizes: validate first.
+        reference = params if params is not None else adam_state.mu
+        check_updates_match(updates, reference, f"{name}: updates")
+        tree.check_match(tuple(moments), (reference,) * len(moments), name=f"{name}: opt_state moments", reference_name="params", dtype="any", device=False)
         g, treedef, (*flat_moments,) = _flatten_like(updates, name, *moments)
         p = treedef.flatten_up_to(params) if params is not None else flat_moments[0]
         if not fused_supported(p, *flat_moments) or not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in g):
@@ -186,9 +223,9 @@ def _adam_family(
         for wd in {id(w): w for w in wd_per_leaf}.values():
             idx = [i for i, w in enumerate(wd_per_leaf) if w is wd]
             pick = lambda xs, idx=idx: [xs[i] for i in idx]  # noqa: E731
-            fused_adam_step_(
-                pick(target), pick(g), pick(moments[0]), pick(moments[1]), pick(moments[2]) if amsgrad else None, count,
-                lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, amsgrad=amsgrad,
+            _fused_adam_step(
+                pick(target), pick(g), pick(moments[0]), pick(moments[1]), pick(moments[2]) if amsgrad else [], count,
+                lr, b1, b2, eps, wd, amsgrad,
             )
 
     def update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
@@ -231,6 +268,11 @@ def _adam_family(
     return GradientTransformation(tx.init, update_fn, donated_fn)
 
 
+def _fused_eligible(*, nesterov: bool, eps_root: Any, mu_dtype: Optional[torch.dtype]) -> bool:
+    """torch's fused kernel is Adam without Nesterov, ``eps_root`` or a separate moment dtype."""
+    return not nesterov and _is_zero(eps_root) and mu_dtype is None
+
+
 def adam(
     learning_rate: ScalarOrSchedule,
     b1: float = 0.9,
@@ -246,8 +288,8 @@ def adam(
     ``mu = b1 mu + (1 - b1) g``, ``nu = b2 nu + (1 - b2) g^2``,
     ``p <- p - lr * mu_hat / (sqrt(nu_hat + eps_root) + eps)`` with bias-corrected
     ``mu_hat = mu / (1 - b1^t)``, ``nu_hat = nu / (1 - b2^t)``. Same as ``torch.optim.Adam``
-    (``weight_decay=0``). Donated steps use torch's fused kernel when ``nesterov=False``,
-    ``eps_root=0`` and ``mu_dtype=None``.
+    (``weight_decay=0``). Steps use torch's fused kernel when ``nesterov=False``,
+    ``eps_root=0`` and ``mu_dtype=None`` (:func:`with_fused_adam`).
 
     Args:
         learning_rate: a float, a 0-d tensor, or a schedule ``count -> lr``; ``>= 0``.
@@ -261,7 +303,14 @@ def adam(
         >>> type(tx.init({"w": torch.ones(1)})[0]).__name__
         'ScaleByAdamState'
     """
-    return _adam_family("adam", learning_rate, b1, b2, eps, eps_root, mu_dtype, None, None, nesterov, False)
+    check_hyperparameter("learning_rate", learning_rate)
+    tx = chain(
+        scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
+        scale_by_learning_rate(learning_rate),
+    )
+    if not _fused_eligible(nesterov=nesterov, eps_root=eps_root, mu_dtype=mu_dtype):
+        return tx
+    return with_fused_adam(tx, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
 
 
 def adamw(
@@ -293,7 +342,15 @@ def adamw(
         >>> len(tx.init({"w": torch.ones(2, 2), "b": torch.ones(2)}))
         3
     """
-    return _adam_family("adamw", learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov, False)
+    check_hyperparameter("learning_rate", learning_rate)
+    tx = chain(
+        scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
+        add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(learning_rate),
+    )
+    if not _fused_eligible(nesterov=nesterov, eps_root=eps_root, mu_dtype=mu_dtype):
+        return tx
+    return with_fused_adam(tx, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
 
 
 def amsgrad(
@@ -303,18 +360,34 @@ def amsgrad(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     mu_dtype: Optional[torch.dtype] = None,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+    *,
+    max_raw_nu: bool = False,
 ) -> GradientTransformation:
-    """AMSGrad (Reddi et al., 2018): Adam with ``nu_max = max(nu_max, nu)`` in the denominator.
+    """AMSGrad (Reddi et al., 2018): Adam with a running maximum of the second moment in the denominator.
 
-    ``chain(scale_by_amsgrad(...), scale_by_learning_rate(lr))``; same as
-    ``torch.optim.Adam(amsgrad=True)`` (see :func:`scale_by_amsgrad` for where the maximum is taken).
+    ``chain(scale_by_amsgrad(...), scale_by_learning_rate(lr))``. By default optax's rule (the
+    maximum of the bias-corrected ``nu_hat``); ``max_raw_nu=True`` is torch's rule,
+    ``torch.optim.Adam(amsgrad=True)``, which also runs on torch's fused kernel. See
+    :func:`scale_by_amsgrad`.
 
     Example:
         >>> tx = optim.amsgrad(1e-3)
         >>> type(tx.init({"w": torch.ones(1)})[0]).__name__
         'ScaleByAmsgradState'
     """
-    return _adam_family("amsgrad", learning_rate, b1, b2, eps, eps_root, mu_dtype, None, None, False, True)
+    check_hyperparameter("learning_rate", learning_rate)
+    tx = chain(
+        scale_by_amsgrad(
+            b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
+            bias_correction_mu=bias_correction_mu, bias_correction_nu=bias_correction_nu, max_raw_nu=max_raw_nu,
+        ),
+        scale_by_learning_rate(learning_rate),
+    )
+    if not (max_raw_nu and _fused_eligible(nesterov=False, eps_root=eps_root, mu_dtype=mu_dtype)):
+        return tx
+    return with_fused_adam(tx, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, amsgrad=True)
 
 
 def nadam(
@@ -342,9 +415,9 @@ def nadam(
     """
     check_hyperparameter("learning_rate", learning_rate)
     if momentum_decay is None:
-        return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=True)
+        return adam(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=True)
     _torch_nadam_args("nadam", eps_root, mu_dtype)
-    return chain(scale_by_nadam(b1, b2, eps, momentum_decay), scale_by_learning_rate(learning_rate))
+    return chain(scale_by_nadam(b1=b1, b2=b2, eps=eps, momentum_decay=momentum_decay), scale_by_learning_rate(learning_rate))
 
 
 def _torch_nadam_args(name: str, eps_root: float, mu_dtype: Optional[torch.dtype]) -> None:
@@ -376,9 +449,13 @@ def nadamw(
     """
     check_hyperparameter("learning_rate", learning_rate)
     if momentum_decay is None:
-        return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov=True)
+        return adamw(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, weight_decay=weight_decay, mask=mask, nesterov=True)
     _torch_nadam_args("nadamw", eps_root, mu_dtype)
-    return chain(scale_by_nadam(b1, b2, eps, momentum_decay), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(learning_rate))
+    return chain(
+        scale_by_nadam(b1=b1, b2=b2, eps=eps, momentum_decay=momentum_decay),
+        add_decayed_weights(weight_decay, mask=mask),
+        scale_by_learning_rate(learning_rate),
+    )
 
 
 def radam(
@@ -403,7 +480,10 @@ def radam(
         2
     """
     check_hyperparameter("learning_rate", learning_rate)
-    return chain(scale_by_radam(b1, b2, eps, eps_root, threshold, nesterov=nesterov), scale_by_learning_rate(learning_rate))
+    return chain(
+        scale_by_radam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, threshold=threshold, nesterov=nesterov),
+        scale_by_learning_rate(learning_rate),
+    )
 
 
 def adamax(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
@@ -415,7 +495,7 @@ def adamax(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, 
         2
     """
     check_hyperparameter("learning_rate", learning_rate)
-    return chain(scale_by_adamax(b1, b2, eps), scale_by_learning_rate(learning_rate))
+    return chain(scale_by_adamax(b1=b1, b2=b2, eps=eps), scale_by_learning_rate(learning_rate))
 
 
 # ----------------------------------------------------------------------------- other aliases
@@ -438,7 +518,11 @@ def lion(
         3
     """
     check_hyperparameter("learning_rate", learning_rate)
-    return chain(scale_by_lion(b1, b2, mu_dtype), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(learning_rate))
+    return chain(
+        scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype),
+        add_decayed_weights(weight_decay, mask=mask),
+        scale_by_learning_rate(learning_rate),
+    )
 
 
 def rmsprop(
@@ -472,8 +556,12 @@ def rmsprop(
         raise ValueError(f"rmsprop: nesterov=True needs a positive momentum, got momentum={momentum!r}")
     if momentum is not None:
         check_hyperparameter("momentum", momentum, low=0.0, high=1.0)
-    core = (scale_by_stddev if centered else scale_by_rms)(decay, eps, initial_scale, eps_in_sqrt, bias_correction)
-    return chain(core, scale_by_learning_rate(learning_rate), trace(decay=momentum, nesterov=nesterov) if momentum is not None else identity())
+    scale_by = scale_by_stddev if centered else scale_by_rms
+    return chain(
+        scale_by(decay=decay, eps=eps, initial_scale=initial_scale, eps_in_sqrt=eps_in_sqrt, bias_correction=bias_correction),
+        scale_by_learning_rate(learning_rate),
+        trace(decay=momentum, nesterov=nesterov) if momentum is not None else identity(),
+    )
 
 
 def adagrad(learning_rate: ScalarOrSchedule, initial_accumulator_value: float = 0.1, eps: float = 1e-7, *, eps_in_sqrt: bool = True) -> GradientTransformation:
@@ -489,7 +577,10 @@ def adagrad(learning_rate: ScalarOrSchedule, initial_accumulator_value: float = 
         2
     """
     check_hyperparameter("learning_rate", learning_rate)
-    return chain(scale_by_rss(initial_accumulator_value, eps, eps_in_sqrt), scale_by_learning_rate(learning_rate))
+    return chain(
+        scale_by_rss(initial_accumulator_value=initial_accumulator_value, eps=eps, eps_in_sqrt=eps_in_sqrt),
+        scale_by_learning_rate(learning_rate),
+    )
 
 
 def adadelta(
@@ -506,7 +597,11 @@ def adadelta(
         3
     """
     check_hyperparameter("learning_rate", learning_rate)
-    return chain(add_decayed_weights(weight_decay, weight_decay_mask), scale_by_adadelta(rho, eps), scale_by_learning_rate(learning_rate))
+    return chain(
+        add_decayed_weights(weight_decay, mask=weight_decay_mask),
+        scale_by_adadelta(rho=rho, eps=eps),
+        scale_by_learning_rate(learning_rate),
+    )
 
 
 def adafactor(
@@ -537,7 +632,11 @@ def adafactor(
     """
     if learning_rate is not None:
         check_hyperparameter("learning_rate", learning_rate)
-    parts = [scale_by_factored_rms(factored, decay_rate, 0, min_dim_size_to_factor, eps, decay_offset)]
+    parts = [
+        scale_by_factored_rms(
+            factored=factored, decay_rate=decay_rate, min_dim_size_to_factor=min_dim_size_to_factor, epsilon=eps, decay_offset=decay_offset
+        )
+    ]
     if clipping_threshold is not None:
         parts.append(clip_by_block_rms(clipping_threshold))
     if learning_rate is not None:
@@ -547,7 +646,7 @@ def adafactor(
     if momentum is not None:
         parts.append(ema(momentum, debias=False, accumulator_dtype=dtype_momentum))
     if weight_decay_rate is not None:
-        parts.append(add_decayed_weights(weight_decay_rate, weight_decay_mask))
+        parts.append(add_decayed_weights(weight_decay_rate, mask=weight_decay_mask))
     parts.append(scale(-1.0))
     return chain(*parts)
 
@@ -573,7 +672,10 @@ def lamb(
     """
     check_hyperparameter("learning_rate", learning_rate)
     return chain(
-        scale_by_adam(b1, b2, eps, eps_root), add_decayed_weights(weight_decay, mask), scale_by_trust_ratio(), scale_by_learning_rate(learning_rate)
+        scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
+        add_decayed_weights(weight_decay, mask=mask),
+        scale_by_trust_ratio(),
+        scale_by_learning_rate(learning_rate),
     )
 
 
@@ -618,3 +720,302 @@ def sign_sgd(learning_rate: ScalarOrSchedule) -> GradientTransformation:
     check_hyperparameter("learning_rate", learning_rate)
     return chain(scale_by_sign(), scale_by_learning_rate(learning_rate))
 
+
+
+def signum(learning_rate: ScalarOrSchedule, beta: float = 0.9, accumulator_dtype: Optional[torch.dtype] = None) -> GradientTransformation:
+    """Signum (Bernstein et al., 2018): sign descent on a momentum, ``p <- p - lr * sign(EMA_beta(g))``.
+
+    ``chain(ema(beta, debias=False), scale_by_sign(), scale_by_learning_rate(lr))``.
+
+    Example:
+        >>> tx = optim.signum(0.01)
+        >>> len(tx.init({"w": torch.ones(1)}))
+        3
+    """
+    check_hyperparameter("learning_rate", learning_rate)
+    return chain(
+        ema(beta, debias=False, accumulator_dtype=accumulator_dtype),
+        scale_by_sign(),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def noisy_sgd(
+    learning_rate: ScalarOrSchedule, eta: float = 0.01, gamma: float = 0.55, key: Any = None, *, seed: Optional[int] = None
+) -> GradientTransformation:
+    """SGD with annealed Gaussian gradient noise (Neelakantan et al., 2015):
+    ``chain(add_noise(eta, gamma, key), scale_by_learning_rate(lr))``.
+
+    The noise comes from craftfn's keys (:mod:`craftfn.random`): same law as optax's, other samples.
+
+    Example:
+        >>> tx = optim.noisy_sgd(0.01, key=0)
+        >>> len(tx.init({"w": torch.ones(1)}))
+        2
+    """
+    check_hyperparameter("learning_rate", learning_rate)
+    return chain(add_noise(eta, gamma, key, seed=seed), scale_by_learning_rate(learning_rate))
+
+
+def adamaxw(
+    learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 1e-4, mask: MaskOrFn = None
+) -> GradientTransformation:
+    """Adamax with decoupled weight decay: ``chain(scale_by_adamax, add_decayed_weights, scale_by_learning_rate)``.
+
+    Example:
+        >>> tx = optim.adamaxw(2e-3, weight_decay=0.01)
+        >>> len(tx.init({"w": torch.ones(1)}))
+        3
+    """
+    check_hyperparameter("learning_rate", learning_rate)
+    return chain(
+        scale_by_adamax(b1=b1, b2=b2, eps=eps),
+        add_decayed_weights(weight_decay, mask=mask),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def adabelief(
+    learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-16, eps_root: float = 1e-16, *, nesterov: bool = False
+) -> GradientTransformation:
+    """AdaBelief (Zhuang et al., 2020): ``chain(scale_by_belief(...), scale_by_learning_rate(lr))``.
+
+    Example:
+        >>> tx = optim.adabelief(1e-3)
+        >>> type(tx.init({"w": torch.ones(1)})[0]).__name__
+        'ScaleByBeliefState'
+    """
+    check_hyperparameter("learning_rate", learning_rate)
+    return chain(
+        scale_by_belief(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def yogi(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-3) -> GradientTransformation:
+    """Yogi (Zaheer et al., 2018): ``chain(scale_by_yogi(b1, b2, eps), scale_by_learning_rate(lr))``.
+
+    Example:
+        >>> tx = optim.yogi(1e-2)
+        >>> len(tx.init({"w": torch.ones(1)}))
+        2
+    """
+    check_hyperparameter("learning_rate", learning_rate)
+    return chain(scale_by_yogi(b1=b1, b2=b2, eps=eps), scale_by_learning_rate(learning_rate))
+
+
+def adan(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.98,
+    b2: float = 0.92,
+    b3: float = 0.99,
+    eps: float = 1e-8,
+    eps_root: float = 1e-8,
+    weight_decay: float = 0.0,
+    mask: MaskOrFn = None,
+) -> GradientTransformation:
+    """Adan (Xie et al., 2022): ``chain(scale_by_adan(...), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr))``.
+
+    Example:
+        >>> tx = optim.adan(1e-3)
+        >>> type(tx.init({"w": torch.ones(1)})[0]).__name__
+        'ScaleByAdanState'
+    """
+    check_hyperparameter("learning_rate", learning_rate)
+    return chain(
+        scale_by_adan(b1=b1, b2=b2, b3=b3, eps=eps, eps_root=eps_root),
+        add_decayed_weights(weight_decay, mask=mask),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def novograd(
+    learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.25, eps: float = 1e-6, eps_root: float = 0.0, weight_decay: float = 0.0
+) -> GradientTransformation:
+    """NovoGrad (Ginsburg et al., 2019): ``chain(scale_by_novograd(...), scale_by_learning_rate(lr))``.
+
+    Example:
+        >>> tx = optim.novograd(1e-2)
+        >>> type(tx.init({"w": torch.ones(1)})[0]).__name__
+        'ScaleByNovogradState'
+    """
+    check_hyperparameter("learning_rate", learning_rate)
+    return chain(
+        scale_by_novograd(b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def sm3(learning_rate: ScalarOrSchedule, momentum: float = 0.9) -> GradientTransformation:
+    """SM3 (Anil et al., 2019): ``chain(scale_by_sm3(momentum), scale_by_learning_rate(learning_rate))``
+    (optax's ``scale(-learning_rate)``; a schedule works too).
+
+    Example:
+        >>> tx = optim.sm3(0.1)
+        >>> type(tx.init({"w": torch.ones(2, 2)})[0]).__name__
+        'ScaleBySM3State'
+    """
+    check_hyperparameter("learning_rate", learning_rate)
+    return chain(scale_by_sm3(b1=momentum), scale_by_learning_rate(learning_rate))
+
+
+def rprop(
+    learning_rate: float, eta_minus: float = 0.5, eta_plus: float = 1.2, min_step_size: float = 1e-6, max_step_size: float = 50.0
+) -> GradientTransformation:
+    """Rprop (Riedmiller & Braun, 1993): ``chain(scale_by_rprop(...), scale(-1))``; ``learning_rate`` is the initial step size.
+
+    Example:
+        >>> tx = optim.rprop(1e-2)
+        >>> type(tx.init({"w": torch.ones(1)})[0]).__name__
+        'ScaleByRpropState'
+    """
+    return chain(
+        scale_by_rprop(learning_rate=learning_rate, eta_minus=eta_minus, eta_plus=eta_plus, min_step_size=min_step_size, max_step_size=max_step_size),
+        scale(-1.0),
+    )
+
+
+def optimistic_gradient_descent(learning_rate: ScalarOrSchedule, alpha: float = 1.0, beta: float = 1.0) -> GradientTransformation:
+    """Optimistic gradient descent (Daskalakis et al., 2017):
+    ``chain(scale_by_optimistic_gradient(alpha, beta), scale_by_learning_rate(lr))``.
+
+    Example:
+        >>> tx = optim.optimistic_gradient_descent(1e-2)
+        >>> len(tx.init({"w": torch.ones(1)}))
+        2
+    """
+    check_hyperparameter("learning_rate", learning_rate)
+    return chain(scale_by_optimistic_gradient(alpha=alpha, beta=beta), scale_by_learning_rate(learning_rate))
+
+
+def optimistic_adam_v2(
+    learning_rate: ScalarOrSchedule,
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Optional[torch.dtype] = None,
+    nesterov: bool = True,
+) -> GradientTransformation:
+    """Optimistic Adam (Daskalakis et al., 2017): the optimistic gradient of Adam's direction,
+    ``chain(scale_by_adam(...), scale_by_optimistic_gradient(alpha, beta), scale_by_learning_rate(lr))``.
+
+    Example:
+        >>> tx = optim.optimistic_adam_v2(1e-3)
+        >>> len(tx.init({"w": torch.ones(1)}))
+        3
+    """
+    check_hyperparameter("learning_rate", learning_rate)
+    return chain(
+        scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
+        scale_by_optimistic_gradient(alpha=alpha, beta=beta),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def optimistic_adam(
+    learning_rate: float,
+    optimism: Optional[float] = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Optional[torch.dtype] = None,
+    *,
+    nesterov: bool = True,
+) -> GradientTransformation:
+    """optax's first Optimistic Adam (deprecated there for :func:`optimistic_adam_v2`): the learning
+    rate and ``optimism`` (default: the learning rate) enter the optimistic gradient,
+    ``chain(scale_by_adam(...), scale_by_optimistic_gradient(alpha=lr, beta=optimism), scale_by_learning_rate(1.0))``.
+
+    Example:
+        >>> tx = optim.optimistic_adam(1e-3)
+        >>> len(tx.init({"w": torch.ones(1)}))
+        3
+    """
+    if callable(learning_rate):
+        raise TypeError("optimistic_adam: learning_rate must be a number (use optimistic_adam_v2 for a schedule)")
+    check_hyperparameter("learning_rate", learning_rate)
+    return chain(
+        scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
+        scale_by_optimistic_gradient(alpha=learning_rate, beta=learning_rate if optimism is None else optimism),
+        scale_by_learning_rate(1.0),
+    )
+
+
+def fromage(learning_rate: ScalarOrSchedule, min_norm: float = 1e-6) -> GradientTransformation:
+    """Fromage (Bernstein et al., 2020): a trust-ratio step, then the parameters shrink by ``1 / sqrt(1 + lr^2)``.
+
+    With ``m = 1 / sqrt(1 + lr^2)``: ``chain(scale_by_trust_ratio(min_norm), scale_by_learning_rate(lr * m),
+    add_decayed_weights(m - 1))`` (the last rate is negative: it scales the parameters by ``m``).
+
+    Example:
+        >>> tx = optim.fromage(1e-2)
+        >>> len(tx.init({"w": torch.ones(1)}))
+        3
+    """
+    from craftfn.optim.transforms import _add_scaled_params
+
+    check_hyperparameter("learning_rate", learning_rate)
+    if not callable(learning_rate):
+        mult = 1 / (1 + learning_rate**2) ** 0.5
+        return chain(
+            scale_by_trust_ratio(min_norm=min_norm),
+            scale_by_learning_rate(learning_rate * mult),
+            _add_scaled_params(mult - 1),
+        )
+
+    def mult_of(count: Any) -> Any:
+        return 1 / (1 + learning_rate(count) ** 2) ** 0.5
+
+    return chain(
+        scale_by_trust_ratio(min_norm=min_norm),
+        scale_by_learning_rate(lambda count: mult_of(count) * learning_rate(count)),
+        _add_scaled_params(lambda count: mult_of(count) - 1),
+    )
+
+
+def polyak_sgd(max_learning_rate: float = 1.0, scaling: ScalarOrSchedule = 1.0, f_min: float = 0.0, eps: float = 0.0, variant: str = "sps") -> GradientTransformation:
+    """SGD with the Polyak step size (Loizou et al., 2021): ``chain(sgd(scaling), scale_by_polyak(...))``.
+
+    ``update`` needs the loss: ``tx.update(grads, state, params, value=loss)``.
+
+    Example:
+        >>> tx = optim.polyak_sgd()
+        >>> p = {"w": torch.tensor([2.0])}
+        >>> tx.update({"w": torch.tensor([2.0])}, tx.init(p), p, value=torch.tensor(2.0))[0]
+        {'w': tensor([-1.])}
+    """
+    return chain(
+        sgd(learning_rate=scaling),
+        scale_by_polyak(max_learning_rate=max_learning_rate, f_min=f_min, eps=eps, variant=variant),
+    )
+
+
+def lbfgs(
+    learning_rate: Optional[ScalarOrSchedule] = None,
+    memory_size: int = 10,
+    scale_init_precond: bool = True,
+    linesearch: Optional[GradientTransformation] = None,
+) -> GradientTransformation:
+    """L-BFGS: ``chain(scale_by_lbfgs(memory_size, scale_init_precond), scale_by_learning_rate(lr) or scale(-1), linesearch)``.
+
+    Unlike optax, no line search by default: optax's zoom line search loops until a
+    data-dependent condition holds, which reads values on the host every step. Give any
+    transformation as ``linesearch`` (it runs last, like optax's).
+
+    Example:
+        >>> tx = optim.lbfgs(memory_size=3)
+        >>> type(tx.init({"w": torch.ones(2)})[0]).__name__
+        'ScaleByLBFGSState'
+    """
+    if learning_rate is not None:
+        check_hyperparameter("learning_rate", learning_rate)
+    return chain(
+        scale_by_lbfgs(memory_size=memory_size, scale_init_precond=scale_init_precond),
+        scale(-1.0) if learning_rate is None else scale_by_learning_rate(learning_rate),
+        identity() if linesearch is None else linesearch,
+    )

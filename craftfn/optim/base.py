@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional, Protocol, Union
 
 import torch
@@ -152,8 +153,14 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         if not isinstance(state, tuple) or len(state) != len(transforms):
             raise _state_error("chain", f"a tuple of {len(transforms)} states", state)
 
+    # A chain that starts with a rule taking per-example gradients (a leading batch axis, e.g. DP-SGD's
+    # aggregation) gets updates shaped unlike params: the rule checks them itself.
+    per_example = bool(transforms) and getattr(transforms[0], "takes_per_example_updates", False)
+
     def update_fn(updates: Updates, state: tuple, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, tuple]:
         _check(state)
+        if params is not None and not per_example:
+            check_updates_match(updates, params)
         new_state = []
         for t, s in zip(transforms, state):
             updates, s = t.update(updates, s, params, **extra)
@@ -166,6 +173,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
         def donated_fn(updates: Updates, state: tuple, params: Params, **extra: Any) -> tuple[Params, tuple]:
             _check(state)
+            check_updates_match(updates, params)
             new_state = []
             for t, s in zip(transforms[:-1], state[:-1]):
                 updates, s = (t.inplace_update or t.update)(updates, s, params, **extra)
@@ -178,13 +186,19 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 
 def check_updates_match(updates: Updates, params: Params, argname: str = "updates") -> None:
-    """Raise ``ValueError`` listing the differences when two trees disagree in structure."""
-    def_u, def_p = tree.structure(updates), tree.structure(params)
-    if def_u != def_p:
-        names_u, names_p = set(tree.paths(updates)), set(tree.paths(params))
-        missing, extra_ = sorted(names_p - names_u), sorted(names_u - names_p)
-        detail = f"missing {missing[:8]}, unexpected {extra_[:8]}" if (missing or extra_) else f"{def_u} vs {def_p}"
-        raise ValueError(f"{argname} must have the same tree structure as params: {detail}")
+    """Raise ``ValueError`` unless ``updates`` fit ``params``: structure, shapes, dtype kinds, devices.
+
+    The update rules' name for :func:`craftfn.tree.check_match` (one check, cached per tree
+    signature, so a tree seen before costs a flatten and a lookup); every update path runs it
+    before any kernel touches the parameters.
+
+    Example:
+        >>> optim.check_updates_match({"w": torch.ones(3)}, {"w": torch.ones(2)})
+        Traceback (most recent call last):
+        ...
+        ValueError: updates do not match params: leaf 'w': updates shape (3,), params shape (2,)
+    """
+    tree.check_match(updates, params, name=argname, reference_name="params")
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:
@@ -194,6 +208,7 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         >>> optim.apply_updates({"w": torch.ones(1)}, {"w": -torch.ones(1)})
         {'w': tensor([0.])}
     """
+    tree.check_match(updates, params)
     p_leaves, treedef = tree.flatten(params)
     u_leaves = treedef.flatten_up_to(updates)
     out: list[Any] = [None] * len(p_leaves)
@@ -205,7 +220,14 @@ def apply_updates(params: Params, updates: Updates) -> Params:
 
 
 def apply_updates_(params: Params, updates: Updates) -> Params:
-    """In-place ``params += updates`` (for donated states); returns ``params``."""
+    """In-place ``params += updates`` (for donated states); returns ``params``.
+
+    Example:
+        >>> p = {"w": torch.ones(1)}
+        >>> optim.apply_updates_(p, {"w": torch.ones(1)})["w"]
+        tensor([2.])
+    """
+    tree.check_match(updates, params)
     p_leaves, treedef = tree.flatten(params)
     u_leaves = treedef.flatten_up_to(updates)
     for (gp, gu) in tree.group_by_device_dtype(p_leaves, u_leaves):
@@ -214,22 +236,32 @@ def apply_updates_(params: Params, updates: Updates) -> Params:
 
 
 def check_hyperparameter(name: str, value: Any, *, low: float | None = 0.0, high: float | None = None, low_inclusive: bool = True, high_inclusive: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` when a numeric hyperparameter is outside its range.
+    """Raise naming ``name`` when a numeric hyperparameter is not finite or outside its range.
 
-    Schedules (callables) and tensors are accepted as they are: their values are only
-    known at step time, and reading a tensor here would sync.
+    NaN and infinities are always rejected (``ValueError``); so is anything but a number, a
+    tensor or a schedule (``TypeError``). Schedules (callables) and tensors are accepted as
+    they are: a schedule's values depend on the step (:func:`craftfn.schedules.check_schedule`
+    checks one over a run), and reading a tensor would sync (``inject_hyperparams`` rebuilds
+    its rule with tensor hyperparameters on every update).
 
     Example:
         >>> optim.check_hyperparameter("eps", -1.0)
         Traceback (most recent call last):
         ...
         ValueError: eps must be >= 0.0, got -1.0
+        >>> optim.check_hyperparameter("learning_rate", float("nan"))
+        Traceback (most recent call last):
+        ...
+        ValueError: learning_rate must be a finite number, got nan
     """
     if callable(value) or isinstance(value, torch.Tensor) or value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, a 0-d tensor or a schedule, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
     if low is not None and (value < low or (value == low and not low_inclusive)):
         raise ValueError(f"{name} must be {'>=' if low_inclusive else '>'} {low}, got {value}")
     if high is not None and (value > high or (value == high and not high_inclusive)):
         raise ValueError(f"{name} must be {'<=' if high_inclusive else '<'} {high}, got {value}")
+

@@ -71,9 +71,39 @@ def _is_per_leaf_fn(fn: Callable[..., Any]) -> bool:
 
 
 def _prefix_entries(prefix: Any) -> list[tuple[str, Any]]:
-    """``(dotted path, value)`` for each leaf of a labels/mask tree (``""`` for a single value)."""
-    pairs, _ = tree.flatten_with_path(prefix)
-    return pairs
+    """``(dotted path, value)`` for each leaf of a labels/mask tree (``""`` for a single value).
+
+    Dicts, lists, tuples and NamedTuples (what label and mask trees are made of) are walked in
+    plain Python: a labels tree built inside a compiled step (``mask=fn(params)``) holds only
+    Python values, and Dynamo (torch 2.13) cannot build an optree structure of constants. Other
+    pytree nodes go through :func:`craftfn.tree.flatten_with_path`, with the same names.
+    """
+    out: list[tuple[str, Any]] = []
+
+    def walk(node: Any, path: str) -> None:
+        join = (lambda k: f"{path}.{k}" if path else str(k))  # noqa: E731
+        if node is None:
+            return
+        if type(node) is dict:
+            for k, v in node.items():
+                walk(v, join(k))
+        elif type(node) in (list, tuple):
+            for i, item in enumerate(node):
+                walk(item, join(i))
+        elif isinstance(node, tuple) and hasattr(node, "_fields"):
+            for name in node._fields:
+                walk(getattr(node, name), join(name))
+        elif isinstance(node, (bool, int, float, str, torch.Tensor)) or not _is_pytree_node(node):
+            out.append((path, node))
+        else:
+            out.extend((join(name) if name else path, leaf) for name, leaf in tree.flatten_with_path(node)[0])
+
+    walk(prefix, "")
+    return out
+
+
+def _is_pytree_node(value: Any) -> bool:
+    return not (len(tree.leaves(value)) == 1 and tree.leaves(value)[0] is value)
 
 
 def _match_prefix(entries: list[tuple[str, Any]], names: list[str], argname: str) -> list[Any]:

@@ -50,7 +50,13 @@ NoDecay = Union[str, Sequence[str], Callable[[str, torch.Tensor], bool]]
 
 
 # Modules whose public functions taking a ``learning_rate`` are optimizer aliases.
-_ALIAS_MODULES = ("craftfn.optim.aliases", "craftfn.optim.orthogonal", "craftfn.optim.schedulefree")
+_ALIAS_MODULES = (
+    "craftfn.optim.aliases",
+    "craftfn.optim.orthogonal",
+    "craftfn.optim.schedulefree",
+)
+# Deprecated in optax, and its learning rate enters the optimistic gradient, so it takes no schedule.
+_NOT_BY_NAME = frozenset({"optimistic_adam"})
 
 
 def _aliases() -> dict[str, Callable[..., GradientTransformation]]:
@@ -70,7 +76,7 @@ def _aliases() -> dict[str, Callable[..., GradientTransformation]]:
                     continue
                 # An alias needs nothing but hyperparameters (not, e.g., a base optimizer to wrap).
                 required = [n for n, p in params.items() if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-                if "learning_rate" in params and set(required) <= {"learning_rate"}:
+                if "learning_rate" in params and set(required) <= {"learning_rate"} and name not in _NOT_BY_NAME:
                     out[name] = fn
     return out
 
@@ -128,6 +134,11 @@ def no_decay_mask(no_decay: NoDecay) -> Callable[[str, torch.Tensor], bool]:
     for p in patterns:
         if not isinstance(p, str) or not p:
             raise TypeError(f"no_decay must hold non-empty name patterns (strings), got {p!r} in {no_decay!r}")
+        if "," in p:  # no parameter name has a comma: 'bias,ln_' was meant as two patterns
+            raise ValueError(
+                f"no_decay pattern {p!r} contains a comma and would match no parameter; give a list of patterns, "
+                f"e.g. {[q.strip() for q in p.split(',') if q.strip()]!r}"
+            )
 
     # Names are static: match each once (at init, which runs eagerly) and remember it, so a
     # compiled update reads a dict instead of tracing fnmatch's regex machinery (a graph break).

@@ -158,12 +158,33 @@ def fused_adam_step_(
     if n == 0:
         return
     max_list = list(max_nu) if amsgrad and max_nu is not None else []
-    state_lists = [params, mu, nu] + ([max_list] if amsgrad else [])
-    if not fused_supported(*state_lists):
+    # The kernel indexes every list with the parameter's sizes: anything else reads out of bounds.
+    tree.check_match(grads, params, name="fused_adam_step_: grads")
+    moments = {"mu": mu, "nu": nu, **({"max_nu": max_list} if amsgrad else {})}
+    tree.check_match(moments, {k: params for k in moments}, name="fused_adam_step_: moments", dtype="any", device=False)
+    if not fused_supported(params, mu, nu, *([max_list] if amsgrad else [])):
         raise ValueError(
             "fused_adam_step_: params, mu, nu (and max_nu) must be floating tensors on cpu/cuda with matching "
             "dtype and device per leaf; check fused_supported(...) first"
         )
+    _fused_adam_step(params, grads, mu, nu, max_list, count, lr, b1, b2, eps, weight_decay, amsgrad)
+
+
+def _fused_adam_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    mu: list[torch.Tensor],
+    nu: list[torch.Tensor],
+    max_list: list[torch.Tensor],
+    count: torch.Tensor,
+    lr: float | torch.Tensor,
+    b1: float | torch.Tensor,
+    b2: float | torch.Tensor,
+    eps: float | torch.Tensor,
+    weight_decay: float | torch.Tensor,
+    amsgrad: bool,
+) -> None:
+    """:func:`fused_adam_step_` for callers that validated the lists (shapes, dtypes, devices) already."""
     grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
     use_kernel = all(_is_number(x) for x in (b1, b2, eps, weight_decay))
     groups = tree.group_by_device_dtype(params, grads, mu, nu, *([max_list] if amsgrad else []))

@@ -23,10 +23,8 @@ from typing import Any, NamedTuple, Optional
 import optree
 import torch
 
-from craftfn import tree
-from craftfn.optim.adaptive import (
-    scale_by_adam,
-)
+from craftfn import schedules, tree
+from craftfn.optim.adaptive import scale_by_rms
 from craftfn.optim.base import (
     GradientTransformation,
     OptState,
@@ -45,7 +43,7 @@ from craftfn.optim.transforms import (
     scale_by_learning_rate,
 )
 
-__all__ = ["ScheduleFreeState", "schedule_free", "schedule_free_adamw", "schedule_free_eval_params"]
+__all__ = ["ScheduleFreeState", "schedule_free", "schedule_free_adamw", "schedule_free_sgd", "schedule_free_eval_params"]
 
 
 class ScheduleFreeState(NamedTuple):
@@ -83,8 +81,8 @@ def schedule_free(
     Example:
         >>> tx = optim.schedule_free(optim.sgd(0.1), learning_rate=0.1)
         >>> s = tx.init({"w": torch.zeros(1)})
-        >>> int(s.step_count)
-        0
+        >>> int(s.step_count)  # optax counts from 1
+        1
     """
     if not isinstance(base_optimizer, GradientTransformation):
         raise TypeError(f"schedule_free: base_optimizer must be a GradientTransformation, got {type(base_optimizer).__name__}")
@@ -95,13 +93,15 @@ def schedule_free(
     def init_fn(params: Params) -> ScheduleFreeState:
         leaves_ = tree.leaves(params)
         device = leaves_[0].device if leaves_ else None
-        f32 = dict(dtype=torch.float32, device=device)
+        dtype = min((x.dtype for x in leaves_ if x.is_floating_point()), key=lambda d: torch.finfo(d).bits, default=torch.float32)
+        scalars = dict(dtype=dtype, device=device)
         z = tree.map(lambda p: p.detach().clone() if state_dtype is None else p.detach().to(state_dtype, copy=True), params)
         return ScheduleFreeState(
-            b1=torch.tensor(b1, **f32),
-            weight_sum=torch.zeros((), **f32),
-            step_count=torch.zeros((), dtype=torch.int64, device=device),
-            max_lr=torch.zeros((), **f32),
+            b1=torch.tensor(b1, **scalars),
+            weight_sum=torch.zeros((), **scalars),
+            # optax counts from 1 here (the schedule sees 1 at the first step).
+            step_count=torch.ones((), dtype=torch.int64, device=device),
+            max_lr=torch.zeros((), **scalars),
             base_optimizer_state=base_optimizer.init(params),
             z=z,
         )
@@ -111,23 +111,25 @@ def schedule_free(
         if params is None:
             raise ValueError("schedule_free: params must be given to update(updates, state, params)")
         lr = learning_rate(state.step_count) if callable(learning_rate) else learning_rate
-        lr = torch.as_tensor(lr, dtype=torch.float32, device=state.max_lr.device)
+        lr = torch.as_tensor(lr, device=state.max_lr.device).to(state.max_lr.dtype)
         max_lr = torch.maximum(state.max_lr, lr)
         weight = max_lr ** weight_lr_power
         total = state.weight_sum + weight
-        ck = torch.where(total > 0, weight / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+        ck = torch.where(
+            torch.isnan(weight) | torch.isnan(total), torch.full_like(weight, float("nan")), torch.nan_to_num(weight / total, nan=0.0, posinf=float("inf"))
+        )
         base_updates, base_state = base_optimizer.update(updates, state.base_optimizer_state, params, **extra)
         u, treedef, (p, z_old) = _flatten_like(base_updates, "schedule_free", params, state.z)
         z_new = foreach_groups(torch._foreach_add, z_old, _cast_to(u, z_old))
 
         def move(pp: list[torch.Tensor], zo: list[torch.Tensor], zn: list[torch.Tensor]) -> list[torch.Tensor]:
+            # optax's order: x = (y - (1 - b1) z) / b1; x <- (1 - c) x + c z; y <- b1 x + (1 - b1) z.
             dev, dt = pp[0].device, pp[0].dtype
-            c, b = ck.to(device=dev, dtype=dt), state.b1.to(device=dev, dtype=dt)
-            x = torch._foreach_sub(pp, torch._foreach_mul(zo, 1 - b))  # prev x = (y - (1 - b1) z) / b1
-            torch._foreach_div_(x, b)
-            torch._foreach_add_(x, torch._foreach_mul(torch._foreach_sub(zn, x), c))  # x <- x + c (z - x)
-            y = torch._foreach_mul(x, b)
-            torch._foreach_add_(y, torch._foreach_mul(zn, 1 - b))
+            c = ck.to(device=dev, dtype=dt)
+            x = torch._foreach_sub(pp, torch._foreach_mul(zo, 1.0 - b1))
+            torch._foreach_div_(x, b1)
+            x = torch._foreach_add(torch._foreach_mul(x, 1.0 - c), torch._foreach_mul(zn, c))
+            y = torch._foreach_add(torch._foreach_mul(x, b1), torch._foreach_mul(zn, 1.0 - b1))
             return torch._foreach_sub(y, pp)
 
         out = foreach_groups(move, p, _cast_to(z_old, p), _cast_to(z_new, p))
@@ -139,12 +141,13 @@ def schedule_free(
     return GradientTransformation(init_fn, update_fn)
 
 
-def _warmup(learning_rate: float, warmup_steps: int) -> Any:
-    def schedule(count: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(count).to(torch.float64)
-        return learning_rate * torch.clamp(t / warmup_steps, max=1.0)
-
-    return schedule
+def _warmup(learning_rate: float, warmup_steps: Optional[int]) -> ScalarOrSchedule:
+    """optax's ``warmup_constant_schedule(0, learning_rate, warmup_steps)``, or the constant."""
+    if warmup_steps is None:
+        return learning_rate
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+        raise ValueError(f"warmup_steps must be None or an int >= 1, got {warmup_steps!r}")
+    return schedules.warmup_constant(0.0, learning_rate, warmup_steps)
 
 
 def schedule_free_adamw(
@@ -157,14 +160,15 @@ def schedule_free_adamw(
     weight_lr_power: float = 2.0,
     state_dtype: Optional[torch.dtype] = None,
 ) -> GradientTransformation:
-    """Schedule-free AdamW: :func:`schedule_free` over ``chain(scale_by_adam(b1=0, b2, eps),
-    add_decayed_weights(weight_decay), scale_by_learning_rate(lr))``.
+    """Schedule-free AdamW, as optax composes it: :func:`schedule_free` over
+    ``chain(scale_by_rms(b2, eps, eps_in_sqrt=False, bias_correction=True), add_decayed_weights(weight_decay),
+    scale_by_learning_rate(lr))`` (RMSProp with bias correction: Adam with ``b1 = 0``).
 
     Args:
-        learning_rate: the constant learning rate (``>= 0``).
+        learning_rate: the peak learning rate (the default is optax's).
         warmup_steps: linear warmup from 0 over this many steps (recommended), or ``None``.
         b1: interpolation weight in ``(0, 1)`` (plays Adam's momentum role).
-        b2, eps: Adam's second-moment decay and epsilon.
+        b2, eps: the second-moment decay and epsilon.
         weight_decay: decoupled weight decay, applied at ``y``.
         weight_lr_power, state_dtype: see :func:`schedule_free`.
 
@@ -174,10 +178,35 @@ def schedule_free_adamw(
         'ScheduleFreeState'
     """
     check_hyperparameter("learning_rate", learning_rate)
-    if warmup_steps is not None and (isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1):
-        raise ValueError(f"schedule_free_adamw: warmup_steps must be None or an int >= 1, got {warmup_steps!r}")
-    lr = _warmup(learning_rate, warmup_steps) if warmup_steps else learning_rate
-    base = chain(scale_by_adam(b1=0.0, b2=b2, eps=eps), add_decayed_weights(weight_decay), scale_by_learning_rate(lr))
+    lr = _warmup(learning_rate, warmup_steps)
+    base = chain(
+        scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True),
+        add_decayed_weights(weight_decay),
+        scale_by_learning_rate(lr),
+    )
+    return schedule_free(base, lr, b1=b1, weight_lr_power=weight_lr_power, state_dtype=state_dtype)
+
+
+def schedule_free_sgd(
+    learning_rate: float = 1.0,
+    warmup_steps: Optional[int] = None,
+    b1: float = 0.9,
+    weight_decay: Optional[float] = None,
+    weight_lr_power: float = 2.0,
+    state_dtype: Optional[torch.dtype] = None,
+) -> GradientTransformation:
+    """Schedule-free SGD: :func:`schedule_free` over ``sgd(lr)`` (after ``add_decayed_weights(weight_decay)`` when given).
+
+    Example:
+        >>> tx = optim.schedule_free_sgd(0.1, warmup_steps=5)
+        >>> type(tx.init({"w": torch.zeros(1)})).__name__
+        'ScheduleFreeState'
+    """
+    from craftfn.optim.aliases import sgd
+
+    check_hyperparameter("learning_rate", learning_rate)
+    lr = _warmup(learning_rate, warmup_steps)
+    base = sgd(lr) if weight_decay is None else chain(add_decayed_weights(weight_decay), sgd(lr))
     return schedule_free(base, lr, b1=b1, weight_lr_power=weight_lr_power, state_dtype=state_dtype)
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "EmaState",
     "AddNoiseState",
     "AddDecayedWeightsState",
+    "WeightDecayScheduleState",
     "ScaleByTrustRatioState",
     "ScaleBySignState",
     "ScaleByParamBlockRMSState",
@@ -65,6 +66,7 @@ __all__ = [
     "add_noise",
     "set_to_zero",
     "stateless",
+    "stateless_with_tree_map",
     "foreach_groups",
     "foreach_map",
 ]
@@ -441,7 +443,7 @@ class ScaleByTrustRatioState(NamedTuple):
 def scale_by_trust_ratio(min_norm: float = 0.0, trust_coefficient: float = 1.0, eps: float = 0.0) -> GradientTransformation:
     """Scale each leaf's update by ``trust_coefficient * ||p|| / (||u|| + eps)`` (LARS/LAMB).
 
-    ``||p||`` is clamped below at ``min_norm``; the ratio is 1 where either norm is 0.
+    Both norms are clamped below at ``min_norm``; the ratio is 1 where either norm is 0.
 
     Example:
         >>> tx = optim.scale_by_trust_ratio()
@@ -472,8 +474,9 @@ def scale_by_trust_ratio(min_norm: float = 0.0, trust_coefficient: float = 1.0, 
             p_norms, u_norms = list(whole[: len(u)]), list(whole[len(u) :])
         factors = []
         for pn, un, x in zip(p_norms, u_norms, u):
+            # optax's safe_norm: both norms are clamped below at min_norm.
             pn = torch.clamp(pn.float(), min=min_norm)
-            un = un.float().to(pn.device)
+            un = torch.clamp(un.float().to(pn.device), min=min_norm)
             ratio = trust_coefficient * pn / (un + eps)
             factors.append(torch.where((pn == 0) | (un == 0), torch.ones_like(ratio), ratio).to(device=x.device, dtype=x.dtype))
         return tree.unflatten(treedef, foreach_groups(torch._foreach_mul, u, factors)), state
@@ -508,21 +511,29 @@ def scale_by_sign() -> GradientTransformation:
 
 
 class AddDecayedWeightsState(NamedTuple):
-    """State of :func:`add_decayed_weights` (none)."""
+    """State of :func:`add_decayed_weights` with a constant rate (none)."""
 
 
-def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: MaskOrFn = None) -> GradientTransformation:
+class WeightDecayScheduleState(NamedTuple):
+    """State of :func:`add_decayed_weights` with a scheduled rate: the update count."""
+
+    count: torch.Tensor
+
+
+def add_decayed_weights(weight_decay: ScalarOrSchedule = 0.0, mask: MaskOrFn = None) -> GradientTransformation:
     """Add ``weight_decay * params`` to the updates (decoupled weight decay once scaled by the lr).
 
     Args:
-        weight_decay: ``>= 0`` (a float or a 0-d tensor).
+        weight_decay: ``>= 0``: a float, a 0-d tensor, or a schedule ``count -> rate`` (the
+            state then counts the updates, as in optax).
         mask: which leaves decay: ``None`` (all), a tree of Python bools shaped like params
             (or a prefix of it), a callable ``params -> such a tree`` or ``(name, param) -> bool``.
             As in optax, a mask wraps the rule in ``optim.masked`` (state ``MaskedState``);
             masked-out leaves pass through unchanged.
 
     Returns:
-        A stateless transformation (state :class:`AddDecayedWeightsState`, or ``MaskedState`` with a mask).
+        A transformation with state :class:`AddDecayedWeightsState` (:class:`WeightDecayScheduleState`
+        for a schedule; ``MaskedState`` with a mask).
 
     Example:
         >>> tx = optim.add_decayed_weights(0.1, mask={"w": True, "b": False})
@@ -531,22 +542,30 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: MaskOrFn
         {'w': tensor([0.1000]), 'b': tensor([0.])}
     """
     check_hyperparameter("weight_decay", weight_decay)
+    return _add_scaled_params(weight_decay, mask)
 
-    def init_fn(params: Params) -> AddDecayedWeightsState:
-        del params
-        return AddDecayedWeightsState()
+
+def _add_scaled_params(weight_decay: ScalarOrSchedule, mask: MaskOrFn = None) -> GradientTransformation:
+    """:func:`add_decayed_weights` without the range check (``fromage`` adds a negative multiple)."""
+    scheduled = callable(weight_decay)
+    state_cls = WeightDecayScheduleState if scheduled else AddDecayedWeightsState
+
+    def init_fn(params: Params) -> Any:
+        return WeightDecayScheduleState(count=_count_like(params)) if scheduled else AddDecayedWeightsState()
 
     def update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
         del extra
-        _check_state("add_decayed_weights", state, AddDecayedWeightsState)
+        _check_state("add_decayed_weights", state, state_cls)
         _need_params("add_decayed_weights", params)
+        rate = weight_decay(state.count) if scheduled else weight_decay
+        new_state = WeightDecayScheduleState(count=state.count + 1) if scheduled else state
         u, treedef, (p,) = _flatten_like(updates, "add_decayed_weights", params)
         p = _cast_to(p, u)
-        if isinstance(weight_decay, torch.Tensor):
-            out = foreach_groups(lambda a, b: torch._foreach_add(a, torch._foreach_mul(b, weight_decay.to(device=a[0].device, dtype=a[0].dtype))), u, p)
+        if isinstance(rate, torch.Tensor):
+            out = foreach_groups(lambda a, b: torch._foreach_add(a, torch._foreach_mul(b, rate.to(device=a[0].device, dtype=a[0].dtype))), u, p)
         else:
-            out = foreach_groups(lambda a, b: _add_scaled(a, b, weight_decay), u, p)
-        return tree.unflatten(treedef, out), state
+            out = foreach_groups(lambda a, b: _add_scaled(a, b, rate), u, p)
+        return tree.unflatten(treedef, out), new_state
 
     tx = GradientTransformation(init_fn, update_fn)
     if mask is None:
@@ -563,16 +582,18 @@ class AddNoiseState(NamedTuple):
     rng_key: torch.Tensor
 
 
-def add_noise(eta: float, gamma: float, seed: Union[int, torch.Tensor]) -> GradientTransformation:
+def add_noise(eta: float, gamma: float, key: Union[int, torch.Tensor, None] = None, *, seed: Optional[int] = None) -> GradientTransformation:
     """Add annealed Gaussian noise: ``g + N(0, eta / t^gamma)`` (Neelakantan et al., 2015).
 
     The key lives in the state (a craftfn key from :mod:`craftfn.random`), so the noise is a
-    pure function of the state: the same state gives the same noise.
+    pure function of the state: the same state gives the same noise. The noise is drawn from
+    craftfn's keys, not JAX's, so it is not optax's sample (its law is the same).
 
     Args:
         eta: base variance, ``>= 0``.
         gamma: decay exponent of the variance, ``>= 0``.
-        seed: an int seed or a craftfn key (``random.key(seed)``).
+        key: a craftfn key (``random.key(seed)``) or an int seed (optax's argument); default 0.
+        seed: an int seed (optax's older spelling); give ``key`` or ``seed``, not both.
 
     Example:
         >>> tx = optim.add_noise(0.01, 0.55, seed=0)
@@ -584,9 +605,13 @@ def add_noise(eta: float, gamma: float, seed: Union[int, torch.Tensor]) -> Gradi
     """
     check_hyperparameter("eta", eta)
     check_hyperparameter("gamma", gamma)
-    if isinstance(seed, bool) or not isinstance(seed, (int, torch.Tensor)):
-        raise TypeError(f"add_noise: seed must be an int or a craftfn key (random.key(seed)), got {seed!r}")
-    key0 = random.key(seed) if isinstance(seed, int) else seed
+    if key is not None and seed is not None:
+        raise ValueError(f"add_noise: give key or seed, not both (got key={key!r}, seed={seed!r})")
+    key = seed if key is None else key
+    key = 0 if key is None else key
+    if isinstance(key, bool) or not isinstance(key, (int, torch.Tensor)):
+        raise TypeError(f"add_noise: key must be an int seed or a craftfn key (random.key(seed)), got {key!r}")
+    key0 = random.key(key) if isinstance(key, int) else key
 
     def init_fn(params: Params) -> AddNoiseState:
         return AddNoiseState(count=_count_like(params), rng_key=key0.clone())
@@ -626,6 +651,26 @@ def set_to_zero() -> GradientTransformation:
         return tree.zeros_like(updates), state
 
     return GradientTransformation(init_fn, update_fn)
+
+
+def stateless_with_tree_map(f: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]) -> GradientTransformation:
+    """A stateless transformation applying ``f(update_leaf, param_leaf)`` to every leaf (``param_leaf`` is
+    ``None`` when ``update`` gets no params).
+
+    Example:
+        >>> tx = optim.stateless_with_tree_map(lambda g, p: 2.0 * g)
+        >>> tx.update({"w": torch.ones(1)}, tx.init(None))[0]
+        {'w': tensor([2.])}
+    """
+    if not callable(f):
+        raise TypeError(f"stateless_with_tree_map: f must be a callable (update, param) -> update, got {f!r}")
+
+    def apply(updates: Updates, params: Optional[Params]) -> Updates:
+        if params is None:
+            return tree.map(lambda u: f(u, None), updates)
+        return tree.map(f, updates, params)
+
+    return stateless(apply)
 
 
 def stateless(f: Callable[[Updates, Optional[Params]], Updates]) -> GradientTransformation:

@@ -48,6 +48,8 @@ __all__ = [
     "MultiSteps",
     "MultiStepsState",
     "skip_not_finite",
+    "skip_large_updates",
+    "ShouldSkipUpdateFunction",
     "ApplyIfFiniteState",
     "apply_if_finite",
     "InjectHyperparamsState",
@@ -124,6 +126,27 @@ def skip_not_finite(updates: Updates, gradient_step: torch.Tensor, params: Optio
         num_not_finite = sharding.shard_sum(num_not_finite)
     should_skip = num_not_finite > 0
     return should_skip, {"should_skip": should_skip, "num_not_finite": num_not_finite}
+
+
+def skip_large_updates(updates: Updates, gradient_step: torch.Tensor, params: Optional[Params], max_squared_norm: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``should_skip_update_fn`` for :class:`MultiSteps`: skip a micro-step whose squared global norm
+    exceeds ``max_squared_norm`` (or is not finite). Bind it with ``functools.partial``.
+
+    Returns:
+        ``(should_skip, {"should_skip": ..., "norm_squared": ...})`` as 0-d tensors.
+
+    Example:
+        >>> skip, info = optim.skip_large_updates({"w": torch.tensor([3.0])}, torch.tensor(0), None, max_squared_norm=4.0)
+        >>> skip, info["norm_squared"]
+        (tensor(True), tensor(9.))
+    """
+    del gradient_step, params
+    norm_sq = tree.sum_of_squares(updates)
+    should_skip = ~(norm_sq < max_squared_norm)  # NaN compares False: skipped too
+    return should_skip, {"should_skip": should_skip, "norm_squared": norm_sq}
+
+
+ShouldSkipUpdateFunction = Callable[[Updates, torch.Tensor, Optional[Params]], tuple[torch.Tensor, Any]]
 
 
 def _weight_for(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -437,7 +460,11 @@ def inject_hyperparams(
         def _hyperparams(count: torch.Tensor, stored: Optional[dict[str, torch.Tensor]], device: Optional[torch.device]) -> dict[str, torch.Tensor]:
             hps: dict[str, torch.Tensor] = {}
             for name, value in numeric_hps.items():
-                hps[name] = stored[name] if stored is not None else _as_tensor(value, device)
+                if stored is None:
+                    hps[name] = _as_tensor(value, device)
+                else:
+                    # optax's idiom opt_state.hyperparams["learning_rate"] = 0.01 stores a number: keep it a tensor.
+                    hps[name] = stored[name] if isinstance(stored[name], torch.Tensor) else _as_tensor(stored[name], device)
             for name, fn in sched_hps.items():
                 hps[name] = _as_tensor(fn(count), device)
             return hps
@@ -600,23 +627,23 @@ def _find(node: Any, key: str, path: str, found: list[tuple[str, Any]]) -> None:
         _find(child, key, child_path, found)
 
 
-_MISSING = object()
-
-
-def tree_get(state: Any, key: str, default: Any = _MISSING) -> Any:
+def tree_get(state: Any, key: str, default: Any = None, filtering: Optional[Callable[[str, Any], bool]] = None) -> Any:
     """The value of the field (NamedTuple field, dict key, dataclass field) named ``key`` anywhere in ``state``.
+
+    As optax's ``tree_get``: ``default`` when no field has that name, ``KeyError`` when several do.
 
     Args:
         state: an optimizer state (or any pytree, e.g. a ``TrainState``).
         key: the field name, e.g. ``"learning_rate"``, ``"count"``, ``"mu"``.
-        default: returned when no field has that name (otherwise ``KeyError``).
+        default: returned when no field has that name.
+        filtering: ``(dotted path, value) -> bool``: keep only the matches it accepts
+            (e.g. ``lambda path, v: path.startswith("0.")``) to pick one of several.
 
     Returns:
-        The value (a tensor or a subtree).
+        The value (a tensor or a subtree), or ``default``.
 
     Raises:
-        KeyError: no field named ``key`` (and no default), or several (their paths are listed;
-            pass a sub-state to disambiguate).
+        KeyError: several fields named ``key`` pass ``filtering`` (their paths are listed).
 
     Example:
         >>> tx = optim.chain(optim.trace(0.9), optim.inject_hyperparams(optim.sgd)(learning_rate=0.1))
@@ -625,12 +652,12 @@ def tree_get(state: Any, key: str, default: Any = _MISSING) -> Any:
     """
     found: list[tuple[str, Any]] = []
     _find(state, key, "", found)
+    if filtering is not None:
+        found = [(p, v) for p, v in found if filtering(p, v)]
     if not found:
-        if default is not _MISSING:
-            return default
-        raise KeyError(f"tree_get: no field named {key!r} in the state")
+        return default
     if len(found) > 1:
-        raise KeyError(f"tree_get: {key!r} is found {len(found)} times, at {[p for p, _ in found]}; pass the sub-state that holds the one you want")
+        raise KeyError(f"tree_get: {key!r} is found {len(found)} times, at {[p for p, _ in found]}; pass filtering= or the sub-state that holds the one you want")
     return found[0][1]
 
 

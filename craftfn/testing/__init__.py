@@ -1,6 +1,6 @@
 """Property-testing kit for update rules (public API): hypothesis strategies and laws.
 
-Strategies (need ``hypothesis``, in the ``dev`` extra):
+Strategies (need ``hypothesis``: ``pip install 'craftfn[testing]'``):
     :func:`param_trees`, :func:`grads_like`.
 Laws (plain functions that raise ``AssertionError`` with the leaf and the size of the difference):
     :func:`check_pure`, :func:`check_matches_torch`, :func:`check_state_stable`,

@@ -21,6 +21,7 @@ from craftfn.training.checkpointing import (
     CheckpointMismatchError,
     CorruptCheckpointError,
     export_params,
+    load_exported,
 )
 from craftfn.training.evaluation import EvalSplit, Evaluator
 from craftfn.training.progress import ProgressTracker, default_peak_flops
@@ -49,4 +50,5 @@ __all__ = [
     "CorruptCheckpointError",
     "CheckpointMismatchError",
     "export_params",
+    "load_exported",
 ]

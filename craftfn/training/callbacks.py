@@ -686,6 +686,10 @@ def _format_seconds(seconds: Optional[float]) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+# tqdm's default bar with its "<remaining, rate" part left out (the postfix carries the ETA).
+_BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+
+
 class ProgressBar(Callback):
     """A tqdm bar on a terminal; plain periodic lines when output is not a terminal (CI).
 
@@ -721,7 +725,12 @@ class ProgressBar(Callback):
         if use:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=trainer.total_steps, initial=trainer.step, file=self._out(), unit="step", dynamic_ncols=True)
+            # tqdm's own remaining time counts the warm-up (compile) steps; the bar shows the
+            # tracker's warm-up-free ETA in the postfix instead.
+            self._bar = tqdm(
+                total=trainer.total_steps, initial=trainer.step, file=self._out(), unit="step", dynamic_ncols=True,
+                bar_format=_BAR_FORMAT,
+            )
         self._last_print = time.monotonic()
 
     def _summary(self, event: Event) -> dict[str, str]:
@@ -739,7 +748,7 @@ class ProgressBar(Callback):
     def on_step_end(self, trainer: Trainer, event: Event) -> None:
         self._last_event = event
         if self._bar is not None:
-            self._bar.set_postfix(self._summary(event), refresh=False)
+            self._bar.set_postfix({**self._summary(event), "eta": _format_seconds(event.metrics.get("eta_sec"))}, refresh=False)
             self._bar.update(event.step - self._bar.n)  # redraws at most every tqdm mininterval
             return
         now = time.monotonic()

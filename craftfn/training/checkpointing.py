@@ -72,6 +72,7 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointFallbackWarning",
     "export_params",
+    "load_exported",
     "select_steps_to_keep",
     "FORMAT_VERSION",
     "STATE_FILE",
@@ -967,24 +968,29 @@ def _craftfn_version() -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def export_params(state: TrainState, path: Union[str, os.PathLike]) -> list[str]:
+def export_params(
+    state: TrainState, path: Union[str, os.PathLike], metadata: Optional[Mapping[str, str]] = None
+) -> list[str]:
     """Write the model weights of ``state`` as a safetensors file keyed like ``model.state_dict()``.
 
     Every key of the template module's ``state_dict()`` is written (parameters and persistent
-    buffers), tied weights under each of their names, so
-    ``model.load_state_dict(safetensors.torch.load_file(path))`` works with ``strict=True``.
-    When ``apply_fn`` is a function rather than a module, the keys are the params' and buffers'
+    buffers), tied weights once, under the name ``safetensors.torch.save_model`` keeps (the first
+    in sorted order; the header's metadata maps each dropped name to it, as ``save_model``
+    does). So ``safetensors.torch.load_model(model, path)`` loads the file strictly, and
+    :func:`load_exported` loads it (or a file with tied weights under each name). When
+    ``apply_fn`` is a function rather than a module, the keys are the params' and buffers'
     tree paths. The file is written atomically.
 
     Args:
         state: a TrainState (its ``apply_fn`` module gives the key names).
         path: the file to write.
+        metadata: extra ``str -> str`` entries for the safetensors header (e.g. the model config).
 
     Returns:
         The keys written.
 
     Example:
-        >>> export_params(state, "model.safetensors")  # doctest: +SKIP
+        >>> export_params(state, "model.safetensors", {"note": "final"})  # doctest: +SKIP
         ['bias', 'weight']
     """
     check_live(state)
@@ -992,6 +998,7 @@ def export_params(state: TrainState, path: Union[str, os.PathLike]) -> list[str]
     params = dict(tree.flatten_with_path(state.params)[0])
     buffers = dict(tree.flatten_with_path(state.buffers)[0])
     out: dict[str, torch.Tensor] = {}
+    header = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
     if isinstance(module, nn.Module):
         by_identity = {id(p): n for n, p in module.named_parameters()}
         by_identity.update({id(b): n for n, b in module.named_buffers()})
@@ -1009,6 +1016,10 @@ def export_params(state: TrainState, path: Union[str, os.PathLike]) -> list[str]
             out[key] = value
         if unknown:
             raise ValueError(f"export_params: no value in state.params or state.buffers for state_dict keys {unknown[:20]}")
+        for kept, dropped in _tied_names(module).items():
+            for name in dropped:
+                out.pop(name, None)
+                header.setdefault(name, kept)
     else:
         for name, value in {**params, **buffers}.items():
             if not isinstance(value, torch.Tensor):
@@ -1018,7 +1029,7 @@ def export_params(state: TrainState, path: Union[str, os.PathLike]) -> list[str]
     tensors = [(k, v.detach().contiguous().cpu()) for k, v in out.items()]
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{uuid.uuid4().hex}")
     try:
-        _write_safetensors(tmp, tensors, {"format": "pt"})
+        _write_safetensors(tmp, tensors, header)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -1026,4 +1037,62 @@ def export_params(state: TrainState, path: Union[str, os.PathLike]) -> list[str]
         raise
     _fsync_dir(path.parent if str(path.parent) else ".")
     return list(out)
+
+
+def _tied_names(module: nn.Module) -> dict[str, list[str]]:
+    """``{kept name: [other names of the same tensor]}`` over ``module.state_dict()``; the kept name
+    is the first in sorted order, safetensors' rule (``save_model``/``load_model``)."""
+    groups: dict[int, list[str]] = {}
+    for key, ref in module.state_dict(keep_vars=True).items():
+        groups.setdefault(id(ref), []).append(key)
+    return {sorted(names)[0]: sorted(names)[1:] for names in groups.values() if len(names) > 1}
+
+
+def load_exported(module: nn.Module, path: Union[str, os.PathLike]) -> dict[str, str]:
+    """Load a weights file (:func:`export_params`, ``safetensors.torch.save_model``, or an older
+    export with tied weights under each name) into ``module``, strictly, in place.
+
+    Every ``state_dict()`` key must be in the file, directly or through a tied name; a key the
+    module does not have, or a shape that differs, is an error.
+
+    Args:
+        module: the model to fill (e.g. ``GPT(config)``).
+        path: a safetensors file.
+
+    Returns:
+        The file's header metadata (``{}`` when it has none).
+
+    Raises:
+        ValueError: naming the missing and unexpected keys, or the unreadable file.
+
+    Example:
+        >>> load_exported(GPT(config), "runs/char_gpt/model.safetensors")  # doctest: +SKIP
+        {'format': 'pt', ...}
+    """
+    import safetensors
+    import safetensors.torch
+
+    try:
+        tensors = safetensors.torch.load_file(str(path))
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"cannot read the weights in {str(path)!r}: {e}") from None
+    expected = module.state_dict()
+    for kept, others in _tied_names(module).items():
+        present = next((n for n in (kept, *others) if n in tensors), None)
+        for name in (kept, *others):
+            if present is not None and name not in tensors:
+                tensors[name] = tensors[present]
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"the weights in {str(path)!r} do not fit the model: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}"
+        )
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:  # shapes
+        raise ValueError(f"the weights in {str(path)!r} do not fit the model: {' '.join(str(e).split())}") from None
+    return metadata
 

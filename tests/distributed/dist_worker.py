@@ -42,13 +42,12 @@ def loss_fn(state, params, batch, rng):
 
 
 def optimizers() -> dict[str, optim.GradientTransformation]:
-    out = {"sgd": optim.sgd(0.1, momentum=0.9)}
-    if hasattr(optim, "adamw"):
-        out["adamw"] = optim.adamw(1e-2, weight_decay=0.1)
-    if hasattr(optim, "adamw") and hasattr(optim, "clip_by_global_norm"):
+    return {
+        "sgd": optim.sgd(0.1, momentum=0.9),
+        "adamw": optim.adamw(1e-2, weight_decay=0.1),
         # max_norm below the gradient norms here, so clipping acts (by the norm of the whole gradient).
-        out["clip_adamw"] = optim.chain(optim.clip_by_global_norm(0.3), optim.adamw(1e-2, weight_decay=0.1))
-    return out
+        "clip_adamw": optim.chain(optim.clip_by_global_norm(0.3), optim.adamw(1e-2, weight_decay=0.1)),
+    }
 
 
 def whole_tensor_rules() -> dict[str, optim.GradientTransformation]:
@@ -134,7 +133,7 @@ def train(out: str, steps: int, save_every: int, resume: bool, ckpt_dir: str) ->
     from craftfn.training import Trainer
     from craftfn.training.checkpointing import CheckpointManager
 
-    tx = optimizers().get("adamw", optimizers()["sgd"])
+    tx = optimizers()["adamw"]
     state = TrainState.create(model=make_model(dropout=0.1), tx=distributed.data_parallel(tx, shard_optimizer_state=True), seed=3)
     state = distributed.broadcast_state(state)
     manager = CheckpointManager(ckpt_dir, keep_last=None, async_save=True) if distributed.is_main() else None

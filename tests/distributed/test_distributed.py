@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import craftfn.distributed
-from craftfn import TrainState, distributed, make_train_step, optim, random, tree
+from craftfn import DonatedStateError, TrainState, distributed, make_train_step, optim, random, tree
 from craftfn.distributed import zero1
 from craftfn.distributed.collectives import _buckets
 from craftfn.distributed.zero1 import _layout
@@ -166,7 +166,7 @@ def test_donated_data_parallel_state_cannot_be_reused(single_process):
     state = TrainState.create(model=_model(), tx=distributed.data_parallel(optim.sgd(0.1)))
     step = distributed.make_data_parallel_step(_loss, donate=True)
     new_state, _ = step(state, _batch(0))
-    with pytest.raises(Exception, match="donated"):
+    with pytest.raises(DonatedStateError, match="donated"):
         step(state, _batch(0))
     step(new_state, _batch(1))
 

@@ -87,12 +87,21 @@ def test_scores_are_generated_logprob_over_generated_length(model, length_penalt
 
 
 def test_length_penalty_changes_which_length_wins(model):
-    # Scores decrease with length for lp <= 0 ...; with a strong positive lp longer hypotheses win.
-    ids = torch.tensor([[1, 2, 0]])
-    short = beam_search_generate(model, ids, num_beams=4, max_new_tokens=8, eos_token_id=2, length_penalty=-2.0)
-    long = beam_search_generate(model, ids, num_beams=4, max_new_tokens=8, eos_token_id=2, length_penalty=4.0)
-    length = lambda s: (s[3:].index(2) + 1) if 2 in s[3:] else 8  # noqa: E731
-    assert length(short.sequences[0].tolist()) <= length(long.sequences[0].tolist())
+    # Scores are negative: lp = -2 multiplies them by length ** 2 (short wins), lp = 4 divides by
+    # length ** 4 (long wins). This prompt and EOS put hypotheses ending at EOS after 1-5 tokens in
+    # the beams, so the penalty really chooses: the short end must finish early, the long end must
+    # run to max_new_tokens, and the winning length never shrinks as lp grows.
+    ids, eos, max_new = torch.tensor([[3, 3, 1]]), 1, 8
+    penalties = [-2.0, 0.0, 1.0, 4.0]
+
+    def winning_length(lp):
+        out = beam_search_generate(model, ids, num_beams=4, max_new_tokens=max_new, eos_token_id=eos, length_penalty=lp)
+        gen = out.sequences[0, ids.shape[1]:].tolist()
+        return gen.index(eos) + 1 if eos in gen else max_new
+
+    lengths = [winning_length(lp) for lp in penalties]
+    assert lengths == sorted(lengths), f"winning lengths {lengths} for length_penalty {penalties}"
+    assert lengths[0] < max_new and lengths[-1] == max_new, f"winning lengths {lengths} for length_penalty {penalties}"
 
 
 def test_bad_input(model):

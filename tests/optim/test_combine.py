@@ -63,7 +63,7 @@ def test_partition_label_forms_agree():
 
 
 def test_partition_donated_equals_pure():
-    inner = optim.adamw(1e-2, weight_decay=0.1) if hasattr(optim, "adamw") else optim.sgd(0.1, momentum=0.9)
+    inner = optim.adamw(1e-2, weight_decay=0.1)
     tx = optim.partition({"decay": inner, "no_decay": optim.sgd(0.05, momentum=0.5)}, _decay_label)
     params = _params()
     pure = TrainState.create(apply_fn=lambda p, x: x, params=tree.clone(params), tx=tx)
@@ -110,7 +110,7 @@ def test_masked_updates_pass_through_unchanged_outside_the_mask():
 def test_masked_with_bool_tree_and_prefix_and_donation():
     params = _params()
     mask = {"embed": False, "blocks": True, "norm": False}  # a prefix of the params tree
-    inner = optim.adamw(1e-2, weight_decay=0.1) if hasattr(optim, "adamw") else optim.sgd(0.1, momentum=0.9)
+    inner = optim.adamw(1e-2, weight_decay=0.1)
     tx = optim.masked(inner, mask)
     pure = TrainState.create(apply_fn=lambda p, x: x, params=tree.clone(params), tx=tx)
     donated = TrainState.create(apply_fn=lambda p, x: x, params=tree.clone(params), tx=tx)
@@ -157,8 +157,6 @@ def test_named_chain_equals_chain_and_names_its_states():
 
 
 def test_named_chain_donated_when_last_rule_has_one():
-    if not hasattr(optim, "adamw"):
-        pytest.skip("optim.adamw has not landed yet")
     tx = optim.named_chain(("clip", optim.clip_by_global_norm(1.0)), ("adamw", optim.adamw(1e-2)))
     assert tx.donated_update is not None
     params = _params()

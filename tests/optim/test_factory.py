@@ -191,10 +191,15 @@ def test_compiled_step_with_a_scheduled_factory_optimizer_compiles_once():
     assert optim.tree_get(state.opt_state, "learning_rate").item() == pytest.approx(lr(19), rel=1e-6)
 
 
+# rprop's learning_rate is its initial step size, read once by init (0 at step 0 of this schedule):
+# it starts the same ramp at 0.1 instead.
+INITIAL_STEP_ONLY = {"rprop"}
+
+
 @pytest.mark.parametrize("name", optimizer_names())
 def test_every_alias_builds_with_a_schedule_clipping_and_masked_decay(name):
     params = named_params()
-    lr = schedules.linear(0.0, 0.1, transition_steps=4)
+    lr = schedules.linear(0.0 if name not in INITIAL_STEP_ONLY else 0.1, 0.1, transition_steps=4)
     tx = optim.create_optimizer(name, learning_rate=lr, weight_decay=0.1, clip_norm=1.0, no_decay=("bias", "norm", "ln_"))
     state = tx.init(params)
     grads = {k: torch.full_like(v, 0.5) for k, v in params.items()}

@@ -2,7 +2,7 @@
 
 Each case names the optax-style arguments that select torch's variant of the rule
 (``rmsprop(eps_in_sqrt=False)``, ``adagrad(initial_accumulator_value=0.0, eps_in_sqrt=False)``,
-``nadam(momentum_decay=...)``). Hypothesis draws the hyperparameters and the shapes;
+``nadam(momentum_decay=...)``, ``amsgrad(max_raw_nu=True)``). Hypothesis draws the hyperparameters and the shapes;
 both optimizers see the same seeded random gradients and the params are compared every step.
 """
 
@@ -58,7 +58,7 @@ CASES = {
     ),
     "amsgrad": (
         st.fixed_dictionaries({"lr": lrs, "b1": b1s, "b2": b2s, "eps": epss}),
-        lambda h: optim.amsgrad(h["lr"], b1=h["b1"], b2=h["b2"], eps=h["eps"]),
+        lambda h: optim.amsgrad(h["lr"], b1=h["b1"], b2=h["b2"], eps=h["eps"], max_raw_nu=True),
         lambda h: lambda ps: topt.Adam(ps, lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"], amsgrad=True),
     ),
     "nadam": (

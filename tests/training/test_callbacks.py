@@ -228,6 +228,15 @@ def test_progress_bar_plain_lines_without_a_terminal_and_tqdm_with_one():
     assert "5/5" in bar.getvalue() and "\r" in bar.getvalue()
 
 
+def test_progress_bar_shows_the_warmup_free_eta_not_tqdms_own():
+    bar = io.StringIO()
+    trainer = Trainer(make_train_step(mse_loss), linear_data, max_steps=6, callbacks=[ProgressBar(stream=bar, use_tqdm=True)])
+    trainer.fit(linear_state())
+    last = bar.getvalue().rstrip().split("\r")[-1]
+    # tqdm's own "<remaining" counts the warm-up steps; the tracker's ETA (0 left at the end) replaces it.
+    assert "eta=0:00" in last and "<" not in last, last
+
+
 def tiny_lm():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=8))
@@ -245,6 +254,13 @@ def test_generate_tokens_greedy_and_seeded_sampling():
     a = generate_tokens(state, prompt, 6, temperature=1.0, block_size=4, key=random.key(1))
     b = generate_tokens(state, prompt, 6, temperature=1.0, block_size=4, key=random.key(1))
     assert torch.equal(a, b)
+    # Sampling draws from softmax(logits / temperature): over many rows, each token's frequency
+    # matches its probability (all five are ~0.2 here; a greedy sampler puts every row on one).
+    rows = 2000
+    sampled = generate_tokens(state, prompt.repeat(rows, 1), 1, temperature=1.0, block_size=4, key=random.key(2))[:, -1]
+    probs = torch.softmax(state.apply(state.params, prompt, training=False)[0, -1].float(), dim=-1)
+    freq = torch.bincount(sampled, minlength=probs.numel()).float() / rows
+    assert torch.allclose(freq, probs, atol=0.05), (freq, probs)  # 0.05: ~5 standard deviations
 
 
 def test_sample_text_emits_text_events_every_n_steps_and_at_the_end():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import errno
 import hashlib
 import json
@@ -19,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 import craftfn
 from craftfn import TrainState, make_train_step, optim, tree
@@ -32,6 +33,7 @@ from craftfn.training.checkpointing import (
     CheckpointMismatchError,
     CorruptCheckpointError,
     export_params,
+    load_exported,
     select_steps_to_keep,
 )
 
@@ -44,10 +46,7 @@ def tiny_gpt(dropout: float = 0.0) -> GPT:
 
 
 def make_tx() -> optim.GradientTransformation:
-    if hasattr(optim, "adamw"):
-        return optim.adamw(1e-2, weight_decay=0.1)
-    # A schedule gives the state a step counter as well as the momentum buffers.
-    return optim.sgd(lambda count: 0.1 / (1.0 + count), momentum=0.9)
+    return optim.adamw(1e-2, weight_decay=0.1)
 
 
 def gpt_state(dropout: float = 0.0, seed: int = 0) -> TrainState:
@@ -422,20 +421,59 @@ def test_non_os_error_in_write_cleans_up(tmp_path, monkeypatch):
     ckpt.close()
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores directory permissions")
+def _make_read_only(directory: Path, monkeypatch) -> None:
+    """Fault injection: creating, renaming or writing anything directly in ``directory`` fails with
+    EACCES, as in a directory without write permission (which root would ignore: chmod cannot
+    simulate it when the suite runs as root)."""
+    directory = Path(directory).resolve()
+
+    def inside(path) -> bool:
+        return Path(os.fsdecode(path)).resolve().parent == directory
+
+    def deny(path):
+        raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+
+    def guard(real, *path_args):
+        def wrapper(*args, **kwargs):
+            for i in path_args:
+                if i < len(args) and isinstance(args[i], (str, bytes, os.PathLike)) and inside(args[i]):
+                    deny(args[i])
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    real_os_open, real_open = os.open, builtins.open
+
+    def os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR) and inside(path):
+            deny(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def open_(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and set(mode) & set("wxa+") and inside(file):
+            deny(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", guard(os.mkdir, 0))
+    monkeypatch.setattr(os, "replace", guard(os.replace, 0, 1))
+    monkeypatch.setattr(os, "rename", guard(os.rename, 0, 1))
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", open_)
+
+
 @pytest.mark.parametrize("async_save", [True, False])
-def test_read_only_directory_gives_a_clear_error(tmp_path, async_save):
+def test_read_only_directory_gives_a_clear_error(tmp_path, monkeypatch, async_save):
     ckpt = _fill([1], tmp_path, async_save)
     before = _snapshot_files(tmp_path)
-    os.chmod(tmp_path, 0o500)
-    try:
-        with pytest.raises(OSError, match="could not save step 2") as info:
-            ckpt.save(2, {"w": torch.zeros(4)})
-            ckpt.wait()
-        assert info.value.errno == errno.EACCES and str(tmp_path) in str(info.value)
-    finally:
-        os.chmod(tmp_path, 0o700)
+    _make_read_only(tmp_path, monkeypatch)
+    with pytest.raises(OSError, match="could not save step 2") as info:
+        ckpt.save(2, {"w": torch.zeros(4)})
+        ckpt.wait()
+    assert info.value.errno == errno.EACCES and str(tmp_path) in str(info.value)
+    assert "earlier checkpoints are untouched" in str(info.value)
+    monkeypatch.undo()
     assert _snapshot_files(tmp_path) == before
+    assert ckpt.restore({"w": torch.zeros(4)})["w"][0].item() == 1.0
     ckpt.close()
 
 
@@ -701,17 +739,50 @@ def test_export_params_loads_strictly_into_the_model(tmp_path, make_model):
 
     state, _ = make_train_step(loss_fn)(state, {"x": x})
     path = tmp_path / "model.safetensors"
-    keys = export_params(state, path)
+    keys = export_params(state, path, metadata={"note": "final"})
     loaded = load_file(path)
-    assert keys == list(model.state_dict()) and set(loaded) == set(model.state_dict())
+    # Tied weights once, under the name safetensors.torch.save_model keeps.
+    save_model(model, str(tmp_path / "reference.safetensors"))
+    assert set(keys) == set(loaded) == set(load_file(tmp_path / "reference.safetensors"))
+    assert len(keys) == len(model.state_dict()) - 1  # one tied pair in each model
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["note"] == "final" and metadata["format"] == "pt"
     fresh = make_model()
-    fresh.load_state_dict(loaded, strict=True)
+    missing, unexpected = load_model(fresh, str(path), strict=True)  # safetensors' own strict loader
+    assert not missing and not unexpected
     for name, p in fresh.named_parameters():
         assert torch.equal(p, state.params[name]), name
     for name, b in fresh.named_buffers():
         if name in state.buffers and name in loaded:
             assert torch.equal(b, state.buffers[name]), name
-    assert [n for n in os.listdir(tmp_path)] == ["model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "reference.safetensors"]
+
+
+@pytest.mark.parametrize("layout", ["export_params", "save_model", "tied_under_each_name"])
+def test_load_exported_takes_every_tied_layout_strictly(tmp_path, layout):
+    model = tiny_gpt()
+    path = tmp_path / "w.safetensors"
+    if layout == "export_params":
+        export_params(TrainState.create(model=model, tx=None), path)
+    elif layout == "save_model":
+        save_model(model, str(path))
+    else:
+        save_file({k: v.clone() for k, v in model.state_dict().items()}, str(path))
+    torch.manual_seed(1)
+    fresh = GPT(model.config)
+    load_exported(fresh, path)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight  # still tied
+
+
+def test_load_exported_names_missing_and_unexpected_keys(tmp_path):
+    model = tiny_gpt()
+    weights = {k: v.clone() for k, v in model.state_dict().items() if k != "transformer.ln_f.bias"}
+    weights["extra.weight"] = torch.zeros(1)
+    save_file(weights, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match=r"missing keys \['transformer.ln_f.bias'\], unexpected keys \['extra.weight'\]"):
+        load_exported(tiny_gpt(), tmp_path / "w.safetensors")
 
 
 def test_export_params_with_function_apply_fn(tmp_path):

@@ -18,7 +18,7 @@ TOKENS = torch.arange(300) * 5 % VOCAB
 def fresh_state(seed: int = 0) -> TrainState:
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=1, n_head=2, n_embd=8, dropout=0.1))
-    tx = optim.adamw(1e-2, weight_decay=0.1) if hasattr(optim, "adamw") else optim.sgd(lambda n: 0.1 / (1.0 + n), momentum=0.9)
+    tx = optim.adamw(1e-2, weight_decay=0.1)
     return TrainState.create(model=model, tx=tx, seed=7)
 
 
@@ -45,7 +45,10 @@ class Recorder(Callback):
 
 def make_trainer(manager: CheckpointManager, max_steps: int, data, save_every: int) -> tuple[Trainer, Recorder, EarlyStopping]:
     recorder = Recorder()
-    stopper = EarlyStopping(monitor="eval/loss", mode="min", patience=1000)
+    # The eval loss falls at every evaluation here, so with mode="max" the best stays the first
+    # evaluation's and ``wait`` counts every later one: state a resumed run can only match if its
+    # counters were restored (with mode="min" fresh counters would match too).
+    stopper = EarlyStopping(monitor="eval/loss", mode="max", patience=1000)
     trainer = Trainer(
         make_train_step(lm_loss, donate=True),
         data,
@@ -93,7 +96,9 @@ def test_trainer_resume_is_bit_exact(tmp_path, data):
     # The logged losses of the split run, both halves, are exactly those of the straight run.
     assert train_losses(first_log) + train_losses(second_log) == train_losses(straight_log)
     assert [s for s, _ in train_losses(straight_log)] == list(range(1, 2 * n + 1))
-    # Callback state came back: EarlyStopping ends with the same best and counters.
+    # Callback state came back: EarlyStopping ends with the same best and counters, and the best
+    # was found in the first half, so the second half could not have rebuilt it from scratch.
+    assert straight_stop.best_step == 2 and straight_stop.wait == 4  # no better eval at steps 4, 6, 8, 10
     assert second_stop.state_dict() == straight_stop.state_dict()
 
 

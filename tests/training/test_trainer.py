@@ -279,14 +279,22 @@ def test_resume_restores_state_data_position_and_callback_state(tmp_path):
         mgr.close()
         return state, seen
 
-    straight, seen_straight = run(8, False, tmp_path / "a", EarlyStopping(patience=100))
-    run(4, False, tmp_path / "b", EarlyStopping(patience=100))
-    stopper = EarlyStopping(patience=100)
-    resumed, seen_resumed = run(8, True, tmp_path / "b", stopper)
+    # The eval loss falls at every evaluation, so with mode="max" the best stays the first one
+    # (step 2) and ``wait`` counts every later evaluation: only counters restored from the
+    # checkpoint reach the straight run's state (fresh ones would say best_step=6, wait=1).
+    def stopper():
+        return EarlyStopping(mode="max", patience=100)
+
+    straight_stopper = stopper()
+    straight, seen_straight = run(8, False, tmp_path / "a", straight_stopper)
+    run(4, False, tmp_path / "b", stopper())
+    resumed_stopper = stopper()
+    resumed, seen_resumed = run(8, True, tmp_path / "b", resumed_stopper)
     assert len(seen_resumed) == 4
     assert all(torch.equal(a, b) for a, b in zip(seen_resumed, seen_straight[4:]))
     assert tree.equal(resumed.params, straight.params)
-    assert stopper.best_step is not None and stopper.best is not None  # counters came back and continued
+    assert straight_stopper.best_step == 2 and straight_stopper.wait == 3  # the premise above
+    assert resumed_stopper.state_dict() == straight_stopper.state_dict()
 
 
 def test_count_tokens_and_learning_rate_of():
@@ -307,9 +315,6 @@ def test_count_tokens_and_learning_rate_of():
 
 
 def test_lr_is_logged_when_the_optimizer_state_has_one():
-    inject = getattr(optim, "inject_hyperparams", None)
-    if inject is None:
-        pytest.skip("optim.inject_hyperparams is not available")
     events = []
 
     class Collect(Callback):
@@ -317,7 +322,7 @@ def test_lr_is_logged_when_the_optimizer_state_has_one():
             events.append(event)
 
     torch.manual_seed(0)
-    tx = inject(optim.sgd)(learning_rate=lambda n: 0.1 / (n + 1))
+    tx = optim.inject_hyperparams(optim.sgd)(learning_rate=lambda n: 0.1 / (n + 1))
     state = TrainState.create(model=torch.nn.Linear(3, 1), tx=tx)
     Trainer(make_train_step(mse_loss), linear_data, max_steps=3, callbacks=[Collect()]).fit(state)
     assert [round(e.metrics["lr"], 6) for e in events] == [0.1, 0.05, round(0.1 / 3, 6)]
