@@ -33,6 +33,8 @@ from typing import Any, Iterator
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from craftfn.random import _rows_of_global_batch
+
 __all__ = ["global_batch_masks"]
 
 _aten = torch.ops.aten
@@ -76,5 +78,7 @@ def global_batch_masks(rank: int, world: int) -> Iterator[None]:
     if world == 1:
         yield
         return
-    with _GlobalBatchBernoulli(rank, world):
+    # Keyed module randomness (craftfn.random.module_rng, as in the steps) takes this rank's block of
+    # the global batch's counters; torch's unkeyed Bernoulli draws for the global batch and keeps the rows.
+    with _rows_of_global_batch(rank, world), _GlobalBatchBernoulli(rank, world):
         yield
