@@ -9,7 +9,9 @@ test_fully_sharded.py.
 from __future__ import annotations
 
 import doctest
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,25 +20,15 @@ import craftfn.optim.sharding
 from craftfn import TrainState, distributed, make_eval_step, make_train_step, optim, random, tree
 from craftfn.training import EvalSplit, Evaluator
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_distributed import _batch, _loss, _model  # noqa: E402  (the same tiny model and data)
+
 
 @pytest.fixture(autouse=True)
 def single_process(monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
 
-
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-
-
-def _loss(state, params, batch, rng):
-    return torch.mean((state.apply(params, batch["x"]) - batch["y"]) ** 2)
-
-
-def _batch(i: int) -> dict[str, torch.Tensor]:
-    x = random.normal(random.fold_in(random.key(3), i), (8, 4))
-    return {"x": x, "y": x.sum(-1, keepdim=True)}
 
 
 def _sharded(kind: str, tx: optim.GradientTransformation) -> TrainState:
@@ -78,6 +70,26 @@ REFUSED = {
     "centralize": lambda: optim.chain(optim.centralize(), optim.sgd(0.1)),
     "scale_by_param_block_rms": lambda: optim.chain(optim.scale_by_param_block_rms(), optim.sgd(0.1)),
     "add_noise": lambda: optim.chain(optim.add_noise(0.01, 0.55, 0), optim.sgd(0.1)),
+    # optax parity's rules that read whole parameters or sum over all of them.
+    "scale_by_novograd (NovoGrad)": lambda: optim.novograd(1e-2),
+    "scale_by_sm3 (SM3)": lambda: optim.sm3(1e-2),
+    "scale_by_lbfgs (L-BFGS)": lambda: optim.lbfgs(1e-2),
+    "scale_by_polyak (Polyak SGD)": lambda: optim.polyak_sgd(),
+    "scale_by_distance_over_gradients (layer-wise DoG)": lambda: optim.chain(optim.scale_by_distance_over_gradients(), optim.sgd(0.1)),
+    "scale_by_param_block_norm": lambda: optim.chain(optim.scale_by_param_block_norm(), optim.sgd(0.1)),
+    "normalize_by_update_norm": lambda: optim.chain(optim.normalize_by_update_norm(), optim.sgd(0.1)),
+    "scale_by_shape (Muon)": lambda: optim.partition(
+        {"matrix": optim.chain(optim.contrib.scale_by_shape(), optim.sgd(0.1)), "other": optim.sgd(0.1)},
+        lambda name, p: "matrix" if p.ndim == 2 else "other",
+    ),
+    "scale_by_dog (DoG)": lambda: optim.contrib.dog(),
+    "scale_by_dowg (DoWG)": lambda: optim.contrib.dowg(),
+    "prodigy": lambda: optim.contrib.prodigy(),
+    "dadapt_adamw (D-Adaptation)": lambda: optim.contrib.dadapt_adamw(),
+    "mechanize (Mechanic)": lambda: optim.contrib.mechanize(optim.sgd(0.1)),
+    "momo": lambda: optim.contrib.momo(),
+    "momo_adam": lambda: optim.contrib.momo_adam(),
+    "normalize (SAM)": lambda: optim.chain(optim.contrib.normalize(), optim.sgd(0.1)),
 }
 
 
@@ -87,8 +99,32 @@ def test_rules_that_need_whole_tensors_are_refused_naming_the_rule(kind, rule):
     mode = {"zero1": "ZeRO-1", "zero3": "ZeRO-3"}[kind]
     with pytest.raises(optim.ShardingError, match=f"^{rule.replace('(', r'[(]').replace(')', r'[)]')} cannot run under {mode}"):
         _train(_sharded(kind, REFUSED[rule]()), distributed.make_data_parallel_step(_loss), steps=1)
-    # Without sharding the same rule runs.
-    _train(TrainState.create(model=_model(), tx=REFUSED[rule](), seed=1), make_train_step(_loss), steps=1)
+    # Without sharding the same rule runs (Polyak and Momo read the loss: given as value=).
+    tx, params = REFUSED[rule](), dict(_model().named_parameters())
+    updates, _ = tx.update(tree.map(torch.ones_like, params), tx.init(params), params, value=torch.tensor(1.0))
+    assert tree.all_finite(updates)
+
+
+# Every optimizer create_optimizer builds, by name: exact on shards, or refused by the rule that cannot be.
+REFUSED_BY_NAME = {
+    "adafactor": "scale_by_factored_rms (Adafactor)", "lbfgs": "scale_by_lbfgs (L-BFGS)", "muon": "scale_by_muon (Muon)",
+    "noisy_sgd": "add_noise", "novograd": "scale_by_novograd (NovoGrad)", "sm3": "scale_by_sm3 (SM3)",
+}
+
+
+@pytest.mark.parametrize("name", optim.optimizer_names())
+def test_every_named_optimizer_is_exact_on_shards_or_refused(name):
+    def tx():
+        return optim.create_optimizer(name, learning_rate=1e-2, weight_decay=0.1)
+
+    plain = _train(TrainState.create(model=_model(), tx=tx(), seed=1), make_train_step(_loss), steps=2)
+    for kind in ("zero1", "zero3"):
+        if name in REFUSED_BY_NAME:
+            with pytest.raises(optim.ShardingError, match=f"^{REFUSED_BY_NAME[name].replace('(', r'[(]').replace(')', r'[)]')} cannot run"):
+                _train(_sharded(kind, tx()), distributed.make_data_parallel_step(_loss), steps=2)
+        else:
+            sharded = _train(_sharded(kind, tx()), distributed.make_data_parallel_step(_loss), steps=2)
+            assert tree.allclose(sharded.params, plain.params, rtol=1e-6, atol=1e-7), kind
 
 
 def test_fully_sharded_step_in_one_process_equals_the_plain_step():
@@ -170,6 +206,15 @@ def test_global_batch_masks_equal_the_rows_of_one_process_draw():
             assert torch.equal(a, b[rows])
     with pytest.raises(ValueError, match=r"rank must be an int in \[0, 2\)"), distributed.global_batch_masks(2, 2):
         pass
+    # Keyed module randomness (what the steps use): each rank's block of the global batch's draw.
+    with random.module_rng(random.key(2)):
+        whole = (torch.nn.functional.dropout(x, 0.5), torch.nn.functional.dropout(x, 0.3))
+    for rank in range(4):
+        rows = slice(2 * rank, 2 * rank + 2)
+        with random.module_rng(random.key(2)), distributed.global_batch_masks(rank, 4):
+            mine = (torch.nn.functional.dropout(x[rows], 0.5), torch.nn.functional.dropout(x[rows], 0.3))
+        for a, b in zip(mine, whole):
+            assert torch.equal(a, b[rows])
 
 
 def test_evaluator_split_over_threads_equals_one_process():
