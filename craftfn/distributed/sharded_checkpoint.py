@@ -70,6 +70,7 @@ from craftfn.training.checkpointing import (
     _meta_text,
     _metric_ok,
     _read_meta,
+    _resolve_step,
     _step_dirname,
     _to_json_number,
     select_steps_to_keep,
@@ -368,22 +369,7 @@ class ShardedCheckpointManager:
         return sorted(steps)
 
     def _resolve(self, step: Union[int, str]) -> int:
-        steps = self._scan()
-        if step == "latest":
-            if not steps:
-                raise FileNotFoundError(f"no checkpoint in {self.directory}")
-            return steps[-1]
-        if step == "best":
-            best = self._best()
-            if best is None:
-                raise FileNotFoundError(f"no checkpoint with metric {self.best_metric!r} in {self.directory}")
-            return best
-        if isinstance(step, str):
-            raise ValueError(f"step must be 'latest', 'best' or an int, got {step!r}")
-        value = _check_step(step)
-        if value not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {value} in {self.directory}; saved steps: {steps}")
-        return value
+        return _resolve_step(step, self._scan(), self._best, self.directory, self.best_metric)
 
     def _meta(self, step: int) -> dict[str, Any]:
         path = self.directory / _step_dirname(step)

@@ -34,6 +34,17 @@ class _Group(NamedTuple):
     pieces: list[tuple[int, int]]  # this rank's [lo, hi) of each flattened leaf (lo == hi: none)
 
 
+
+def _named_pieces(groups: Any, flats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's flat shard of each group, cut into its parameters' pieces (views), by name."""
+    out = {}
+    for g, flat in zip(groups, flats):
+        at = 0
+        for name, (lo, hi) in zip(g.names, g.pieces):
+            out[name] = flat[at : at + hi - lo]
+            at += hi - lo
+    return out
+
 def _layout(params: Params, rank_: int, world: int) -> tuple[list[str], list[_Group]]:
     leaves = tree.leaves(params)
     names = tree.paths(params)
@@ -156,12 +167,7 @@ def _sharded(tx: GradientTransformation, bucket_bytes: int) -> GradientTransform
         if n > 1:
             for sh in shards:
                 sh.div_(n)
-        g_pieces = {}
-        for g, sh in zip(groups, shards):
-            at = 0
-            for name, (lo, hi) in zip(g.names, g.pieces):
-                g_pieces[name] = sh[at : at + hi - lo]
-                at += hi - lo
+        g_pieces = _named_pieces(groups, shards)
         _check_shard_sizes(state.inner, g_pieces, frozenset(names))
         # The global norm: squares summed on each slice (padding is zero), then over ranks.
         sq = torch.stack([torch.sum(sh.float() ** 2) for sh in shards]).sum() if shards else torch.zeros(())
@@ -211,12 +217,7 @@ def _sharded(tx: GradientTransformation, bucket_bytes: int) -> GradientTransform
                   pad=g.shard - sum(hi - lo for lo, hi in g.pieces))
             for g in groups
         ]
-        p_pieces = {}
-        for g, m in zip(groups, mine):
-            at = 0
-            for name, (lo, hi) in zip(g.names, g.pieces):
-                p_pieces[name] = m[at : at + hi - lo]
-                at += hi - lo
+        p_pieces = _named_pieces(groups, mine)
         if tx.donated_update is not None:
             with on_shards(params):
                 new_pieces, inner = tx.donated_update(g_pieces, state.inner, p_pieces, shard_sum=_shard_sum, **extra)
