@@ -208,7 +208,8 @@ train.sample_tokens = 8
 """
 
 
-def test_torchrun_cli_trains_data_parallel_and_matches_one_process(tmp_path):
+def test_torchrun_cli_on_two_nodes_of_two_ranks_trains_data_parallel_and_matches_one_process(tmp_path):
+    """4 ranks as README's multi-node command starts them: one torchrun per node (here both on this machine)."""
     from safetensors.torch import load_file
 
     gin_file = tmp_path / "tiny.gin"
@@ -216,21 +217,34 @@ def test_torchrun_cli_trains_data_parallel_and_matches_one_process(tmp_path):
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     port = str(launcher.free_port())
-    two = subprocess.run(
-        [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "craftfn", "train",
-         "--gin_file", str(gin_file), "--run_dir", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+    nodes = [
+        subprocess.Popen(
+            [torchrun, "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+             "-m", "craftfn", "train", "--gin_file", str(gin_file), "--run_dir", str(tmp_path / "four")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for node in (0, 1)
+    ]
     one = subprocess.run(
         [sys.executable, "-m", "craftfn", "train", "--gin_file", str(gin_file), "--run_dir", str(tmp_path / "one")],
         env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
     )
+    outs = []
+    try:
+        for p in nodes:
+            out, err = p.communicate(timeout=LAUNCH_TIMEOUT_S)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(out)
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
     assert one.returncode == 0, one.stderr[-3000:]
-    # Only the main rank reports: one banner, one line per step, one metrics file.
-    assert two.stdout.count("craftfn: training a") == 1
-    assert two.stdout.count("step 4/4 | loss") == 1
-    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
-    a, b = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    # Only the main rank (node 0, local rank 0) reports: one banner, one line per step, one metrics file.
+    assert outs[0].count("craftfn: training a") == 1 and "craftfn: training a" not in outs[1]
+    assert outs[0].count("step 4/4 | loss") == 1
+    assert sorted(p.name for p in (tmp_path / "four" / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    a, b = load_file(tmp_path / "four" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)

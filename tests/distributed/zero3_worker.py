@@ -5,8 +5,9 @@
 Scenarios:
     train     20 steps of clipped AdamW with dropout, fully sharded (--donated: also donated steps; --rules:
               rules that need whole tensors); per-rank bytes; a sharded checkpoint of the final state in
-              --ckpt; an evaluation split across the ranks. Writes rank<r>.pt
-    restore   restores the checkpoint in --ckpt into a fully sharded state on this world size. Writes rank<r>.pt
+              --ckpt; an evaluation split across the ranks; with --restore-from DIR, then restores the
+              checkpoint in DIR on this world size. Writes rank<r>.pt
+    restore   restores the checkpoint in --ckpt into a fully sharded state on this world size. Writes restore_rank<r>.pt
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def fields(state) -> dict | None:
     return {f: getattr(state, f) for f in ("step", "params", "buffers", "opt_state", "rng")}
 
 
-def train(out: str, ckpt: str, donated: bool, rules: bool) -> None:
+def train(out: str, ckpt: str, donated: bool, rules: bool, restore_from: str = "") -> None:
     result: dict = {"rank": distributed.rank(), "world": distributed.world_size(), "runs": {}}
     final = None
     for donate in (False, True) if donated else (False,):
@@ -129,22 +130,28 @@ def train(out: str, ckpt: str, donated: bool, rules: bool) -> None:
         manager.save(STEPS, final, metrics={"loss": history[-1]["loss"]}, extra={"note": "zero3"})
         result["ckpt_files"] = manager.metadata(STEPS)["files"]
     result["state_bytes"] = distributed.local_bytes(final.params) + distributed.local_bytes(final.opt_state)
+    if restore_from:  # a checkpoint another world size wrote, restored in the same launch (one start-up less)
+        result["restore"] = restored_here(restore_from)
     torch.save(result, os.path.join(out, f"rank{distributed.rank()}.pt"))
 
 
 def restore(out: str, ckpt: str) -> None:
+    torch.save(restored_here(ckpt), os.path.join(out, f"restore_rank{distributed.rank()}.pt"))
+
+
+def restored_here(ckpt: str) -> dict:
+    """Restore the checkpoint in ``ckpt`` into a fully sharded state on this world size, and step once."""
     template = distributed.fully_shard(TrainState.create(model=dist_worker.make_model(DROPOUT), tx=clip_adamw(), seed=5))
     with distributed.ShardedCheckpointManager(ckpt) as manager:
         state = manager.restore(template)
     # A step after restoring runs (the shards are laid out for this world size).
     step = distributed.make_data_parallel_step(dist_worker.loss_fn, dropout="global_batch")
     after, _ = step(state, distributed.shard_batch(dist_worker.global_batch(STEPS)))
-    result = {
+    return {
         "restored": fields(distributed.gather_state(state, dst=0)),
         "after": fields(distributed.gather_state(after, dst=0)),
         "local_rows": {k: tuple(v.to_local().shape) if hasattr(v, "to_local") else tuple(v.shape) for k, v in state.params.items()},
     }
-    torch.save(result, os.path.join(out, f"rank{distributed.rank()}.pt"))
 
 
 def main() -> None:
@@ -154,12 +161,13 @@ def main() -> None:
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--donated", action="store_true", help="also train with donate=True")
     parser.add_argument("--rules", action="store_true", help="also run the whole-tensor rules")
+    parser.add_argument("--restore-from", default="", help="after training, restore this checkpoint (train scenario)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     distributed.init(timeout=120.0)
     try:
         if args.scenario == "train":
-            train(args.out, args.ckpt, args.donated, args.rules)
+            train(args.out, args.ckpt, args.donated, args.rules, args.restore_from)
         else:
             restore(args.out, args.ckpt)
     finally:
