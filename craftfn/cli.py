@@ -323,6 +323,7 @@ def _generate(args: argparse.Namespace, bindings: Sequence[str]) -> int:
 def _export(args: argparse.Namespace, bindings: Sequence[str]) -> int:
     if bindings:
         raise UsageError(f"export takes no gin bindings, got {list(bindings)}")
+    from craftfn.data import load_tokenizer
     from craftfn.generation.run import load_model
 
     try:
@@ -330,6 +331,8 @@ def _export(args: argparse.Namespace, bindings: Sequence[str]) -> int:
 
         model = load_model(args.run_dir, args.checkpoint)
         hf_model = to_hf_gpt2(model)
+        tokenizer_file = Path(args.run_dir) / "tokenizer.json"  # the run's tokenizer goes along when there is one
+        tokenizer = load_tokenizer(tokenizer_file) if tokenizer_file.is_file() else None
     except ImportError as e:
         raise UsageError(f"--format hf needs transformers (pip install 'craftfn[hf]'): {e}") from None
     except (ValueError, TypeError, OSError) as e:
@@ -337,14 +340,16 @@ def _export(args: argparse.Namespace, bindings: Sequence[str]) -> int:
     out = Path(args.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{str(out)!r} exists and is not an empty directory: export into a new directory")
-    _save_pretrained_atomically(hf_model, out)
-    print(f"craftfn: wrote a Hugging Face GPT-2 ({model.num_params():,} parameters) to {out}; load it with "
-          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    _save_pretrained_atomically(hf_model, out, tokenizer)
+    print(f"craftfn: wrote a Hugging Face GPT-2 ({model.num_params():,} parameters){' and its tokenizer' if tokenizer else ''} "
+          f"to {out}; load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"
+          + (" and AutoTokenizer.from_pretrained" if tokenizer else ""))
     return 0
 
 
-def _save_pretrained_atomically(hf_model: object, out: Path) -> None:
-    """``save_pretrained`` into a hidden sibling, then rename it to ``out``: no half-written directory."""
+def _save_pretrained_atomically(hf_model: object, out: Path, tokenizer: object = None) -> None:
+    """``save_pretrained`` (model, and tokenizer if given) into a hidden sibling, then rename it to
+    ``out``: no half-written directory."""
     import shutil
     import uuid
 
@@ -353,6 +358,8 @@ def _save_pretrained_atomically(hf_model: object, out: Path) -> None:
     tmp.mkdir()  # mode 0o777 less the umask, like any directory the user makes
     try:
         hf_model.save_pretrained(tmp)  # type: ignore[attr-defined]
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
         mask = os.umask(0)
         os.umask(mask)
         for f in tmp.iterdir():  # the safetensors writer makes its file 0600; the others follow the umask

@@ -4,7 +4,8 @@ Only the CLI layer imports this module (nothing below imports gin). It registers
 
 * model: ``GPTConfig`` (call it from gin files as ``@GPTConfig``: vocab_size and
   block_size are filled in by the experiment);
-* data: ``stdlib_corpus``, ``text_file``;
+* data: ``stdlib_corpus``, ``text_file`` (text in memory); ``lm_task.data`` names files that are
+  tokenized once into token shards and read memory-mapped (:func:`craftfn.data.prepare_corpus`);
 * training: ``Trainer`` (``Trainer.max_steps``, ``Trainer.eval_every``, ...), the callbacks
   (``ConsoleLogger``, ``ProgressBar``, ``EarlyStopping``, ``NanGuard``, ``SampleText`` ...)
   and ``CheckpointManager``;
@@ -27,9 +28,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import gin
 import torch
@@ -43,7 +45,15 @@ from craftfn.training.checkpointing import CheckpointManager, CheckpointMismatch
 from craftfn.training.evaluation import Evaluator
 from craftfn.training.trainer import Trainer
 
-__all__ = ["ConfigError", "train_language_model", "evaluate_language_model", "unigram_entropy", "LanguageModelTask", "build_language_model_task"]
+__all__ = [
+    "ConfigError",
+    "train_language_model",
+    "evaluate_language_model",
+    "unigram_entropy",
+    "entropy_of_counts",
+    "LanguageModelTask",
+    "build_language_model_task",
+]
 
 
 class ConfigError(ValueError):
@@ -99,7 +109,17 @@ def unigram_entropy(tokens: torch.Tensor) -> float:
         >>> round(unigram_entropy(torch.tensor([0, 1, 0, 1])), 4)
         0.6931
     """
-    counts = torch.bincount(tokens.flatten().to(torch.int64)).double()
+    return entropy_of_counts(torch.bincount(tokens.flatten().to(torch.int64)))
+
+
+def entropy_of_counts(counts: Any) -> float:
+    """:func:`unigram_entropy` from a histogram of token ids (e.g. a token corpus's ``token_counts``).
+
+    Example:
+        >>> round(entropy_of_counts(torch.tensor([2, 2])), 4)
+        0.6931
+    """
+    counts = torch.as_tensor(counts).double()
     p = counts[counts > 0] / counts.sum()
     return float(-(p * p.log()).sum())
 
@@ -111,9 +131,29 @@ class LanguageModelTask:
         self.__dict__.update(kw)
 
 
-@gin.configurable("lm_task", module="craftfn")
+_TOKENIZER_KINDS = ("char", "byte", "bpe")
+
+
+def _resolve_tokenizer(tokenizer: Any, vocab_size: Optional[int]) -> Any:
+    """A kind (``'char'``, ``'byte'``, ``'bpe'``) as it is, or the tokenizer of a ``tokenizer.json`` path."""
+    if not isinstance(tokenizer, str):
+        raise TypeError(f"lm_task.tokenizer must be a str ('char', 'byte', 'bpe' or a tokenizer.json path), got {type(tokenizer).__name__}")
+    if tokenizer in _TOKENIZER_KINDS:
+        if tokenizer == "bpe" and vocab_size is None:
+            raise ValueError("lm_task.tokenizer = 'bpe' needs lm_task.vocab_size (e.g. 1024)")
+        if tokenizer != "bpe" and vocab_size is not None:
+            raise ValueError(f"lm_task.vocab_size = {vocab_size} is only for lm_task.tokenizer = 'bpe' (the {tokenizer!r} vocabulary comes from the text)")
+        return tokenizer
+    if os.path.isfile(os.path.expanduser(tokenizer)):
+        if vocab_size is not None:
+            raise ValueError(f"lm_task.vocab_size = {vocab_size} is only for lm_task.tokenizer = 'bpe'; {tokenizer!r} has its own vocabulary")
+        return cdata.load_tokenizer(os.path.expanduser(tokenizer))
+    raise ValueError(f"lm_task.tokenizer must be 'char', 'byte', 'bpe' or the path of a tokenizer.json, got {tokenizer!r} (no such file)")
+
+
+@gin.configurable("lm_task", module="craftfn", denylist=["log", "progress"])
 def build_language_model_task(
-    text: str = gin.REQUIRED,
+    text: Optional[str] = None,
     tokenizer: str = "char",
     model_config: Callable[..., GPTConfig] = gin.REQUIRED,
     block_size: int = 64,
@@ -123,70 +163,111 @@ def build_language_model_task(
     eval_windows: Optional[int] = 512,
     seed: int = 0,
     epoch_data: bool = False,
+    data: Optional[Union[str, Sequence[str]]] = None,
+    vocab_size: Optional[int] = None,
+    cache_dir: Optional[str] = None,
+    jsonl_field: str = "text",
+    bpe_train_bytes: int = 64 << 20,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> LanguageModelTask:
-    """Tokenize ``text``, split it, and build the model, data and steps' inputs.
+    """Tokenize the corpus, split it, and build the model, data and steps' inputs.
+
+    The corpus is either ``text`` (a string in memory) or ``data`` (files, tokenized once into
+    token shards in ``cache_dir`` and read memory-mapped: see :func:`craftfn.data.prepare_corpus`).
+    Both give the same windows for the same tokens. Under torchrun each rank reads only its
+    rows of every global batch.
 
     Args:
-        text: the corpus (``@stdlib_corpus()``, ``@text_file()`` or a string).
-        tokenizer: ``"char"`` (vocabulary = the characters of ``text``) or ``"byte"`` (256 ids).
+        text: the corpus as a string (``@stdlib_corpus()``, ``@text_file()``).
+        tokenizer: ``"char"`` (vocabulary = the characters of the corpus), ``"byte"`` (256 ids),
+            ``"bpe"`` (a byte-level BPE of ``vocab_size`` trained on the corpus), or the path of a
+            ``tokenizer.json`` (e.g. a run's).
         model_config: a ``GPTConfig`` factory (``@GPTConfig``); called with ``vocab_size`` and ``block_size``.
         block_size: tokens per training window.
-        batch_size: windows per training batch.
-        val_fraction: the tail of the text held out for evaluation.
+        batch_size: windows per (global) training batch.
+        val_fraction: the part of the corpus held out for evaluation: the tail of a text, or
+            whole documents (chosen by ``seed``) of a corpus of several files.
         eval_batch_size: windows per evaluation batch.
         eval_windows: evaluate on the first N non-overlapping validation windows (None: all).
         seed: the seed of the model initialisation and of the data.
         epoch_data: train on epochs over non-overlapping windows (set ``Trainer.epochs``)
             instead of random windows drawn per step.
+        data: a text file, directory, glob pattern (or a list of them) of ``.txt``/``.jsonl`` files.
+        vocab_size: the BPE vocabulary size (``tokenizer = 'bpe'`` only).
+        cache_dir: where token shards go (default ``$CRAFTFN_CACHE_DIR`` or ``~/.cache/craftfn/tokens``).
+        jsonl_field: the text field of ``.jsonl`` records.
+        bpe_train_bytes: how much of a ``data`` corpus the BPE is trained on.
     """
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str (e.g. @stdlib_corpus() or @text_file()), got {type(text).__name__}")
-    if not text:
-        raise ValueError("the training text is empty: give a non-empty corpus (train_language_model text / DATA_PATH)")
-    if tokenizer == "char":
-        tok: Any = cdata.CharTokenizer.from_text(text)
-    elif tokenizer == "byte":
-        tok = cdata.ByteTokenizer()
+    if (text is None) == (data is None):
+        raise ValueError(
+            "lm_task needs exactly one corpus: lm_task.text (a string, e.g. @stdlib_corpus()) or lm_task.data "
+            f"(files to tokenize into shards); got {'both' if text is not None else 'neither'}"
+        )
+    kind = _resolve_tokenizer(tokenizer, vocab_size)
+    corpus = None
+    if data is not None:
+        corpus = cdata.prepare_corpus(
+            data, kind, vocab_size=vocab_size, cache_dir=cache_dir, jsonl_field=jsonl_field,
+            bpe_train_bytes=bpe_train_bytes, progress=progress, log=log,
+        )
+        tok: Any = corpus.tokenizer
+        tokens: Any = corpus.tokens
+        token_counts = torch.from_numpy(corpus.token_counts)
     else:
-        raise ValueError(f"tokenizer must be 'char' or 'byte', got {tokenizer!r}")
-    tokens = tok.encode_tensor(text)
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str (e.g. @stdlib_corpus() or @text_file()), got {type(text).__name__}")
+        if not text:
+            raise ValueError("the training text is empty: give a non-empty corpus (train_language_model text / DATA_PATH)")
+        if kind == "char":
+            tok = cdata.CharTokenizer.from_text(text)
+        elif kind == "byte":
+            tok = cdata.ByteTokenizer()
+        elif kind == "bpe":
+            tok = cdata.BPETokenizer.train([text], vocab_size)
+        else:
+            tok = kind
+        tokens = tok.encode_tensor(text)
+        token_counts = torch.bincount(tokens, minlength=tok.vocab_size)
     if tokens.numel() < 2 * (block_size + 1):
         raise ValueError(
             f"the text has {tokens.numel()} tokens, too few for block_size={block_size} "
             f"(need at least {2 * (block_size + 1)} for a train and a validation window); use more text or a smaller block_size"
         )
-    train_tokens, val_tokens = cdata.train_val_split(tokens, val_fraction)
+    if corpus is not None:
+        train_tokens, val_tokens = corpus.split(val_fraction, seed)
+    else:
+        train_tokens, val_tokens = cdata.train_val_split(tokens, val_fraction)
     if val_tokens.numel() <= block_size:
         raise ValueError(
             f"the validation split has {val_tokens.numel()} tokens, fewer than block_size + 1 = {block_size + 1}; "
             "raise val_fraction or use more text"
         )
+    if train_tokens.numel() <= block_size:
+        raise ValueError(f"the training split has {train_tokens.numel()} tokens, fewer than block_size + 1 = {block_size + 1}; lower val_fraction or use more text")
     config = model_config(vocab_size=tok.vocab_size, block_size=block_size)
     torch.manual_seed(seed)
     model = GPT(config)
-    val_set = cdata.WindowDataset(val_tokens, block_size)
-    eval_batches = list(cdata.epoch_batches(val_set, eval_batch_size, seed=seed, epoch=0, shuffle=False))
-    if eval_windows is not None:
-        keep, kept = [], 0
-        for b in eval_batches:
-            if kept >= eval_windows:
-                break
-            take = min(b["input_ids"].shape[0], eval_windows - kept)
-            keep.append({k: v[:take] for k, v in b.items()})
-            kept += take
-        eval_batches = keep
+    eval_batches = cdata.WindowBatches(cdata.WindowDataset(val_tokens, block_size), eval_batch_size, eval_windows)
     if epoch_data:
         train_data: Any = cdata.WindowDataset(train_tokens, block_size)
     else:
-        train_data = cdata.RandomWindows(train_tokens, batch_size, block_size, seed=seed).__getitem__
+        # Under torchrun this rank reads only its rows of each global batch.
+        world = distributed.world_size()
+        if batch_size % world:
+            raise ValueError(f"lm_task.batch_size = {batch_size} (the global batch) must be a multiple of the world size {world}")
+        train_data = cdata.RandomWindows(train_tokens, batch_size, block_size, seed=seed, rank=distributed.rank(), world=world).__getitem__
     return LanguageModelTask(
         tokenizer=tok,
         tokens=tokens,
+        token_counts=token_counts,
+        corpus=corpus,
         train_tokens=train_tokens,
         val_tokens=val_tokens,
         config=config,
         model=model,
         train_data=train_data,
+        rank_batches=not epoch_data,
         eval_batches=eval_batches,
         batch_size=batch_size if epoch_data else None,
         seed=seed,
@@ -225,17 +306,19 @@ def _prepare_training(
         torch.set_num_threads(num_threads)
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    task = build_language_model_task()
-    # Under torchrun (distributed.init() was called): data parallel over the ranks; every rank
-    # builds the same global batch and trains on its rows; only the main rank logs and writes.
-    data_parallel, main = distributed.world_size() > 1, distributed.is_main()
+    main = distributed.is_main()
+    task = build_language_model_task(log=print_fn, progress=main)
+    # Under torchrun (distributed.init() was called): data parallel over the ranks; each rank
+    # reads its rows of the global batch (epoch data: builds the global batch and keeps its rows);
+    # only the main rank logs and writes.
+    data_parallel = distributed.world_size() > 1
     if data_parallel:
         optimizer = distributed.data_parallel(optimizer, shard_optimizer_state=shard_optimizer_state)
     state = TrainState.create(model=task.model, tx=optimizer, seed=task.seed)
     if data_parallel:
         state = distributed.broadcast_state(state)
         train_step = distributed.make_data_parallel_step(
-            lm_loss, donate=donate, compile=compile, shard_global_batch=True, **(step_options or {})
+            lm_loss, donate=donate, compile=compile, shard_global_batch=not task.rank_batches, **(step_options or {})
         )
     else:
         train_step = make_train_step(lm_loss, donate=donate, compile=compile, **(step_options or {}))
@@ -290,8 +373,9 @@ def _prepare_training(
     if main:
         _atomic_write_text(run / "config.gin", config_text)
     tensorboard.config_text = config_text
-    if data_parallel and trainer.tracker.peak_flops:
-        # The throughput counts the global batch, so MFU compares it with every rank's peak together.
+    if data_parallel and trainer.tracker.peak_flops and not task.rank_batches:
+        # The throughput counts the global batch, so MFU compares it with every rank's peak together
+        # (with per-rank batches it counts this rank's tokens against this rank's peak).
         trainer.tracker.peak_flops *= distributed.world_size()
     trainer.checkpoint_extra["gin_config"] = config_text
     return trainer, state, task, sampler, manager, run
@@ -392,7 +476,7 @@ def train_language_model(
             manager.close()
     if distributed.is_main():
         _export(state, run / "model.safetensors")
-    entropy = unigram_entropy(task.tokens)
+    entropy = entropy_of_counts(task.token_counts)
     final = trainer.last_eval
     sample = sampler.samples[-1][1] if sampler.samples else ""
     summary = {
@@ -429,10 +513,10 @@ def evaluate_language_model(run_dir: str, checkpoint: Optional[str] = None, prin
     path = Path(checkpoint) if checkpoint else Path(run_dir) / "model.safetensors"
     if not path.is_file():
         raise ValueError(f"no model weights at {str(path)!r}: train first (craftfn train --run_dir {run_dir}) or pass --checkpoint")
-    task = build_language_model_task()
+    task = build_language_model_task(log=print_fn)
     load_exported(task.model, path)  # either tied layout; a ValueError names what does not fit
     state = TrainState.create(model=task.model, tx=None, seed=task.seed)
     metrics = Evaluator(make_eval_step(lm_eval_metrics), task.eval_batches).evaluate(state)
-    metrics["unigram_entropy"] = unigram_entropy(task.tokens)
+    metrics["unigram_entropy"] = entropy_of_counts(task.token_counts)
     print_fn(" | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics

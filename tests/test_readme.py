@@ -2,6 +2,8 @@
 
 import pathlib
 import re
+import sys
+import types
 
 import pytest
 
@@ -19,7 +21,11 @@ def test_readme_has_examples():
 @pytest.mark.slow
 def test_readme_code_blocks_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples that write files write them here
-    namespace: dict = {"__name__": "__readme__"}
+    # The blocks run in a module of their own, as a pasted script runs in __main__ (torch.compile
+    # looks a compiled function's globals up through sys.modules[__name__]).
+    module = types.ModuleType("__readme__")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    namespace: dict = module.__dict__
     for i, block in enumerate(python_blocks()):
         try:
             exec(compile(block, f"README.md block {i}", "exec"), namespace)

@@ -16,11 +16,12 @@ Example:
 
 from __future__ import annotations
 
+import glob
 import os
 import sysconfig
-from typing import Union
+from typing import Optional, Sequence, Union
 
-__all__ = ["STDLIB_MODULES", "stdlib_corpus", "stdlib_files", "text_file"]
+__all__ = ["STDLIB_MODULES", "stdlib_corpus", "stdlib_files", "text_file", "corpus_files"]
 
 # Pure-Python modules present in every CPython 3.10+ installation (as ``name.py`` or a package's
 # ``name/__init__.py``), kept sorted so the corpus is read in a fixed order.
@@ -147,3 +148,65 @@ def text_file(path: Union[str, os.PathLike], encoding: str = "utf-8") -> str:
     if not text:
         raise ValueError(f"data file {p!r} is empty")
     return text
+
+
+_GLOB_CHARS = set("*?[")
+
+
+def _files_of(spec: str, exclude: Optional[str]) -> list[str]:
+    path = os.path.abspath(os.path.expanduser(spec))
+    if _GLOB_CHARS & set(spec):
+        found = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
+        if not found:
+            raise ValueError(f"data pattern {spec!r} matches no files")
+        return found
+    if not os.path.exists(path):
+        raise ValueError(f"data file {spec!r} does not exist")
+    if os.path.isdir(path):
+        found = []
+        for root, dirs, names in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith(".") and (exclude is None or os.path.join(root, d) != exclude)]
+            found += [os.path.join(root, n) for n in names if not n.startswith(".")]
+        if not found:
+            raise ValueError(f"data directory {spec!r} holds no files")
+        return found
+    if not os.path.isfile(path):
+        raise ValueError(f"data file {spec!r} is not a regular file")
+    return [path]
+
+
+def corpus_files(source: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], exclude: Optional[str] = None) -> list[str]:
+    """The files of a corpus, as absolute paths in a fixed order (each once).
+
+    Args:
+        source: a text file, a directory (its files, recursively; hidden ones skipped), a glob
+            pattern (``data/*.txt``, ``data/**/*.jsonl``), or a list of these.
+        exclude: a folder to leave out (e.g. a token cache inside the data directory).
+
+    Returns:
+        The paths, sorted within each entry of ``source``, entries in the order given.
+
+    Raises:
+        ValueError: naming the entry that does not exist, matches nothing or holds no files.
+
+    Example:
+        >>> corpus_files("data/*.txt")  # doctest: +SKIP
+        ['/home/me/data/a.txt', '/home/me/data/b.txt']
+    """
+    specs = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if not specs:
+        raise ValueError("the corpus source is an empty list: give a file, a directory or a glob pattern")
+    exclude = os.path.abspath(exclude) if exclude else None
+    out: list[str] = []
+    seen: set[str] = set()
+    for spec in specs:
+        if not isinstance(spec, (str, os.PathLike)):
+            raise TypeError(f"a corpus source must be a path or a list of paths, got {type(spec).__name__}")
+        for path in sorted(_files_of(os.fspath(spec), exclude)):
+            real = os.path.realpath(path)
+            if real not in seen and not (exclude and real.startswith(exclude + os.sep)):
+                seen.add(real)
+                out.append(path)
+    if not out:
+        raise ValueError(f"the corpus source {source!r} holds no files")
+    return out

@@ -35,7 +35,7 @@ def test_tokenizer_save_load(tmp_path):
     tok = data.CharTokenizer.from_text("hello, world\n")
     path = tmp_path / "tokenizer.json"
     tok.save(path)
-    assert json.loads(path.read_text())["type"] == "char"
+    assert json.loads(path.read_text())["model"]["type"] == "BPE"  # Hugging Face's format (see test_tokenizer_files.py)
     assert data.load_tokenizer(path) == tok
     data.ByteTokenizer().save(path)
     assert data.load_tokenizer(path) == data.ByteTokenizer()

@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers  # the hf extra; `make test` installs it, so a missing package fails here
 
+from craftfn import data
 from craftfn.generation import generate_text_sampling
 from craftfn.models import GPT, GPTConfig, from_hf_gpt2, to_hf_gpt2
 from craftfn.models.gpt import config_from_hf_gpt2, state_dict_from_hf_gpt2, state_dict_to_hf_gpt2
@@ -103,6 +104,8 @@ def test_export_hf_loads_in_auto_model_for_causal_lm(tmp_path, capsys):
     run.mkdir()
     export_params(TrainState.create(model=model, tx=None), run / "model.safetensors")
     (run / "model_config.json").write_text(json.dumps(config.__dict__))
+    tok = data.CharTokenizer("".join(chr(c) for c in range(32, 92)), [data.EOT])  # 60 characters + EOT = 61
+    tok.save(run / "tokenizer.json")
 
     out = tmp_path / "hf"
     assert main(["export", "--format", "hf", str(run), str(out)]) == 0
@@ -111,6 +114,11 @@ def test_export_hf_loads_in_auto_model_for_causal_lm(tmp_path, capsys):
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x), rtol=1e-5, atol=1e-5)
+    # The run's tokenizer goes along: AutoTokenizer encodes and decodes like craftfn's.
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    text = "HELLO, WORLD 42!" + data.EOT
+    assert hf_tok(text)["input_ids"] == tok.encode(text) and hf_tok.eos_token_id == tok.eot_id == 60
+    assert hf_tok.decode(tok.encode(text)) == text
     # Exporting over a directory that holds something is refused: nothing the user made is lost.
     assert main(["export", "--format", "hf", str(run), str(out)]) == 2
     assert "not an empty directory" in capsys.readouterr().err
