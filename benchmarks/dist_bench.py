@@ -8,14 +8,20 @@ Every rank trains a GPT on its shard of the global batch with one thread. Per st
 * ``local``: the plain step on the rank's rows, no communication (the compute a rank does anyway);
 * ``local + barrier``: the same, then a barrier: the waiting for the slower rank that any
   synchronous step pays, without moving gradients;
-* ``data parallel``: ``distributed.make_data_parallel_step`` with ``data_parallel(adamw)``
-  (gradient all-reduce in flat buckets + one small metrics all-reduce);
-* ``ZeRO-1``: the same with ``shard_optimizer_state=True`` (reduce-scatter + all-gather);
+* ``data parallel``: ``distributed.make_data_parallel_step(..., overlap=False)`` with
+  ``data_parallel(adamw)``: gradient all-reduce in flat buckets after the backward + one small
+  metrics all-reduce (the path before overlapping);
+* ``DP overlap``: the same with the default ``overlap=True``: bucket all-reduces started from
+  backward hooks while the backward runs;
+* ``ZeRO-1``: ``shard_optimizer_state=True`` (all-reduce + slice on gloo, all-gather of updates);
+* ``ZeRO-3``: ``distributed.fully_shard`` (DTensor: parameters all-gathered in the forward,
+  gradients reduce-scattered in the backward, optimizer on the local shards);
 * ``all-reduce only``: ``all_reduce_mean`` of a gradient-sized tree, alone.
 
 Overhead = (data parallel - local), split into waiting (local + barrier - local) and the
-gradient exchange itself (the rest); share = overhead / data parallel. Variants alternate within
-each repeat and the median per-step time is reported, so drift in machine load hits all alike.
+gradient exchange itself (the rest); share = overhead / data parallel. The overlap's overhead is
+(DP overlap - local), compared with the non-overlapped one in the same run. Variants alternate
+within each repeat and the median per-step time is reported, so drift in machine load hits all alike.
 Both ranks share the same cores, so this is a weak proxy for separate machines: communication
 here competes with the other rank's compute.
 """
@@ -43,6 +49,9 @@ CONFIGS = {
     "small": (2, 4, 128, 64, 8),
     "medium": (4, 4, 256, 64, 8),
 }
+
+
+VARIANTS = ("local", "local + barrier", "data parallel", "DP overlap", "ZeRO-1", "ZeRO-3")
 
 
 def _free_port() -> int:
@@ -84,20 +93,28 @@ def bench_config(name: str, args: argparse.Namespace, world: int) -> dict:
         distributed.barrier()
         return out
 
+    dp_tx = distributed.data_parallel(tx, bucket_mb=args.bucket_mb)
     states = {
         "local": TrainState.create(model=model, tx=tx),
         "local + barrier": TrainState.create(model=model, tx=tx),
-        "data parallel": TrainState.create(model=model, tx=distributed.data_parallel(tx)),
+        "data parallel": TrainState.create(model=model, tx=dp_tx),
+        "DP overlap": TrainState.create(model=model, tx=dp_tx),
         "ZeRO-1": TrainState.create(model=model, tx=distributed.data_parallel(tx, shard_optimizer_state=True)),
+        "ZeRO-3": distributed.fully_shard(TrainState.create(model=model, tx=tx)),
     }
     steps = {
         "local": local_step,
         "local + barrier": local_synced,
-        "data parallel": distributed.make_data_parallel_step(lm_loss, donate=True),
+        "data parallel": distributed.make_data_parallel_step(lm_loss, donate=True, overlap=False),
+        "DP overlap": distributed.make_data_parallel_step(lm_loss, donate=True, overlap=True),
         "ZeRO-1": distributed.make_data_parallel_step(lm_loss, donate=True),
+        "ZeRO-3": distributed.make_data_parallel_step(lm_loss, donate=True),
     }
+    steps = {k: v for k, v in steps.items() if k in args.variants}
+    states = {k: v for k, v in states.items() if k in steps}
     grads_like = {k: torch.randn_like(v) for k, v in states["local"].params.items()}
     times: dict[str, list[float]] = {k: [] for k in [*steps, "all-reduce only"]}
+    bytes_before = {k: {"params": distributed.local_bytes(s.params), "opt_state": distributed.local_bytes(s.opt_state)} for k, s in states.items()}
     counter = [0]
 
     def one(variant: str) -> None:
@@ -126,6 +143,7 @@ def bench_config(name: str, args: argparse.Namespace, world: int) -> dict:
         "params": n_params, "grad_mb": n_params * 4 / 2**20, "rows_per_rank": rows, "block": block,
         "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
         "opt_state_bytes_rank0": {k: distributed.opt_state_bytes(s.opt_state) for k, s in states.items()},
+        "bytes_rank0": bytes_before,
     }
 
 
@@ -143,18 +161,23 @@ def worker(args: argparse.Namespace) -> None:
         }
         print(json.dumps({"meta": meta, "results": results}, indent=1))
         print()
-        print("| model | params | grads MB | local ms | local+barrier ms | DP ms | overhead ms (share) | of it: waiting | of it: gradients | "
-              "all-reduce alone ms | ZeRO-1 ms | opt state/rank DP -> ZeRO-1 |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| model | params | grads MB | local ms | " + " | ".join(f"{v} ms (overhead)" for v in results[args.config[0]]["ms"] if v != "local") + " | overlap / no-overlap overhead |")
+        print("|---|---|---|---|" + "---|" * (len(results[args.config[0]]["ms"]) - 1) + "---|")
         for name, r in results.items():
             ms = r["ms"]
-            over = ms["data parallel"] - ms["local"]
-            wait = ms["local + barrier"] - ms["local"]
-            ob = r["opt_state_bytes_rank0"]
-            print(f"| {name} | {r['params'] / 1e6:.2f}M | {r['grad_mb']:.1f} | {ms['local']:.1f} | {ms['local + barrier']:.1f} | "
-                  f"{ms['data parallel']:.1f} | {over:.1f} ({over / ms['data parallel']:.0%}) | {wait:.1f} | {over - wait:.1f} | "
-                  f"{ms['all-reduce only']:.1f} | {ms['ZeRO-1']:.1f} | "
-                  f"{ob['data parallel'] / 2**20:.2f} MB -> {ob['ZeRO-1'] / 2**20:.2f} MB |")
+            cells = [f"{v:.1f} ({v - ms['local']:+.1f})" for k, v in ms.items() if k != "local"]
+            ratio = ""
+            if "DP overlap" in ms and "data parallel" in ms:
+                ratio = f"{(ms['DP overlap'] - ms['local']) / (ms['data parallel'] - ms['local']):.2f}"
+            print(f"| {name} | {r['params'] / 1e6:.2f}M | {r['grad_mb']:.1f} | {ms['local']:.1f} | " + " | ".join(cells) + f" | {ratio} |")
+        print()
+        print("| model | variant | params bytes/rank | optimizer state bytes/rank | vs local |")
+        print("|---|---|---|---|---|")
+        for name, r in results.items():
+            b = r["bytes_rank0"]
+            whole = b["local"]["params"] + b["local"]["opt_state"]
+            for k, v in b.items():
+                print(f"| {name} | {k} | {v['params']:,} | {v['opt_state']:,} | {(v['params'] + v['opt_state']) / whole:.2f} |")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "results": results}, f, indent=1)
@@ -167,6 +190,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
     parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--bucket-mb", type=float, default=distributed.DEFAULT_BUCKET_MB, help="data_parallel(bucket_mb=...)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--json", default="")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -27,8 +27,9 @@ open that scope for you.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -399,6 +400,14 @@ class _KeyedRandomness(TorchFunctionMode):
         self._fallback: Optional[fork_torch_rng] = None
 
     def draw(self, numel: int, device: torch.device) -> torch.Tensor:
+        share = _ROWS_OF_GLOBAL_BATCH[0]
+        if share is not None:
+            # This rank's rows of a draw made for the global batch (rank r of n holds the r-th of n
+            # equal row blocks): counters are positions, so the rank takes its block of them.
+            rank, world = share
+            bits = _stream_bits(_stream_words(self.key, device), self.offset + rank * numel, numel)
+            self.offset += numel * world
+            return bits
         bits = _stream_bits(_stream_words(self.key, device), self.offset, numel)
         self.offset += numel
         return bits
@@ -437,6 +446,20 @@ class _KeyedRandomness(TorchFunctionMode):
 
 
 _TAG_FALLBACK = 0x5EED
+
+# (rank, world) while keyed draws are this rank's rows of the global batch's (craftfn.distributed's
+# dropout="global_batch"); None otherwise.
+_ROWS_OF_GLOBAL_BATCH: list[Optional[tuple[int, int]]] = [None]
+
+
+@contextlib.contextmanager
+def _rows_of_global_batch(rank: int, world: int) -> Iterator[None]:
+    previous = _ROWS_OF_GLOBAL_BATCH[0]
+    _ROWS_OF_GLOBAL_BATCH[0] = (rank, world)
+    try:
+        yield
+    finally:
+        _ROWS_OF_GLOBAL_BATCH[0] = previous
 
 
 def module_rng(key: Key) -> _KeyedRandomness:

@@ -358,7 +358,8 @@ def all_finite(tree: PyTree) -> torch.Tensor:
         >>> tree.all_finite({"a": torch.tensor([1.0, float("nan")])})
         tensor(False)
     """
-    leaves_ = [x for x in leaves(tree) if x.is_floating_point()]
+    # Empty leaves are finite (and have no inf norm: a shard of a sharded parameter may be empty).
+    leaves_ = [x for x in leaves(tree) if x.is_floating_point() and x.numel()]
     if not leaves_:
         return torch.ones((), dtype=torch.bool)
     # The max-abs (inf) norm is NaN/inf exactly when some element is, and unlike a sum of

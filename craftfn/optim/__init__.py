@@ -158,6 +158,7 @@ from craftfn.optim.schedules import (
     warmup_cosine_decay_schedule,
     warmup_exponential_decay_schedule,
 )
+from craftfn.optim.sharding import Sharding, ShardingError, current_sharding, refuse_sharded, sharded, whole_leaves
 from craftfn.optim.transforms import (
     AddDecayedWeightsState,
     AddNoiseState,
@@ -340,6 +341,7 @@ __all__ += [
 
 # factory.py
 __all__ += ["create_optimizer", "optimizer_names", "no_decay_mask"]
+__all__ += ["Sharding", "ShardingError", "sharded", "current_sharding", "refuse_sharded", "whole_leaves"]
 
 # optax's names: the optimizers and primitives added for parity, its aliases of craftfn names, and
 # the submodules (contrib, losses, schedules, tree_utils) under optax's module names.

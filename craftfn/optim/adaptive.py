@@ -23,6 +23,7 @@ import torch
 
 from craftfn import tree
 from craftfn.optim.base import GradientTransformation, Params, Updates, check_hyperparameter
+from craftfn.optim.sharding import refuse_sharded
 from craftfn.optim.transforms import (
     _bias_correction,
     _cast_to,
@@ -792,6 +793,7 @@ def scale_by_factored_rms(
     check_hyperparameter("epsilon", epsilon)
 
     def init_fn(params: Params) -> FactoredState:
+        refuse_sharded("scale_by_factored_rms (Adafactor)", "its second moments are row and column means of whole matrices")
         leaves_, treedef = tree.flatten(params)
         rows, cols, vs = [], [], []
         for p in leaves_:
@@ -811,6 +813,7 @@ def scale_by_factored_rms(
 
     def update_fn(updates: Updates, state: FactoredState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, FactoredState]:
         del params, extra
+        refuse_sharded("scale_by_factored_rms (Adafactor)", "its second moments are row and column means of whole matrices")
         _check_state("scale_by_factored_rms", state, FactoredState)
         g, treedef, (v_row, v_col, v) = _flatten_like(updates, "scale_by_factored_rms", state.v_row, state.v_col, state.v)
         t = (state.count - step_offset - decay_offset + 1).to(_scalar_dtype(state.count))

@@ -19,6 +19,7 @@ import torch
 
 from craftfn import tree
 from craftfn.optim.base import GradientTransformation, Params, Updates, check_hyperparameter
+from craftfn.optim.sharding import refuse_sharded
 from craftfn.optim.transforms import _cast_to, _check_state, _flatten_like, _leaf_rms, _need_params, foreach_groups
 
 __all__ = [
@@ -155,6 +156,7 @@ def clip_by_block_rms(threshold: float) -> GradientTransformation:
 
     def update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
         del params, extra
+        refuse_sharded("clip_by_block_rms", "it clips by the root mean square of each whole parameter")
         _check_state("clip_by_block_rms", state, ClipByBlockRMSState)
         u, treedef = tree.flatten(updates)
         factors = [(1.0 / torch.clamp(r / threshold, min=1.0)).to(x.dtype) for r, x in zip(_leaf_rms(u), u)]
@@ -206,6 +208,7 @@ def adaptive_grad_clip(clipping: float = 0.01, eps: float = 1e-3) -> GradientTra
 
     def update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
         del extra
+        refuse_sharded("adaptive_grad_clip", "it clips by norms over whole output units")
         _check_state("adaptive_grad_clip", state, AdaptiveGradClipState)
         _need_params("adaptive_grad_clip", params)
         u, treedef, (p,) = _flatten_like(updates, "adaptive_grad_clip", params)
@@ -272,6 +275,7 @@ def centralize() -> GradientTransformation:
 
     def update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
         del params, extra
+        refuse_sharded("centralize", "it subtracts means over whole output units")
         _check_state("centralize", state, CentralizeState)
         u, treedef = tree.flatten(updates)
         out = [x - x.mean(dim=tuple(range(1, x.ndim)), keepdim=True) if x.ndim > 1 else x for x in u]

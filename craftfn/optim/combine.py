@@ -41,6 +41,7 @@ from craftfn.optim.base import (
     _state_error,
     apply_updates_,
 )
+from craftfn.optim.sharding import whole_leaves
 
 __all__ = [
     "named_chain",
@@ -138,11 +139,14 @@ def _resolve_per_leaf(spec: LabelSpec, target: Any, argname: str, entries: Optio
 
     ``entries``: :func:`_prefix_entries` of ``spec`` when it is a tree, computed once up front.
     """
-    pairs, _ = tree.flatten_with_path(target)
+    pairs, treedef = tree.flatten_with_path(target)
     if callable(spec):
+        # On shards (ZeRO-1/3) a function of the parameters decides on the whole parameters'
+        # shapes (meta tensors), so a mask such as ``p.ndim >= 2`` decides as in one process.
+        leaves = whole_leaves([name for name, _ in pairs], [leaf for _, leaf in pairs])
         if _is_per_leaf_fn(spec):
-            return [spec(name, leaf) for name, leaf in pairs]
-        entries = _prefix_entries(spec(target))
+            return [spec(name, leaf) for (name, _), leaf in zip(pairs, leaves)]
+        entries = _prefix_entries(spec(tree.unflatten(treedef, leaves)))
     elif entries is None:
         entries = _prefix_entries(spec)
     return _match_prefix(entries, [name for name, _ in pairs], argname)

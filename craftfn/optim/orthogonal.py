@@ -41,6 +41,7 @@ from craftfn.optim.base import (
 )
 from craftfn.optim.combine import partition
 from craftfn.optim.rules import _nesterov_mu_hat, bias_corrected, moment
+from craftfn.optim.sharding import refuse_sharded
 from craftfn.optim.transforms import (
     MaskOrFn,
     _cast_to,
@@ -178,6 +179,7 @@ def scale_by_muon(
 
     def update_fn(updates: Updates, state: MuonState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, MuonState]:
         del params, extra
+        refuse_sharded("scale_by_muon (Muon)", "it orthogonalizes each whole matrix")
         _check_state("scale_by_muon", state, MuonState)
         g, treedef, (mu,) = _flatten_like(updates, "scale_by_muon", state.mu)
         for name, x in zip(tree.paths(updates), g):
@@ -231,6 +233,7 @@ def scale_by_shape(weight_dimension_numbers: Optional[MuonDimensionNumbers] = No
 
     def update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
         del params, extra
+        refuse_sharded("scale_by_shape (Muon)", "it scales by each whole matrix's shape")
         return tree.map(lambda u: u * scale_of(tuple(u.shape)), updates), state
 
     return GradientTransformation(lambda params: EmptyState(), update_fn)

@@ -26,6 +26,7 @@ import torch
 
 from craftfn import tree
 from craftfn.optim.base import EmptyState, GradientTransformation, Params, Updates, check_hyperparameter
+from craftfn.optim.sharding import refuse_sharded
 from craftfn.optim.transforms import _check_betas, _check_state, _count_like, _need_params, _scalar_dtype
 
 __all__ = [
@@ -296,11 +297,13 @@ def scale_by_novograd(
     check_hyperparameter("weight_decay", weight_decay)
 
     def init_fn(params: Params) -> ScaleByNovogradState:
+        refuse_sharded("scale_by_novograd (NovoGrad)", "its second moments are norms of whole parameters")
         return ScaleByNovogradState(
             _count_like(params), tree.zeros_like(params, dtype=mu_dtype), tree.map(lambda p: torch.zeros((), dtype=p.dtype, device=p.device), params)
         )
 
     def update_fn(updates: Updates, state: ScaleByNovogradState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, ScaleByNovogradState]:
+        refuse_sharded("scale_by_novograd (NovoGrad)", "its second moments are norms of whole parameters")
         del extra
         _check_state("scale_by_novograd", state, ScaleByNovogradState)
         _need_params("scale_by_novograd", params)
@@ -354,9 +357,11 @@ def scale_by_sm3(b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8) -> Gradien
     c0 = (1.0 - b2) if not (isinstance(b2, (int, float)) and b2 == 1.0) else 1.0
 
     def init_fn(params: Params) -> ScaleBySM3State:
+        refuse_sharded("scale_by_sm3 (SM3)", "its accumulators are maxima along each axis of whole parameters")
         return ScaleBySM3State(tree.map(_sm3_axes, params), tree.zeros_like(params))
 
     def update_fn(updates: Updates, state: ScaleBySM3State, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, ScaleBySM3State]:
+        refuse_sharded("scale_by_sm3 (SM3)", "its accumulators are maxima along each axis of whole parameters")
         del params, extra
         _check_state("scale_by_sm3", state, ScaleBySM3State)
         g_leaves, treedef = tree.flatten(updates)
@@ -495,6 +500,7 @@ def scale_by_polyak(f_min: float = 0.0, max_learning_rate: float = 1.0, eps: flo
         return EmptyState()
 
     def update_fn(updates: Updates, state: EmptyState, params: Optional[Params] = None, *, value: Any = None, **extra: Any) -> tuple[Updates, EmptyState]:
+        refuse_sharded("scale_by_polyak (Polyak SGD)", "its step size divides by the norm of all gradients")
         del params, extra
         if value is None:
             raise ValueError("scale_by_polyak: update needs the loss: tx.update(grads, state, params, value=loss)")
@@ -540,6 +546,7 @@ def scale_by_lbfgs(memory_size: int = 10, scale_init_precond: bool = True) -> Gr
         raise ValueError(f"scale_by_lbfgs: memory_size must be an int >= 1, got {memory_size!r}")
 
     def init_fn(params: Params) -> ScaleByLBFGSState:
+        refuse_sharded("scale_by_lbfgs (L-BFGS)", "its curvature pairs are dot products over all parameters")
         stacked = tree.map(lambda p: torch.zeros((memory_size, *p.shape), dtype=p.dtype, device=p.device), params)
         count = _count_like(params)
         return ScaleByLBFGSState(
@@ -547,6 +554,7 @@ def scale_by_lbfgs(memory_size: int = 10, scale_init_precond: bool = True) -> Gr
         )
 
     def update_fn(updates: Updates, state: ScaleByLBFGSState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, ScaleByLBFGSState]:
+        refuse_sharded("scale_by_lbfgs (L-BFGS)", "its curvature pairs are dot products over all parameters")
         del extra
         _check_state("scale_by_lbfgs", state, ScaleByLBFGSState)
         _need_params("scale_by_lbfgs", params)
@@ -619,6 +627,7 @@ def scale_by_distance_over_gradients(reps_rel: float = 1e-6, eps: float = 1e-8, 
     check_hyperparameter("global_scale", global_scale, low=None)
 
     def init_fn(params: Params) -> ScaleByDistanceOverGradientsState:
+        refuse_sharded("scale_by_distance_over_gradients (layer-wise DoG)", "its step sizes are norms of whole parameters")
         return ScaleByDistanceOverGradientsState(
             tree.map(lambda x: reps_rel * (1 + _leaf_norm(x)), params),
             tree.map(lambda x: torch.zeros(1, device=x.device), params),
@@ -626,6 +635,7 @@ def scale_by_distance_over_gradients(reps_rel: float = 1e-6, eps: float = 1e-8, 
         )
 
     def update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
+        refuse_sharded("scale_by_distance_over_gradients (layer-wise DoG)", "its step sizes are norms of whole parameters")
         del extra
         _check_state("scale_by_distance_over_gradients", state, ScaleByDistanceOverGradientsState)
         _need_params("scale_by_distance_over_gradients", params)
@@ -652,6 +662,7 @@ def scale_by_param_block_norm(min_scale: float = 1e-3) -> GradientTransformation
         return EmptyState()
 
     def update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
+        refuse_sharded("scale_by_param_block_norm", "it scales by the norm of each whole parameter")
         del extra
         _need_params("scale_by_param_block_norm", params)
         return tree.map(lambda u, p: u * _safe_norm(p, min_scale).to(u.dtype), updates, params), state
@@ -675,6 +686,7 @@ def normalize_by_update_norm(scale_factor: float = 1.0, eps: float = 1e-6) -> Gr
         return EmptyState()
 
     def update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
+        refuse_sharded("normalize_by_update_norm", "it divides by the norm of all updates")
         del params, extra
         g_norm = (torch.sqrt(_tree_sq_norm(updates)) + eps) / scale_factor
         return tree.map(lambda g: g / g_norm.to(g.dtype), updates), state

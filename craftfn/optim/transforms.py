@@ -40,6 +40,7 @@ from craftfn.optim.base import (
     Updates,
     check_hyperparameter,
 )
+from craftfn.optim.sharding import current_sharding, refuse_sharded
 
 __all__ = [
     "ScaleState",
@@ -426,6 +427,7 @@ def scale_by_param_block_rms(min_scale: float = 1e-3) -> GradientTransformation:
 
     def update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
         del extra
+        refuse_sharded("scale_by_param_block_rms", "it scales by the root mean square of each whole parameter")
         _check_state("scale_by_param_block_rms", state, ScaleByParamBlockRMSState)
         _need_params("scale_by_param_block_rms", params)
         u, treedef, (p,) = _flatten_like(updates, "scale_by_param_block_rms", params)
@@ -464,6 +466,13 @@ def scale_by_trust_ratio(min_norm: float = 0.0, trust_coefficient: float = 1.0, 
         u, treedef, (p,) = _flatten_like(updates, "scale_by_trust_ratio", params)
         p_norms = foreach_groups(lambda a: list(torch._foreach_norm(a)), p)
         u_norms = foreach_groups(lambda a: list(torch._foreach_norm(a)), u)
+        sharding = current_sharding()
+        if sharding is not None and u:
+            # On shards (ZeRO-1/3) each norm is that of the whole parameter: the squared norms of
+            # this rank's shards, summed over the ranks in one all-reduce.
+            sq = torch.stack([n.float().to(p_norms[0].device) ** 2 for n in [*p_norms, *u_norms]])
+            whole = torch.sqrt(sharding.shard_sum(sq)).unbind()
+            p_norms, u_norms = list(whole[: len(u)]), list(whole[len(u) :])
         factors = []
         for pn, un, x in zip(p_norms, u_norms, u):
             # optax's safe_norm: both norms are clamped below at min_norm.
@@ -610,6 +619,7 @@ def add_noise(eta: float, gamma: float, key: Union[int, torch.Tensor, None] = No
 
     def update_fn(updates: Updates, state: AddNoiseState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, AddNoiseState]:
         del params, extra
+        refuse_sharded("add_noise", "its noise is drawn per whole parameter, so shards would draw other numbers")
         _check_state("add_noise", state, AddNoiseState)
         u, treedef = tree.flatten(updates)
         count = state.count + 1

@@ -41,6 +41,7 @@ from craftfn.optim.base import (
     check_hyperparameter,
     check_updates_match,
 )
+from craftfn.optim.sharding import current_sharding
 from craftfn.optim.transforms import foreach_groups
 
 __all__ = [
@@ -116,10 +117,13 @@ def skip_not_finite(updates: Updates, gradient_step: torch.Tensor, params: Optio
     del gradient_step, params
     device = _device_of(updates)
     num_not_finite = torch.zeros((), dtype=torch.int64, device=device)
-    for g in tree.group_by_device_dtype([x for x in tree.leaves(updates) if x.is_floating_point()]):
+    for g in tree.group_by_device_dtype([x for x in tree.leaves(updates) if x.is_floating_point() and x.numel()]):
         # An element is non-finite iff its max-abs (inf) norm is; counting per leaf keeps this one kernel per group.
         norms = torch.stack([n.to(device) for n in torch._foreach_norm(g.tensors, float("inf"))])
         num_not_finite = num_not_finite + (~torch.isfinite(norms)).sum()
+    sharding = current_sharding()
+    if sharding is not None:  # on shards (ZeRO-1/3) every rank must skip alike: count over all shards
+        num_not_finite = sharding.shard_sum(num_not_finite)
     should_skip = num_not_finite > 0
     return should_skip, {"should_skip": should_skip, "num_not_finite": num_not_finite}
 
@@ -335,6 +339,10 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra)
         device = state.notfinite_count.device
         finite = tree.all_finite(updates).to(device) & tree.all_finite(new_updates).to(device)
+        sharding = current_sharding()
+        if sharding is not None:
+            # On shards (ZeRO-1/3) every rank must take the same decision: finite on all shards.
+            finite = sharding.shard_sum((~finite).to(torch.float32)) == 0
         one = torch.ones_like(state.notfinite_count)
         notfinite_count = torch.where(finite, torch.zeros_like(one), state.notfinite_count + one)
         total = torch.where(finite, state.total_notfinite, state.total_notfinite + one)

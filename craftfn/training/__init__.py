@@ -24,7 +24,7 @@ from craftfn.training.checkpointing import (
     export_params,
     load_exported,
 )
-from craftfn.training.evaluation import Evaluator
+from craftfn.training.evaluation import EvalSplit, Evaluator
 from craftfn.training.events import TrainerView
 from craftfn.training.progress import ProgressTracker, default_peak_flops
 from craftfn.training.runlock import RunDirLock, RunDirLockedError
@@ -36,6 +36,7 @@ __all__ = [
     "TrainerView",
     "Event",
     "Evaluator",
+    "EvalSplit",
     "ProgressTracker",
     "default_peak_flops",
     "Callback",

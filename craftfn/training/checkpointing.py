@@ -415,6 +415,25 @@ def select_steps_to_keep(
 # --------------------------------------------------------------------------------------------
 
 
+def _resolve_step(step: StepSpec, steps: list[int], best_step: Any, directory: Path, best_metric: Optional[str]) -> int:
+    """The saved step that ``step`` ('latest', 'best' or an int) names among ``steps`` (sorted); ``best_step()`` finds 'best'."""
+    if step == "latest":
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        return steps[-1]
+    if step == "best":
+        best = best_step()
+        if best is None:
+            raise FileNotFoundError(f"no checkpoint with metric {best_metric!r} in {directory}")
+        return best
+    if isinstance(step, str):
+        raise ValueError(f"step must be 'latest', 'best' or an int, got {step!r}")
+    value = _check_step(step)
+    if value not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {value} in {directory}; saved steps: {steps}")
+    return value
+
+
 def _check_step(step: Any) -> int:
     if isinstance(step, torch.Tensor) and step.dim() == 0 and not step.is_floating_point():
         step = int(step)
@@ -729,22 +748,7 @@ class CheckpointManager:
         return steps[-1] if steps else None
 
     def _resolve(self, step: StepSpec) -> int:
-        steps = self._scan()
-        if step == "latest":
-            if not steps:
-                raise FileNotFoundError(f"no checkpoint in {self.directory}")
-            return steps[-1]
-        if step == "best":
-            best = self.best_step()
-            if best is None:
-                raise FileNotFoundError(f"no checkpoint with metric {self.best_metric!r} in {self.directory}")
-            return best
-        if isinstance(step, str):
-            raise ValueError(f"step must be 'latest', 'best' or an int, got {step!r}")
-        value = _check_step(step)
-        if value not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {value} in {self.directory}; saved steps: {steps}")
-        return value
+        return _resolve_step(step, self._scan(), self.best_step, self.directory, self.best_metric)
 
     def _metric(self, step: int) -> Optional[float]:
         if step not in self._metric_cache:

@@ -8,6 +8,10 @@ Perplexity (``exp(loss)``) is added when there is a ``loss``.
 
 Sums are kept on the device and read to the host once per evaluation.
 
+Split across ranks (``split=``, e.g. ``craftfn.distributed.eval_split()``): rank ``r`` of ``n``
+evaluates batches ``r, r + n, r + 2n, ...`` and the weighted sums are added over the ranks, so
+every rank gets the metrics one process gets over all batches, for ~1/n of the work.
+
 Example:
     >>> import torch
     >>> from craftfn import TrainState, make_eval_step
@@ -21,13 +25,29 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
 import torch
 
 from craftfn import tree
 
-__all__ = ["Evaluator"]
+__all__ = ["Evaluator", "EvalSplit"]
+
+
+class EvalSplit(NamedTuple):
+    """How an :class:`Evaluator` shares the batches among ranks.
+
+    ``rank``/``world``: this rank takes batches ``i`` with ``i % world == rank``. ``sum``: adds a
+    1-D float64 tensor over the ranks (an all-reduce; every rank calls it once per evaluation).
+    ``equal_calls``: every rank calls ``eval_step`` equally often (padding with a zero-weight
+    repeat of a batch), needed when ``eval_step`` itself runs collectives (fully sharded
+    parameters are gathered per batch). Build it with ``craftfn.distributed.eval_split()``.
+    """
+
+    rank: int
+    world: int
+    sum: Callable[[torch.Tensor], torch.Tensor]
+    equal_calls: bool = True
 
 
 def _num_samples(batch: Any) -> int:
@@ -48,6 +68,8 @@ class Evaluator:
             iterator is refused: the second evaluation would see nothing.
         weight_key: the metric holding a batch's weight (default ``"num_tokens"``).
         max_batches: evaluate on at most this many batches.
+        split: share the batches among ranks (:class:`EvalSplit`); the result is the same on
+            every rank and equals the one-process result.
 
     Returns (from :meth:`evaluate`): the weighted means, the total weight (``num_tokens``
     or ``num_samples``) and ``perplexity`` when there is a ``loss``.
@@ -57,7 +79,15 @@ class Evaluator:
         >>> metrics = evaluator.evaluate(state)
     """
 
-    def __init__(self, eval_step: Callable[[Any, Any], Mapping[str, Any]], eval_data: Any, *, weight_key: str = "num_tokens", max_batches: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        eval_step: Callable[[Any, Any], Mapping[str, Any]],
+        eval_data: Any,
+        *,
+        weight_key: str = "num_tokens",
+        max_batches: Optional[int] = None,
+        split: Optional[EvalSplit] = None,
+    ) -> None:
         if not callable(eval_step):
             raise TypeError(f"eval_step must be callable (see craftfn.make_eval_step), got {type(eval_step).__name__}")
         if not callable(eval_data):
@@ -72,6 +102,12 @@ class Evaluator:
                 )
         if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
             raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+        if split is not None:
+            if not isinstance(split, EvalSplit):
+                raise TypeError(f"split must be an EvalSplit (e.g. craftfn.distributed.eval_split()), got {type(split).__name__}")
+            if not (isinstance(split.world, int) and split.world >= 1 and isinstance(split.rank, int) and 0 <= split.rank < split.world):
+                raise ValueError(f"split: rank must be in [0, world) and world >= 1, got rank={split.rank!r}, world={split.world!r}")
+        self.split = split
         self.eval_step = eval_step
         self.eval_data = eval_data
         self.weight_key = weight_key
@@ -86,11 +122,22 @@ class Evaluator:
         total: Optional[torch.Tensor] = None
         weighted_by_tokens: Optional[bool] = None
         count = 0
+        rank, world = (self.split.rank, self.split.world) if self.split is not None else (0, 1)
+        mine, spare = 0, None
+
+        def run(batch: Any) -> dict[str, Any]:
+            return dict(self.eval_step(state, batch))
+
         for batch in self._batches():
             if self.max_batches is not None and count >= self.max_batches:
                 break
             count += 1
-            metrics = dict(self.eval_step(state, batch))
+            if spare is None:
+                spare = batch
+            if (count - 1) % world != rank:
+                continue
+            mine += 1
+            metrics = run(batch)
             has_weight = self.weight_key in metrics
             if weighted_by_tokens is None:
                 weighted_by_tokens = has_weight
@@ -105,11 +152,29 @@ class Evaluator:
                 contribution = value.detach().reshape(()).to(torch.float64) * weight.to(value.device)
                 sums[name] = contribution if name not in sums else sums[name] + contribution.to(sums[name].device)
             total = weight if total is None else total + weight.to(total.device)
-        if count == 0 or total is None:
+        if count == 0:
             raise ValueError("the evaluation data is empty: no batches to evaluate")
-        names = list(sums)
+        if self.split is not None:
+            # Ranks with fewer batches (or none) run the first batch again with weight 0: every rank
+            # learns the metric names, and collective eval steps are called equally often.
+            calls = -(-count // world) if self.split.equal_calls else max(1, mine)
+            for _ in range(calls - mine):
+                metrics = run(spare)
+                if weighted_by_tokens is None:
+                    weighted_by_tokens = self.weight_key in metrics
+                metrics.pop(self.weight_key, None)
+                for name, value in metrics.items():
+                    value = torch.as_tensor(value)
+                    if value.numel() == 1 and name not in sums:
+                        sums[name] = torch.zeros((), dtype=torch.float64, device=value.device)
+                if total is None:
+                    total = torch.zeros((), dtype=torch.float64)
+        names = list(sums)  # the eval step's order: the same on every rank
         # One host read for the whole evaluation.
-        host = torch.stack([sums[n].cpu() for n in names] + [total.cpu()]).tolist()
+        vector = torch.stack([sums[n].cpu() for n in names] + [total.cpu()])
+        if self.split is not None:
+            vector = self.split.sum(vector)
+        host = vector.tolist()
         weight_total = host[-1]
         if weight_total <= 0:
             raise ValueError(f"the evaluation weights ({self.weight_key}) sum to {weight_total}; nothing to average")

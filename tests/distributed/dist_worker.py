@@ -50,6 +50,15 @@ def optimizers() -> dict[str, optim.GradientTransformation]:
     }
 
 
+def whole_tensor_rules() -> dict[str, optim.GradientTransformation]:
+    """Rules that look at whole tensors, exact on shards."""
+    return {
+        "lamb": optim.lamb(1e-2),
+        "adamw_mask_by_ndim": optim.adamw(1e-2, weight_decay=0.5, mask=lambda name, p: p.ndim >= 2),
+        "apply_if_finite": optim.apply_if_finite(optim.adam(1e-2), 2),
+    }
+
+
 def host(metrics):
     return {k: float(v) for k, v in metrics.items()}
 
@@ -57,13 +66,39 @@ def host(metrics):
 def equivalence(out: str) -> None:
     steps = 3
     result = {"rank": distributed.rank(), "world": distributed.world_size(), "runs": {}}
+    from craftfn.distributed import overlap
+
+    started: list[tuple[int, int]] = []  # (buckets started from backward hooks, buckets) per overlapped step
+    finish = overlap.GradientExchange.finish
+
+    def recording_finish(self, like):
+        started.append((self.started_in_backward, len(self.buckets)))
+        return finish(self, like)
+
+    overlap.GradientExchange.finish = recording_finish
+    # Every all-reduce the steps issue (gradient buckets, metrics), counted per step: with accumulation
+    # the buckets are reduced once per step, not once per microbatch.
+    all_reduces = [0]
+    plain_all_reduce = torch.distributed.all_reduce
+
+    def counting_all_reduce(*args, **kwargs):
+        all_reduces[0] += 1
+        return plain_all_reduce(*args, **kwargs)
+
+    torch.distributed.all_reduce = counting_all_reduce
+    modes = [("dp", False, 1, False), ("zero", True, 1, False), ("dp_accum2", False, 2, False), ("zero_donate", True, 1, False),
+             ("dp_overlap", False, 1, True), ("dp_overlap_accum2_donate", False, 2, True)]
     for name, tx in optimizers().items():
-        for mode, sharded, accum in [("dp", False, 1), ("zero", True, 1), ("dp_accum2", False, 2), ("zero_donate", True, 1)]:
-            state = TrainState.create(model=make_model(), tx=distributed.data_parallel(tx, shard_optimizer_state=sharded), seed=1)
-            step = distributed.make_data_parallel_step(loss_fn, accum_steps=accum, donate=mode.endswith("donate"))
-            history = []
+        for mode, sharded, accum, overlapped in modes:
+            # Tiny buckets (~100 bytes) so that the model's gradients fill several.
+            dp_tx = distributed.data_parallel(tx, shard_optimizer_state=sharded, bucket_mb=1e-4)
+            state = TrainState.create(model=make_model(), tx=dp_tx, seed=1)
+            step = distributed.make_data_parallel_step(loss_fn, accum_steps=accum, donate=mode.endswith("donate"), overlap=overlapped)
+            history, calls = [], []
             for i in range(steps):
+                all_reduces[0] = 0
                 state, metrics = step(state, distributed.shard_batch(global_batch(i)))
+                calls.append(all_reduces[0])
                 history.append(host(metrics))
             full = distributed.gather_state(state, dst=None)
             result["runs"][f"{name}/{mode}"] = {
@@ -71,7 +106,16 @@ def equivalence(out: str) -> None:
                 "metrics": history,
                 "opt_state": full.opt_state,
                 "opt_state_bytes": distributed.opt_state_bytes(state.opt_state.inner),
+                "all_reduces": calls,
             }
+    result["overlap_started"] = started
+    # ZeRO-1 runs rules that look at whole tensors exactly (trust ratios, masks by shape, finiteness over all shards).
+    for name, tx in whole_tensor_rules().items():
+        state = TrainState.create(model=make_model(), tx=distributed.data_parallel(tx, shard_optimizer_state=True), seed=1)
+        step = distributed.make_data_parallel_step(loss_fn)
+        for i in range(3):
+            state, _ = step(state, distributed.shard_batch(global_batch(i)))
+        result["runs"][f"{name}/zero"] = {"params": state.params}
     # Dropout: each rank draws its own masks, yet the ranks stay in sync.
     state = TrainState.create(model=make_model(dropout=0.5), tx=distributed.data_parallel(optim.sgd(0.1)), seed=1)
     seen = []

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime
 import doctest
+import importlib
+import pkgutil
 
 import pytest
 import torch
@@ -15,7 +17,9 @@ from hypothesis import strategies as st
 
 import craftfn.distributed
 from craftfn import DonatedStateError, TrainState, distributed, make_train_step, optim, random, tree
-from craftfn.distributed import _buckets, _layout
+from craftfn.distributed import zero1
+from craftfn.distributed.collectives import _buckets
+from craftfn.distributed.zero1 import _layout
 
 
 def _model() -> torch.nn.Module:
@@ -193,7 +197,7 @@ def test_nested_params_gather_to_their_own_structure(single_process):
 
 def test_sharded_state_from_another_world_size_is_rejected(single_process, monkeypatch):
     tx = distributed.data_parallel(optim.sgd(0.1, momentum=0.9), shard_optimizer_state=True)
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(zero1, "world_size", lambda: 2)
     state = TrainState.create(model=_model(), tx=tx)  # rank 0's half, as if made under 2 ranks
     monkeypatch.undo()
     with pytest.raises(ValueError, match="sharded for another world size"):
@@ -206,8 +210,8 @@ def test_zero_memory_is_a_slice_per_rank(single_process, monkeypatch):
     tx = distributed.data_parallel(optim.sgd(0.1, momentum=0.9), shard_optimizer_state=True)
     per_rank = []
     for r in range(4):
-        monkeypatch.setattr(distributed, "world_size", lambda: 4)
-        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        monkeypatch.setattr(zero1, "world_size", lambda: 4)
+        monkeypatch.setattr(zero1, "rank", lambda r=r: r)
         per_rank.append(distributed.opt_state_bytes(TrainState.create(model=model, tx=tx).opt_state.inner))
     assert sum(per_rank) == full and max(per_rank) <= full // 4 + 4
 
@@ -282,6 +286,11 @@ def test_data_parallel_step_takes_the_step_options_and_the_global_batch(single_p
 
 
 def test_docstring_examples(single_process):
-    globs = dict(vars(craftfn.distributed), distributed=distributed, optim=optim, torch=torch, tree=tree, random=random, TrainState=TrainState)
-    result = doctest.testmod(craftfn.distributed, extraglobs=globs, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0 and result.attempted > 30, result
+    failed = attempted = 0
+    for name in sorted(m.name for m in pkgutil.iter_modules(craftfn.distributed.__path__)):
+        module = importlib.import_module(f"craftfn.distributed.{name}")
+        globs = dict(vars(module), distributed=distributed, optim=optim, torch=torch, tree=tree, random=random, TrainState=TrainState)
+        result = doctest.testmod(module, extraglobs=globs, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        failed, attempted = failed + result.failed, attempted + result.attempted
+    result = doctest.testmod(craftfn.distributed, extraglobs=dict(distributed=distributed, optim=optim, torch=torch, TrainState=TrainState))
+    assert failed == 0 and result.failed == 0 and attempted > 30, (failed, attempted, result)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,58 +18,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_worker  # noqa: E402
+import launcher  # noqa: E402
 
 from craftfn import TrainState, distributed, make_train_step, tree  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
-LAUNCH_TIMEOUT_S = 90.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+LAUNCH_TIMEOUT_S = launcher.LAUNCH_TIMEOUT_S
 
 
 def _start(args: list[str], world: int = 2) -> list[subprocess.Popen]:
-    port = _free_port()
-    procs = []
-    for r in range(world):
-        env = {
-            **os.environ,
-            "RANK": str(r),
-            "LOCAL_RANK": str(r),
-            "WORLD_SIZE": str(world),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
-        procs.append(subprocess.Popen([sys.executable, WORKER, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return procs
+    return launcher.start(WORKER, args, world)
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float = LAUNCH_TIMEOUT_S) -> list[tuple[int, str]]:
-    out = []
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            _, err = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
-            out.append((p.returncode, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    return out
+    return launcher.finish(procs, timeout)
 
 
-def _run(args: list[str]) -> None:
-    results = _finish(_start(args))
-    for r, (rc, err) in enumerate(results):
-        assert rc == 0, f"rank {r} exited with {rc}:\n{err[-3000:]}"
+def _run(args: list[str], world: int = 2) -> None:
+    launcher.run(WORKER, args, world)
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +47,8 @@ def equivalence(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def _single_process(name: str, steps: int = 3):
-    state = TrainState.create(model=dist_worker.make_model(), tx=dist_worker.optimizers()[name], seed=1)
+def _single_process(name: str, steps: int = 3, tx=None):
+    state = TrainState.create(model=dist_worker.make_model(), tx=tx or dist_worker.optimizers()[name], seed=1)
     step = make_train_step(dist_worker.loss_fn)
     history = []
     for i in range(steps):
@@ -91,7 +58,7 @@ def _single_process(name: str, steps: int = 3):
 
 
 @pytest.mark.parametrize("name", sorted(dist_worker.optimizers()))
-@pytest.mark.parametrize("mode", ["dp", "dp_accum2", "zero", "zero_donate"])
+@pytest.mark.parametrize("mode", ["dp", "dp_accum2", "zero", "zero_donate", "dp_overlap", "dp_overlap_accum2_donate"])
 def test_two_ranks_over_2b_rows_equal_one_process_over_2b_rows(equivalence, name, mode):
     reference, history = _single_process(name)
     for rank_result in equivalence:
@@ -120,6 +87,32 @@ def test_zero1_equals_plain_data_parallel_with_half_the_optimizer_state(equivale
     # Parameter-shaped state splits in two; scalars (step counts) are kept on every rank.
     assert all(s <= full / 2 + 64 for s in shards), (shards, full)
     assert sum(shards) >= full
+
+
+def test_overlapped_buckets_start_their_all_reduce_during_the_backward(equivalence):
+    for rank_result in equivalence:
+        started = rank_result["overlap_started"]
+        # 3 optimizers x 2 overlapped modes x 3 steps, each with several buckets, most started by hooks:
+        # all but the one holding the first layer (its gradients come last, the backward ends with them).
+        assert len(started) == 3 * 2 * 3
+        assert all(buckets >= 3 and hooks >= buckets - 1 for hooks, buckets in started), started
+
+
+@pytest.mark.parametrize("name", sorted(dist_worker.optimizers()))
+def test_accumulation_reduces_the_gradients_once_per_step(equivalence, name):
+    for rank_result in equivalence:
+        runs = {mode: rank_result["runs"][f"{name}/{mode}"]["all_reduces"] for mode in ("dp", "dp_accum2", "dp_overlap", "dp_overlap_accum2_donate")}
+        # Several ~100-byte buckets plus one metrics all-reduce per step; two microbatches issue no more.
+        assert all(n >= 4 for n in runs["dp"]), runs
+        assert runs["dp_accum2"] == runs["dp"], runs
+        assert runs["dp_overlap_accum2_donate"] == runs["dp_overlap"], runs
+
+
+@pytest.mark.parametrize("name", sorted(dist_worker.whole_tensor_rules()))
+def test_zero1_runs_whole_tensor_rules_exactly(equivalence, name):
+    reference, _ = _single_process(name, tx=dist_worker.whole_tensor_rules()[name])
+    for rank_result in equivalence:
+        assert tree.allclose(rank_result["runs"][f"{name}/zero"]["params"], reference.params, rtol=1e-5, atol=1e-6)
 
 
 def test_dropout_differs_across_ranks_while_states_agree(equivalence):
@@ -215,29 +208,43 @@ train.sample_tokens = 8
 """
 
 
-def test_torchrun_cli_trains_data_parallel_and_matches_one_process(tmp_path):
+def test_torchrun_cli_on_two_nodes_of_two_ranks_trains_data_parallel_and_matches_one_process(tmp_path):
+    """4 ranks as README's multi-node command starts them: one torchrun per node (here both on this machine)."""
     from safetensors.torch import load_file
 
     gin_file = tmp_path / "tiny.gin"
     gin_file.write_text(GIN.format(models=Path(__file__).resolve().parents[2] / "gin" / "models" / "gpt_small.gin"))
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = str(_free_port())
-    two = subprocess.run(
-        [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "craftfn", "train",
-         "--gin_file", str(gin_file), "--run_dir", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
+    port = str(launcher.free_port())
+    nodes = [
+        subprocess.Popen(
+            [torchrun, "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+             "-m", "craftfn", "train", "--gin_file", str(gin_file), "--run_dir", str(tmp_path / "four")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for node in (0, 1)
+    ]
     one = subprocess.run(
         [sys.executable, "-m", "craftfn", "train", "--gin_file", str(gin_file), "--run_dir", str(tmp_path / "one")],
         env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
     )
+    outs = []
+    try:
+        for p in nodes:
+            out, err = p.communicate(timeout=LAUNCH_TIMEOUT_S)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(out)
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
     assert one.returncode == 0, one.stderr[-3000:]
-    # Only the main rank reports: one banner, one line per step, one metrics file.
-    assert two.stdout.count("craftfn: training a") == 1
-    assert two.stdout.count("step 4/4 | loss") == 1
-    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
-    a, b = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    # Only the main rank (node 0, local rank 0) reports: one banner, one line per step, one metrics file.
+    assert outs[0].count("craftfn: training a") == 1 and "craftfn: training a" not in outs[1]
+    assert outs[0].count("step 4/4 | loss") == 1
+    assert sorted(p.name for p in (tmp_path / "four" / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    a, b = load_file(tmp_path / "four" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)

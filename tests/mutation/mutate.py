@@ -195,11 +195,18 @@ MUTANTS: tuple[Mutant, ...] = (
         "every epoch walks the data in the same order",
     ),
     Mutant(
-        "data_parallel_sum_not_mean", "distributed averaging", "craftfn/distributed.py",
+        "data_parallel_sum_not_mean", "distributed averaging", "craftfn/distributed/collectives.py",
         "flat.div_(n)  # gloo has no AVG",
         "flat.div_(1)  # gloo has no AVG",
         ("tests/distributed/test_multiprocess.py",),
         "data-parallel gradients are summed over ranks instead of averaged",
+    ),
+    Mutant(
+        "overlap_sum_not_mean", "distributed averaging", "craftfn/distributed/overlap.py",
+        "scale = 1.0 / (world_size() * self.accum_steps)",
+        "scale = 1.0 / self.accum_steps",
+        ("tests/distributed/test_multiprocess.py",),
+        "overlapped data parallel sums the gradients over ranks instead of averaging them",
     ),
     Mutant(
         "gin_config_unimportable", "configuration", "craftfn/gin_config.py",

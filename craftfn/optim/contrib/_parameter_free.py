@@ -30,6 +30,7 @@ from craftfn.optim.base import (
     identity,
 )
 from craftfn.optim.rules import _tree_sq_norm, _tree_vdot
+from craftfn.optim.sharding import refuse_sharded
 from craftfn.optim.transforms import (
     MaskOrFn,
     _check_state,
@@ -167,6 +168,7 @@ def scale_by_dog(init_step: tuple[str, float], eps: float = 1e-8) -> GradientTra
     check_hyperparameter("eps", eps)
 
     def init_fn(params: Params) -> DoGState:
+        refuse_sharded("scale_by_dog (DoG)", "its step size uses norms over all parameters")
         if kind == "distance":
             r = _scalar(value, params)
         elif kind == "heuristic":
@@ -177,6 +179,7 @@ def scale_by_dog(init_step: tuple[str, float], eps: float = 1e-8) -> GradientTra
         return DoGState(torch.ones((), dtype=torch.bool, device=device), tree.clone(tree.detach(params)), r, _scalar(0.0, params))
 
     def update_fn(updates: Updates, state: DoGState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, DoGState]:
+        refuse_sharded("scale_by_dog (DoG)", "its step size uses norms over all parameters")
         del extra
         _check_state("scale_by_dog", state, DoGState)
         _need_params("scale_by_dog", params)
@@ -230,10 +233,12 @@ def scale_by_dowg(init_estim_sq_dist: Optional[float] = None, eps: float = 1e-4)
         check_hyperparameter("init_estim_sq_dist", init_estim_sq_dist)
 
     def init_fn(params: Params) -> DoWGState:
+        refuse_sharded("scale_by_dowg (DoWG)", "its step size uses norms over all parameters")
         start = eps if init_estim_sq_dist is None else init_estim_sq_dist
         return DoWGState(tree.clone(tree.detach(params)), _scalar(0.0, params), _scalar(start, params))
 
     def update_fn(updates: Updates, state: DoWGState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, DoWGState]:
+        refuse_sharded("scale_by_dowg (DoWG)", "its step size uses norms over all parameters")
         del extra
         _check_state("scale_by_dowg", state, DoWGState)
         _need_params("scale_by_dowg", params)
@@ -307,10 +312,12 @@ def prodigy(
     b3 = beta2**0.5 if beta3 is None else beta3
 
     def init_fn(params: Params) -> ProdigyState:
+        refuse_sharded("prodigy", "its distance estimate is a dot product over all parameters")
         z = tree.zeros_like
         return ProdigyState(z(params), z(params), z(params), tree.clone(tree.detach(params)), _scalar(estim_lr0, params), _scalar(0.0, params), _count_like(params))
 
     def update_fn(updates: Updates, state: ProdigyState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, ProdigyState]:
+        refuse_sharded("prodigy", "its distance estimate is a dot product over all parameters")
         del extra
         _check_state("prodigy", state, ProdigyState)
         _need_params("prodigy", params)
@@ -369,10 +376,12 @@ def dadapt_adamw(
     sb2 = beta2**0.5
 
     def init_fn(params: Params) -> DAdaptAdamWState:
+        refuse_sharded("dadapt_adamw (D-Adaptation)", "its distance estimate is a dot product over all parameters")
         z = tree.zeros_like
         return DAdaptAdamWState(z(params), z(params), z(params), _scalar(estim_lr0, params), _scalar(0.0, params), _count_like(params))
 
     def update_fn(updates: Updates, state: DAdaptAdamWState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, DAdaptAdamWState]:
+        refuse_sharded("dadapt_adamw (D-Adaptation)", "its distance estimate is a dot product over all parameters")
         del extra
         _check_state("dadapt_adamw", state, DAdaptAdamWState)
         _need_params("dadapt_adamw", params)
@@ -427,6 +436,7 @@ def mechanize(base_optimizer: GradientTransformation, weight_decay: float = 1e-2
         raise ValueError(f"mechanize: num_betas must be an int >= 1, got {num_betas!r}")
 
     def init_fn(params: Params) -> MechanicState:
+        refuse_sharded("mechanize (Mechanic)", "its scale uses norms and dot products over all parameters")
         dt, device = _lowest_dtype(params), _count_like(params).device
         zeros = torch.zeros(num_betas, dtype=dt, device=device)
         return MechanicState(
@@ -435,6 +445,7 @@ def mechanize(base_optimizer: GradientTransformation, weight_decay: float = 1e-2
         )
 
     def update_fn(updates: Updates, state: MechanicState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, MechanicState]:
+        refuse_sharded("mechanize (Mechanic)", "its scale uses norms and dot products over all parameters")
         _check_state("mechanize", state, MechanicState)
         _need_params("mechanize", params)
         new_neg_updates, base_state = base_optimizer.update(updates, state.base_optimizer_state, params, **extra)
@@ -496,9 +507,11 @@ def momo(
     check_hyperparameter("weight_decay", weight_decay)
 
     def init_fn(params: Params) -> MomoState:
+        refuse_sharded("momo", "its step size uses norms and dot products over all parameters")
         return MomoState(tree.zeros_like(params), _scalar(0.0, params), _scalar(0.0, params), _scalar(lower_bound, params), _count_like(params))
 
     def update_fn(updates: Updates, state: MomoState, params: Optional[Params] = None, *, value: Any = None, **extra: Any) -> tuple[Updates, MomoState]:
+        refuse_sharded("momo", "its step size uses norms and dot products over all parameters")
         del extra
         _check_state("momo", state, MomoState)
         _need_params("momo", params)
@@ -563,10 +576,12 @@ def momo_adam(
     check_hyperparameter("weight_decay", weight_decay)
 
     def init_fn(params: Params) -> MomoAdamState:
+        refuse_sharded("momo_adam", "its step size uses norms and dot products over all parameters")
         z = tree.zeros_like
         return MomoAdamState(z(params), z(params), _scalar(0.0, params), _scalar(0.0, params), _scalar(lower_bound, params), _count_like(params))
 
     def update_fn(updates: Updates, state: MomoAdamState, params: Optional[Params] = None, *, value: Any = None, **extra: Any) -> tuple[Updates, MomoAdamState]:
+        refuse_sharded("momo_adam", "its step size uses norms and dot products over all parameters")
         del extra
         _check_state("momo_adam", state, MomoAdamState)
         _need_params("momo_adam", params)

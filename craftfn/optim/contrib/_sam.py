@@ -16,6 +16,7 @@ import torch
 from craftfn import tree
 from craftfn.optim.base import GradientTransformation, OptState, Params, Updates
 from craftfn.optim.rules import _tree_sq_norm
+from craftfn.optim.sharding import refuse_sharded
 from craftfn.optim.transforms import _check_state, _count_like, _need_params
 
 __all__ = ["NormalizeState", "normalize", "SAMState", "sam"]
@@ -39,6 +40,7 @@ def normalize() -> GradientTransformation:
         return NormalizeState()
 
     def update_fn(updates: Updates, state: NormalizeState, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, NormalizeState]:
+        refuse_sharded("normalize (SAM)", "it divides by the norm of all updates")
         del params, extra
         g_norm = torch.sqrt(_tree_sq_norm(updates))
         return tree.map(lambda g: g / g_norm.to(g.dtype), updates), state
