@@ -7,11 +7,17 @@ written into them). ``craftfn.jit`` sets :class:`JitContext` around its compiled
 ``apply_gradients(donate=True)`` leaves the marking of the donated state to the jit (after the
 call, outside the graph) and refuses donation the jit was not told about. Both are set outside
 any compiled region, so a compiled function only reads them (dynamo guards on them).
+
+Both live in a ``threading.local``: steps that run in several threads at once (an evaluator per
+thread, a step in a data-loading thread) each see their own context, and one thread's exit
+cannot leave another's context behind. Read them with ``getattr(..., None)``: dynamo guards on a
+plain ``threading.local``'s attributes, but not on class-level defaults of a subclass.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -27,37 +33,36 @@ class JitContext:
     donating: bool
 
 
-_ACTIVE: list[Optional[StepContext]] = [None]
-_JIT: list[Optional[JitContext]] = [None]
+_LOCAL = threading.local()
 # One object per value: a compiled function guards on what it reads, the same object every call.
 _JIT_CONTEXTS = {True: JitContext(donating=True), False: JitContext(donating=False)}
 
 
 def current() -> Optional[StepContext]:
-    return _ACTIVE[0]
+    return getattr(_LOCAL, "step", None)
 
 
 def current_jit() -> Optional[JitContext]:
-    return _JIT[0]
+    return getattr(_LOCAL, "jit", None)
 
 
 @contextlib.contextmanager
 def step_context(training: bool) -> Iterator[StepContext]:
-    previous = _ACTIVE[0]
+    previous = current()
     ctx = StepContext(training=training)
-    _ACTIVE[0] = ctx
+    _LOCAL.step = ctx
     try:
         yield ctx
     finally:
-        _ACTIVE[0] = previous
+        _LOCAL.step = previous
 
 
 @contextlib.contextmanager
 def jit_context(donating: bool) -> Iterator[JitContext]:
-    previous = _JIT[0]
+    previous = current_jit()
     ctx = _JIT_CONTEXTS[bool(donating)]
-    _JIT[0] = ctx
+    _LOCAL.jit = ctx
     try:
         yield ctx
     finally:
-        _JIT[0] = previous
+        _LOCAL.jit = previous
