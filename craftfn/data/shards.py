@@ -722,7 +722,7 @@ def prepare_corpus(
             workers = num_workers if todo_bytes >= PARALLEL_MIN_BYTES else 1
             log(
                 f"craftfn: tokenizing {todo_bytes / 1e6:,.1f} MB of {len(files)} file(s) into {folder} "
-                f"({tok!r}, {dtype.name}, {1 if isinstance(tok, BPETokenizer) else workers} process(es))"
+                f"({tok!r}, {dtype.name}, encoded in {1 if isinstance(tok, BPETokenizer) or not any(p.endswith('.jsonl') for p in files) else workers} process(es))"
             )
         t_encode = time.perf_counter()
         with _progress(todo_bytes, "tokenizing", progress and todo_bytes > 0) as bar:
