@@ -3,11 +3,13 @@
 Part 1 saves and restores a state of ``--millions`` million float32 elements (parameters plus two
 Adam moments, so a third of them are parameters) with:
 
-* ``CheckpointManager(async_save=False).save``: safetensors, sha256, fsync of files and directory;
+* ``CheckpointManager(async_save=False).save``: safetensors, xxh3_128 checksum, fsync of files and directory;
 * ``CheckpointManager(async_save=True).save``: the time until ``save`` returns (host copy), and until the
   background write is done;
 * ``torch.save`` of the same tensors, without and with an fsync (``torch.save`` never fsyncs);
-* restore: ``CheckpointManager.restore`` (reads and verifies the sha256) against ``torch.load``.
+* restore: ``CheckpointManager.restore`` (reads and verifies the xxh3_128 checksum) against ``torch.load``,
+  and the restore of the same state written in the old format (format 1: sha256);
+* the checksums alone over the file's bytes: xxh3_128 (what craftfn writes) and sha256 (format 1).
 
 Part 2 trains a small GPT and compares the mean step time without saving, with asynchronous saving
 every ``--save-every`` steps, and with synchronous saving.
@@ -33,10 +35,12 @@ import time
 from pathlib import Path
 
 import torch
+import xxhash
 
 from craftfn import TrainState, make_train_step, optim
 from craftfn.data import random_window_batch
 from craftfn.models import GPT, GPTConfig, lm_loss
+from craftfn.training import checkpointing
 from craftfn.training.checkpointing import CheckpointManager
 
 
@@ -70,6 +74,17 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+class WritingFormat1:
+    """Within the block, CheckpointManager writes format 1 (sha256), as craftfn did before xxh3_128."""
+
+    def __enter__(self) -> None:
+        self.saved = checkpointing._FILE_HASH, checkpointing.FORMAT_VERSION
+        checkpointing._FILE_HASH, checkpointing.FORMAT_VERSION = "sha256", 1
+
+    def __exit__(self, *exc: object) -> None:
+        checkpointing._FILE_HASH, checkpointing.FORMAT_VERSION = self.saved
+
+
 def bench_save_restore(millions: float, repeats: int, root: Path) -> dict:
     """Save and restore times, the methods interleaved within each round (machine load hits all alike)."""
     state = big_state(millions)
@@ -96,7 +111,7 @@ def bench_save_restore(millions: float, repeats: int, root: Path) -> dict:
         t0 = time.perf_counter()
         with CheckpointManager(d, async_save=False) as m:
             m.save(1, state)
-        record("craftfn save (sync: sha256 + fsync)", time.perf_counter() - t0)
+        record("craftfn save (sync: xxh3_128 + fsync)", time.perf_counter() - t0)
         # craftfn, asynchronous: the blocking part (host copy) and the completion.
         t0 = time.perf_counter()
         async_manager.save(r + 1, state)
@@ -119,14 +134,26 @@ def bench_save_restore(millions: float, repeats: int, root: Path) -> dict:
         with CheckpointManager(d) as m:
             t0 = time.perf_counter()
             restored = m.restore(state)
-            record("craftfn restore (sha256 verified)", time.perf_counter() - t0)
+            record("craftfn restore (xxh3_128 verified)", time.perf_counter() - t0)
+        del restored
+        # The same state saved as craftfn wrote it before (format 1: sha256), then restored.
+        old = root / f"format1-{next(counter)}"
+        with WritingFormat1(), CheckpointManager(old, async_save=False) as m:
+            m.save(1, state)
+        with CheckpointManager(old) as m:
+            t0 = time.perf_counter()
+            restored = m.restore(state)
+            record("craftfn restore of a format-1 checkpoint (sha256 verified)", time.perf_counter() - t0)
         del restored
         t0 = time.perf_counter()
         loaded = torch.load(torch_file, weights_only=True)
         record("torch.load (weights_only)", time.perf_counter() - t0)
         del loaded
-        # What verification costs by itself: hashlib's sha256 over the same bytes (one core).
+        # What verification costs by itself: the checksums over the same bytes (one core each).
         blob = (d / "step_00000001" / "state.safetensors").read_bytes()
+        t0 = time.perf_counter()
+        xxhash.xxh3_128(blob).hexdigest()
+        record("xxh3_128 alone (xxhash, one core)", time.perf_counter() - t0)
         t0 = time.perf_counter()
         hashlib.sha256(blob).hexdigest()
         record("sha256 alone (hashlib, one core)", time.perf_counter() - t0)
@@ -258,7 +285,7 @@ def main() -> None:
         print("|---|---|---|---|")
         med = {k: statistics.median(v) for k, v in part1["seconds"].items()}
         for k, v in med.items():
-            ref = med["torch.load (weights_only)"] if ("restore" in k or "load" in k or "sha256 alone" in k) else med["torch.save (no fsync)"]
+            ref = med["torch.load (weights_only)"] if ("restore" in k or "load" in k or "alone" in k) else med["torch.save (no fsync)"]
             print(f"| {k} | {v:.3f} | {gb / v:.2f} | {v / ref:.2f}x |")
         print(json.dumps(part1["sizes"]))
     part2 = None

@@ -9,7 +9,7 @@ Example:
     >>> state = craftfn.TrainState.create(model=torch.nn.Linear(2, 1), tx=craftfn.optim.sgd(0.1))
 """
 
-from craftfn import optim, random, schedules, struct, tree
+from craftfn import host_memory, optim, random, schedules, struct, tree
 from craftfn.jit import Jitted, jit  # noqa: I001 - after step: the name craftfn.jit is the function
 from craftfn.state import DonatedStateError, TrainState
 from craftfn.step import make_eval_step, make_train_step, value_and_grad
@@ -29,5 +29,6 @@ __all__ = [
     "random",
     "optim",
     "schedules",
+    "host_memory",
     "__version__",
 ]

@@ -34,6 +34,7 @@ import argparse
 import ast
 import importlib
 import importlib.util
+import inspect
 import os
 import re
 import sys
@@ -197,8 +198,161 @@ def _gin_error(e: BaseException) -> str:
             f"bind it in a gin file or with --gin.{m.group(1)}.{example}=VALUE."
         )
     if text.startswith("No configurable matching") or "doesn't have a parameter named" in text:
-        return f"unknown gin binding: {text}. Check the spelling; configurable names are listed in the shipped configs (craftfn configs) and in craftfn/gin_training.py."
+        return f"unknown gin binding: {text}{_suggestion(text)} Check the spelling; configurable names are listed in the shipped configs (craftfn configs) and in craftfn/gin_training.py."
+    m = re.match(r"^No bindings specified for '(\S+?)/gin\.macro'", text)
+    if m:
+        return f"unknown gin macro %{m.group(1)}: it is used but never set{_suggestion(text)} Set it in a gin file or with --gin.{m.group(1)}=VALUE."
     return f"gin configuration error: {text}"
+
+
+def _close(name: str, candidates: Sequence[str]) -> Optional[str]:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _suggestion(text: str) -> str:
+    """'; did you mean X?' for gin's unknown-name errors (a parameter, a configurable or a macro), else '.'."""
+    import gin.config as gc
+
+    guess = None
+    m = re.search(r"Configurable '(\S+)' doesn't have a parameter named '(\S+)'", text)
+    if m:
+        try:
+            fn = gc._REGISTRY.get_match(m.group(1)).wrapped  # gin's registry: no public accessor
+            guess = _close(m.group(2), list(_parameters(fn)))
+        except (KeyError, ValueError, TypeError, AttributeError):
+            guess = None
+    m = m or re.search(r"No configurable matching (?:reference )?'@?([\w.]+)", text)
+    if guess is None and m and "matching" in m.group(0):
+        names = [sel.split(".")[-1] for sel in _registered_selectors()]
+        guess = _close(m.group(1).split(".")[-1], names)
+    m2 = re.search(r"No bindings specified for '(\S+?)/gin\.macro'", text)
+    if guess is None and m2:
+        guess = _close(m2.group(1), _defined_macros())
+    return f"; did you mean {guess!r}?" if guess else "."
+
+
+def _registered_selectors() -> list[str]:
+    import gin.config as gc
+
+    try:
+        return [selector for selector, _ in gc._REGISTRY.items()]  # gin's registry: no public accessor
+    except AttributeError:  # pragma: no cover - another gin version
+        return []
+
+
+def _parameters(fn: object) -> dict[str, inspect.Parameter]:
+    target = fn.__init__ if inspect.isclass(fn) else fn  # type: ignore[misc]
+    return {n: p for n, p in inspect.signature(target).parameters.items() if n != "self"}
+
+
+def _defined_macros() -> list[str]:
+    import gin.config as gc
+
+    return [scope for scope, selector in gc._CONFIG if selector == "gin.macro"]
+
+
+def _macro_value(value: object, seen: tuple[str, ...] = ()) -> tuple[object, tuple[str, ...]]:
+    """Follow ``%MACRO`` references to the literal they stand for; also return the macros passed."""
+    import gin
+    import gin.config as gc
+
+    macro = gin.get_configurable(gc.macro)
+    while isinstance(value, gc.ConfigurableReference) and value.configurable.wrapper == macro and value.evaluate:
+        name = "/".join(value.scopes)
+        if name in seen:
+            break
+        seen = (*seen, name)
+        value = gc._CONFIG.get((name, "gin.macro"), {}).get("value")
+    return value, seen
+
+
+def _type_problem(value: object, annotation: object) -> Optional[str]:
+    """What ``annotation`` wants when the literal ``value`` does not fit it (simple types only), else None."""
+    import types
+    import typing
+
+    if annotation is typing.Any or isinstance(annotation, (str, typing.TypeVar)):
+        return None
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        arms = typing.get_args(annotation)
+        wants = [_type_problem(value, arm) for arm in arms]
+        if any(w is None for w in wants):
+            return None
+        return " or ".join(w for w in wants if w)
+    simple = {int: "an int", float: "a number", str: "a string", bool: "True or False", type(None): "None"}
+    if annotation not in simple:
+        return None  # callables, sequences, classes: the code checks those itself
+    if annotation is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif annotation is type(None):
+        ok = value is None
+    else:
+        ok = isinstance(value, annotation)  # type: ignore[arg-type]
+    return None if ok else simple[annotation]  # type: ignore[index]
+
+
+def _check_configuration(bindings: Sequence[str]) -> None:
+    """After parsing, before finalizing: macros set on the command line that nothing uses, and
+    bound values of the wrong type, are user errors; the optimizer learns the run's length."""
+    import typing
+
+    import gin
+    import gin.config as gc
+
+    config = gc._CONFIG  # gin keeps the parsed bindings here; it has no public structured view
+    used = {"/".join(ref.scopes) for ref in gc.iterate_references(config, to=gin.get_configurable(gc.macro))}
+    for binding in bindings:
+        for line in binding.splitlines():
+            name = line.split("=", 1)[0].strip()
+            if "=" in line and name and "." not in name and "/" not in name and not name.startswith("#") and name not in used:
+                guess = _close(name, sorted(used))
+                hint = f"did you mean {guess}? " if guess else ""
+                raise UsageError(
+                    f"the gin macro {name} set by `{line.strip()}` is not used by the configuration (nothing refers to "
+                    f"%{name}); {hint}macros it uses: {', '.join(sorted(used)) or 'none'}"
+                )
+    for (scope, selector), params in list(config.items()):
+        if selector == "gin.macro":
+            continue
+        try:
+            fn = gc._REGISTRY.get_match(selector).wrapped
+            target = fn.__init__ if inspect.isclass(fn) else fn
+            hints = typing.get_type_hints(target)
+        except Exception:  # noqa: BLE001 - no usable annotations: nothing to check
+            continue
+        for param, raw in params.items():
+            if param not in hints:
+                continue
+            value, via = _macro_value(raw)
+            if isinstance(value, gc.ConfigurableReference) or not isinstance(value, (int, float, str, bool, type(None))):
+                continue
+            want = _type_problem(value, hints[param])
+            if want is None:
+                continue
+            binding = f"{scope + '/' if scope else ''}{selector.split('.')[-1]}.{param}"
+            through = f" (through the macro {' -> '.join(via)})" if via else ""
+            fix = f"--gin.{via[-1]}=..." if via else f"--gin.{binding}=..."
+            raise UsageError(
+                f"gin binding {binding}{through} is the {type(value).__name__} {value!r}; it must be {want}. Fix it with {fix}"
+            )
+    _bind_run_length(config)
+
+
+def _bind_run_length(config: dict) -> None:
+    """Give create_optimizer the run's length (Trainer.max_steps), so its learning-rate schedule is
+    checked over the whole run before step 1 (unless the configuration binds run_steps itself)."""
+    import gin
+
+    max_steps, _ = _macro_value(config.get(("", "craftfn.training.Trainer"), {}).get("max_steps"))
+    optimizer = config.get(("", "craftfn.optim.create_optimizer"))
+    if optimizer is not None and "run_steps" not in optimizer and isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps > 0:
+        gin.bind_parameter("craftfn.optim.create_optimizer.run_steps", max_steps)
 
 
 def _configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
@@ -218,7 +372,9 @@ def _configure(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     from craftfn import gin_files as files
 
     try:
-        files.parse_config(paths, list(bindings))
+        files.parse_config(paths, list(bindings), finalize=False)
+        _check_configuration(bindings)
+        gin.finalize()
     except (ValueError, SyntaxError, OSError, TypeError, KeyError, AttributeError, ImportError) as e:
         raise UsageError(_gin_error(e)) from None
 
@@ -320,6 +476,20 @@ def _generate(args: argparse.Namespace, bindings: Sequence[str]) -> int:
     return 0
 
 
+def _interrupted(e: KeyboardInterrupt) -> int:
+    """Exit status 130 (SIGINT) or 143 (SIGTERM); a trainer that stopped on the signal has saved the run."""
+    code = getattr(e, "exit_code", None)  # craftfn.training.TrainingInterrupted
+    if code is None:
+        print("craftfn: interrupted", file=sys.stderr)
+        return 130
+    print(
+        f"craftfn: {e}: the state after step {e.step} is in the run directory's checkpoints (unless "  # type: ignore[attr-defined]
+        "train.save_checkpoints = False) and its weights in model.safetensors; run the same command again to resume",
+        file=sys.stderr,
+    )
+    return int(code)
+
+
 def _export(args: argparse.Namespace, bindings: Sequence[str]) -> int:
     if bindings:
         raise UsageError(f"export takes no gin bindings, got {list(bindings)}")
@@ -406,9 +576,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         command = f"craftfn {argv[0]}" if argv and argv[0] in ("train", "eval", "generate", "export", "configs") else "craftfn"
         print(textwrap.fill(f"{command}: error: {e}", width=100, break_on_hyphens=False, break_long_words=False), file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("craftfn: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
     finally:
         # The config was parsed with finalize_config=True (locked); leave gin clean for a caller
         # that runs main() in-process and uses gin afterwards.

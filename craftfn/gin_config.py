@@ -38,7 +38,7 @@ __all__ = ["register", "create_optimizer", "create_scheduler", "run_fraction", "
 
 # The public schedule functions (create_scheduler covers the torch-style names).
 SCHEDULE_NAMES = tuple(
-    n for n in schedules.__all__ if n not in ("Schedule", "create_scheduler", "scheduler_names", "DECAY_SHAPES")
+    n for n in schedules.__all__ if n not in ("Schedule", "create_scheduler", "scheduler_names", "check_schedule", "DECAY_SHAPES")
 )
 
 

@@ -41,8 +41,9 @@ from craftfn import distributed, make_eval_step, make_train_step, optim
 from craftfn.models.gpt import GPT, GPTConfig, lm_eval_metrics, lm_loss
 from craftfn.state import TrainState
 from craftfn.training import callbacks as cb
-from craftfn.training.checkpointing import CheckpointManager, CheckpointMismatchError, export_params, load_exported
+from craftfn.training.checkpointing import CheckpointManager, CheckpointMismatchError, load_exported
 from craftfn.training.evaluation import Evaluator
+from craftfn.training.runlock import RunDirLock, RunDirLockedError
 from craftfn.training.trainer import Trainer
 
 __all__ = [
@@ -285,11 +286,6 @@ def _model_config_json(config: GPTConfig) -> str:
     return json.dumps(dataclasses.asdict(config), indent=1, sort_keys=True)
 
 
-def _export(state: TrainState, path: Path) -> None:
-    # The model config travels in the file's header too, so the weights alone describe the model.
-    export_params(state, path, metadata={"model_config": _model_config_json(state.apply_fn.config)})
-
-
 def _clean_gin_message(e: BaseException) -> str:
     # gin appends "In call to configurable ..." lines; the cause is the first part.
     lines = [ln for ln in str(e).splitlines() if not ln.strip().startswith("In call to configurable")]
@@ -342,6 +338,9 @@ def _prepare_training(
     # The sampler comes before the loggers: its end-of-training sample is logged before they close.
     all_callbacks = [
         ConfiguredNanGuard(),
+        # The weights are written before the optional end work (the final sample), whatever ends the run.
+        # The model config travels in the file's header too, so the weights alone describe the model.
+        cb.SaveWeights(run / "model.safetensors", metadata={"model_config": _model_config_json(task.config)}),
         sampler,
         ConfiguredProgressBar(),
         # Samples are printed by SampleText(echo=) and the final summary.
@@ -367,6 +366,9 @@ def _prepare_training(
         seed=task.seed,
         flops_per_token=float(task.model.flops_per_token()),
         checkpoint_extra={"tokenizer": task.tokenizer.to_dict(), "world_size": distributed.world_size()},
+        # Under torchrun the ranks could stop after different steps (a deadlock in the next
+        # collective): there, signals keep their default action and the periodic checkpoints count.
+        handle_signals=not data_parallel,
     )
     # Every configurable has been called now, so the operative config is complete.
     config_text = _run_header() + gin.operative_config_str()
@@ -449,6 +451,35 @@ def train_language_model(
     t0 = time.time()
     if not distributed.is_main():
         print_fn = _silent
+    # One trainer per run directory (the main rank holds the lock for the run's ranks).
+    lock = RunDirLock(run_dir) if distributed.is_main() else None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunDirLockedError as e:
+            raise ConfigError(str(e)) from None
+        if lock.took_over:
+            print_fn(
+                f"craftfn: took over the lock of {run_dir} left by pid {lock.took_over.get('pid')}, "
+                "which is no longer running"
+            )
+    try:
+        return _train_locked(
+            run_dir, resume, optimizer, callbacks, donate, compile, console_every, tensorboard_every, sample_every,
+            sample_prompt, sample_tokens, temperature, save_checkpoints, num_threads, shard_optimizer_state,
+            policy, loss_scale, remat, print_fn, t0,
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(
+    run_dir: str, resume: bool, optimizer: Any, callbacks: Sequence[cb.Callback], donate: bool, compile: bool,
+    console_every: int, tensorboard_every: int, sample_every: int, sample_prompt: str, sample_tokens: int,
+    temperature: float, save_checkpoints: bool, num_threads: Optional[int], shard_optimizer_state: bool,
+    policy: Optional[str], loss_scale: Optional[bool], remat: Optional[Any], print_fn: Callable[[str], None], t0: float,
+) -> dict[str, Any]:
     try:
         trainer, state, task, sampler, manager, run = _prepare_training(
             run_dir, optimizer, callbacks, donate, compile, console_every, tensorboard_every, sample_every,
@@ -474,8 +505,13 @@ def train_language_model(
     finally:
         if manager is not None:
             manager.close()
-    if distributed.is_main():
-        _export(state, run / "model.safetensors")
+    # model.safetensors was written by the SaveWeights callback, before the final sample.
+    saver = next((c for c in trainer.callbacks if isinstance(c, cb.SaveWeights)), None)
+    if saver is not None and saver.finite is False:
+        print_fn(
+            f"craftfn: the weights in {run / 'model.safetensors'} are not finite (the run diverged); the checkpoints "
+            f"in {run / 'checkpoints'} hold the last finite state. Lower the learning rate and run again to resume from it."
+        )
     entropy = entropy_of_counts(task.token_counts)
     final = trainer.last_eval
     sample = sampler.samples[-1][1] if sampler.samples else ""

@@ -62,6 +62,7 @@ __all__ = [
     "inverse_sqrt",
     "create_scheduler",
     "scheduler_names",
+    "check_schedule",
     "DECAY_SHAPES",
 ]
 
@@ -366,6 +367,7 @@ def warmup_cosine_decay(init_value: float, peak_value: float, warmup_steps: int,
         >>> s(10), s(20), s(30)
         (1.0, 0.5, 0.0)
     """
+    init_value, peak_value = _number("init_value", init_value), _number("peak_value", peak_value)  # named before the pieces check them
     warmup_steps = _steps("warmup_steps", warmup_steps)
     decay_steps = _steps("decay_steps", decay_steps, positive=True)
     if warmup_steps >= decay_steps:
@@ -405,6 +407,7 @@ def warmup_exponential_decay(
         >>> warmup_exponential_decay(0.0, 1.0, 10, transition_steps=10, decay_rate=0.5)(20)
         0.5
     """
+    init_value, peak_value = _number("init_value", init_value), _number("peak_value", peak_value)  # named before the pieces check them
     warmup_steps = _steps("warmup_steps", warmup_steps)
     return join(
         [linear(init_value, peak_value, warmup_steps), exponential_decay(peak_value, transition_steps, decay_rate, transition_begin, staircase, end_value)],
@@ -427,6 +430,7 @@ def warmup_constant(init_value: float, peak_value: float, warmup_steps: int) -> 
         >>> warmup_constant(0.0, 1.0, 4)(2), warmup_constant(0.0, 1.0, 4)(100)
         (0.5, 1.0)
     """
+    init_value, peak_value = _number("init_value", init_value), _number("peak_value", peak_value)  # named before the pieces check them
     return linear(init_value, peak_value, warmup_steps)
 
 
@@ -973,7 +977,55 @@ def _bind(fn: Callable[..., Schedule], label: str, hparams: dict[str, Any]) -> S
     return fn(**hparams)
 
 
-def create_scheduler(name: str, **hparams: Any) -> Schedule:
+def check_schedule(schedule: Schedule, run_steps: int, name: str = "learning_rate", *, allow_negative: bool = False) -> None:
+    """Raise ``ValueError`` naming the first step of a run where ``schedule`` is not finite (or is negative).
+
+    A schedule's values depend on the step, so construction cannot check them; this evaluates
+    it at every step ``0 .. run_steps - 1`` (the counts a run of ``run_steps`` updates uses),
+    in one vectorized call when the schedule takes a tensor of steps, else step by step.
+    Meant for setup (create_optimizer, create_scheduler, the CLI), never inside a step.
+
+    Args:
+        schedule: ``step -> value``.
+        run_steps: the number of updates in the run (>= 1).
+        name: the hyperparameter it sets, for the message.
+        allow_negative: accept negative values (say, a schedule for a signed coefficient).
+
+    Example:
+        >>> check_schedule(linear(1e-3, -1e-3, transition_steps=100), 100)
+        Traceback (most recent call last):
+        ...
+        ValueError: learning_rate schedule is negative at step 51 (-2e-05) of the 100-step run; its values must be >= 0 at every step (check the schedule's end value and length)
+    """
+    if not callable(schedule):
+        raise TypeError(f"check_schedule: schedule must be callable (step -> value), got {type(schedule).__name__}")
+    if isinstance(run_steps, bool) or not isinstance(run_steps, int) or run_steps < 1:
+        raise ValueError(f"check_schedule: run_steps must be an int >= 1, got {run_steps!r}")
+    values: Optional[torch.Tensor] = None
+    try:
+        out = schedule(torch.arange(run_steps))
+        if isinstance(out, torch.Tensor) and out.shape == (run_steps,):
+            values = out.detach().to("cpu", torch.float64)
+    except Exception:  # noqa: BLE001 - a schedule written for int steps only: evaluate step by step
+        values = None
+    if values is None:
+        values = torch.tensor([float(schedule(step)) for step in range(run_steps)], dtype=torch.float64)
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        step = int((~finite).nonzero()[0])
+        raise ValueError(
+            f"{name} schedule is not finite at step {step} ({float(values[step])}) of the {run_steps}-step run; "
+            "its values must be finite numbers at every step"
+        )
+    if not allow_negative and bool((values < 0).any()):
+        step = int((values < 0).nonzero()[0])
+        raise ValueError(
+            f"{name} schedule is negative at step {step} ({float(values[step]):.6g}) of the {run_steps}-step run; "
+            "its values must be >= 0 at every step (check the schedule's end value and length)"
+        )
+
+
+def create_scheduler(name: str, *, run_steps: Optional[int] = None, **hparams: Any) -> Schedule:
     """Build a schedule by name, as a config file names it.
 
     Optax-style names take optax's argument names: ``constant`` (value), ``linear``,
@@ -996,6 +1048,9 @@ def create_scheduler(name: str, **hparams: Any) -> Schedule:
 
     Args:
         name: a name from :func:`scheduler_names` (case-insensitive).
+        run_steps: the length of the run, when known: the schedule is then evaluated at every
+            step of it and rejected if a value is not finite or negative
+            (:func:`check_schedule`; the message names the first bad step).
         **hparams: the schedule's arguments.
 
     Returns:
@@ -1027,4 +1082,7 @@ def create_scheduler(name: str, **hparams: Any) -> Schedule:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"create_scheduler: unknown schedule name {name!r}{hint} Known names: {', '.join(names)}")
     fn = _TORCH_STYLE[key] if family == "torch" else _OPTAX_STYLE[key]
-    return _bind(fn, name, hparams)
+    schedule = _bind(fn, name, hparams)
+    if run_steps is not None:
+        check_schedule(schedule, run_steps, f"create_scheduler({name!r}):")
+    return schedule

@@ -231,16 +231,21 @@ def _check_donation_allowed() -> None:
 
 def _updated(state: TrainState, grads: Any, *, in_place: bool, extra: dict[str, Any]) -> TrainState:
     """One optimizer step, in place on ``state``'s buffers or not (no checks of liveness or donation)."""
+    # Once here, before any kernel; the update paths below see the same objects and skip it.
     check_updates_match(grads, state.params, "grads")
-    if in_place:
-        if state.tx.donated_update is not None:
-            params, opt_state = state.tx.donated_update(grads, state.opt_state, state.params, **extra)
+    marked = tree._trust(grads, state.params)
+    try:
+        if in_place:
+            if state.tx.donated_update is not None:
+                params, opt_state = state.tx.donated_update(grads, state.opt_state, state.params, **extra)
+            else:
+                updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra)
+                params = apply_updates_(state.params, updates)
         else:
             updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra)
-            params = apply_updates_(state.params, updates)
-    else:
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra)
-        params = apply_updates(state.params, updates)
+            params = apply_updates(state.params, updates)
+    finally:
+        tree._untrust(marked)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
 
 

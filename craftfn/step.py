@@ -124,11 +124,23 @@ def value_and_grad(fn: Callable[..., Any], has_aux: bool = False) -> Callable[..
     return wrapped
 
 
+# Metric names the step (and the Trainer, NanGuard) report themselves: an aux entry of the same
+# name would silently replace the real value.
+RESERVED_METRICS = ("loss", "grad_norm", "loss_scale", "grads_finite", "lr", "skipped", "compile_seconds")
+
+
 def _split_loss_output(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
     if isinstance(out, tuple):
         if len(out) != 2 or not isinstance(out[1], Mapping):
             raise TypeError("the loss function must return a loss tensor or a pair (loss, aux_dict)")
-        return out[0], dict(out[1])
+        aux = dict(out[1])
+        clash = [k for k in aux if k in RESERVED_METRICS or k == _UNSCALED_LOSS]
+        if clash:
+            raise ValueError(
+                f"the loss function's aux dict uses the reserved metric name(s) {clash}: the step reports "
+                f"{list(RESERVED_METRICS)} itself; rename the aux entries (e.g. 'aux_{clash[0]}')"
+            )
+        return out[0], aux
     return out, {}
 
 
@@ -149,6 +161,8 @@ def _check_batch(batch: Any, accum_steps: int) -> int:
         sizes = {name: int(x.shape[0]) for name, x in named}
         raise ValueError(f"batch leaves disagree in leading (batch) size: {sizes}")
     size = int(tensors[0].shape[0])
+    if size == 0:
+        raise ValueError("batch is empty (leading size 0): a step needs at least one example; check the data (an exhausted or filtered-out batch?)")
     if size % accum_steps != 0:
         raise ValueError(
             f"accum_steps={accum_steps} does not divide the batch size {size}; "

@@ -10,7 +10,7 @@ Example:
     >>> params = {"w": torch.ones(2, 2), "b": torch.zeros(2)}
     >>> tree.global_norm(params)
     tensor(2.)
-    >>> sorted(tree.flatten_with_path(params)[0])
+    >>> sorted(name for name, _ in tree.flatten_with_path(params)[0])
     ['b', 'w']
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import operator
+import threading
 from collections import defaultdict
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
@@ -412,18 +413,41 @@ def group_by_device_dtype(*lists: list[torch.Tensor]) -> list[LeafGroup] | list[
 
 _DTYPE_RULES = ("floating", "equal", "any")
 _META = operator.attrgetter("shape", "dtype", "device")
+_SHAPE = operator.attrgetter("shape")
 # Signatures of (tree, reference) pairs that passed check_match. Bounded: a program that keeps
 # making new shapes (say, variable sequence lengths in a tree it checks) never grows it past this.
 _MATCH_CACHE: dict[Any, None] = {}
 _MATCH_CACHE_SIZE = 4096
+# (id(tree), id(reference)) of pairs an enclosing call has checked and is still holding (see
+# _trust): the update paths it calls need not check the same objects again.
+_TRUSTED = threading.local()
 
 
-def _signature(leaves_: list[Any]) -> tuple[Any, ...]:
+def _signature(leaves_: list[Any], shapes_only: bool = False) -> tuple[Any, ...]:
     """(shape, dtype, device) per tensor leaf (the type otherwise): what a match depends on."""
+    get = _SHAPE if shapes_only else _META
     try:
-        return tuple(builtins.map(_META, leaves_))  # the builtin: this module defines its own map
+        return tuple(builtins.map(get, leaves_))  # the builtin: this module defines its own map
     except AttributeError:  # a non-tensor leaf
-        return tuple(_META(x) if isinstance(x, torch.Tensor) else type(x) for x in leaves_)
+        return tuple(get(x) if isinstance(x, torch.Tensor) else type(x) for x in leaves_)
+
+
+def _trust(tree: PyTree, reference: PyTree) -> bool:
+    """Mark a pair that passed :func:`check_match` (default rules) for the calls made while it is held.
+
+    The caller keeps both objects alive and calls :func:`_untrust` with the result when its
+    call returns. Returns whether anything was marked (nothing while tracing).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    pairs = _TRUSTED.__dict__.setdefault("pairs", [])
+    pairs.append((id(tree), id(reference)))
+    return True
+
+
+def _untrust(marked: bool) -> None:
+    if marked:
+        _TRUSTED.pairs.pop()
 
 
 def _dtypes_ok(dtype: torch.dtype, ref: torch.dtype, rule: str) -> bool:
@@ -458,7 +482,9 @@ def _leaf_problems(leaf: Any, reference: Any, dtype: str, device: bool) -> list[
     return out
 
 
-def leaf_mismatch(leaf: Any, reference: Any, *, dtype: str = "floating", device: bool = True) -> Optional[str]:
+def leaf_mismatch(
+    leaf: Any, reference: Any, *, dtype: str = "floating", device: bool = True, labels: Optional[tuple[str, str]] = None
+) -> Optional[str]:
     """Why ``leaf`` does not fit ``reference`` (shape, dtype, device), or ``None`` when it does.
 
     The per-leaf rule of :func:`check_match`, for callers that pair leaves themselves
@@ -470,17 +496,26 @@ def leaf_mismatch(leaf: Any, reference: Any, *, dtype: str = "floating", device:
             complex) leaf, any width, as when the leaf is cast to the reference's dtype;
             other dtypes must be equal. ``"equal"``: the same dtype. ``"any"``: not compared.
         device: compare devices.
+        labels: names for the two sides: ``("checkpoint", "template")`` gives
+            ``"checkpoint shape (2,), template shape (3,)"`` instead of ``"shape (2,) vs (3,)"``.
 
     Example:
         >>> tree.leaf_mismatch(torch.zeros(2, 1), torch.zeros(1, 2))
         'shape (2, 1) vs (1, 2)'
+        >>> tree.leaf_mismatch(torch.zeros(2, 1), torch.zeros(1, 2), labels=("grads", "params"))
+        'grads shape (2, 1), params shape (1, 2)'
         >>> tree.leaf_mismatch(torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2)) is None
         True
     """
     if dtype not in _DTYPE_RULES:
         raise ValueError(f"dtype must be one of {list(_DTYPE_RULES)}, got {dtype!r}")
-    problems = _leaf_problems(leaf, reference, dtype, device)
-    return ", ".join(f"{what} {a} vs {b}" for what, a, b in problems) or None
+    return _describe(_leaf_problems(leaf, reference, dtype, device), labels)
+
+
+def _describe(problems: list[tuple[str, str, str]], labels: Optional[tuple[str, str]]) -> Optional[str]:
+    if labels is None:
+        return ", ".join(f"{what} {a} vs {b}" for what, a, b in problems) or None
+    return ", ".join(f"{labels[0]} {what} {a}, {labels[1]} {what} {b}" for what, a, b in problems) or None
 
 
 def _raise_mismatch(
@@ -501,10 +536,7 @@ def _raise_mismatch(
     if not bad:
         return
     ref_names = paths(reference)
-    shown = "; ".join(
-        f"leaf {ref_names[i] or '<root>'!r}: " + ", ".join(f"{name} {what} {a}, {reference_name} {what} {b}" for what, a, b in problems)
-        for i, problems in bad[:8]
-    )
+    shown = "; ".join(f"leaf {ref_names[i] or '<root>'!r}: {_describe(problems, (name, reference_name))}" for i, problems in bad[:8])
     more = f" (and {len(bad) - 8} more leaves)" if len(bad) > 8 else ""
     raise error(f"{name} do not match {reference_name}: {shown}{more}")
 
@@ -550,32 +582,47 @@ def check_match(
         ...
         ValueError: updates do not match params: leaf 'w': updates shape (2, 1), params shape (1, 2)
     """
-    leaves_, treedef = flatten(tree)
+    if dtype not in _DTYPE_RULES:
+        raise ValueError(f"check_match: dtype must be one of {list(_DTYPE_RULES)}, got {dtype!r}")
     if torch.compiler.is_compiling():
+        leaves_, treedef = flatten(tree)
         # Tracing: Python on static metadata, evaluated once per compile (dynamo guards on shapes).
         ref_leaves, ref_def = flatten(reference)
         same = treedef == ref_def
         if not same or any(_leaf_problems(x, r, dtype, device) for x, r in zip(leaves_, ref_leaves)):
             _raise_mismatch(tree, reference, leaves_, ref_leaves, same, name, reference_name, dtype, device, error)
         return
-    try:
-        # Cheaper than flattening the reference anew; a reference with another structure either
-        # raises here or yields a non-tensor "leaf", and the slow path below sorts it out.
-        ref_leaves = treedef.flatten_up_to(reference)
-    except (ValueError, TypeError):
-        ref_leaves = None
-    if ref_leaves is not None:
-        sig, ref_sig = _signature(leaves_), _signature(ref_leaves)
+    pairs = getattr(_TRUSTED, "pairs", None)
+    if pairs and dtype != "equal" and (id(tree), id(reference)) in pairs:
+        return  # an enclosing call checked these very objects under rules at least as strict
+    shapes_only = dtype == "any" and not device
+    sig = ref_sig = None
+    if type(tree) is list and type(reference) is list and len(tree) == len(reference):
+        # Flat lists of tensors (what kernels take) are their own leaves: no flattening needed.
+        get = _SHAPE if shapes_only else _META
+        try:
+            sig, ref_sig = tuple(builtins.map(get, tree)), tuple(builtins.map(get, reference))
+        except AttributeError:  # not all tensors: the general path
+            sig = ref_sig = None
+    if sig is None:
+        leaves_, treedef = flatten(tree)
+        try:
+            # Cheaper than flattening the reference anew; a reference with another structure either
+            # raises here or yields a non-tensor "leaf", and the full comparison below sorts it out.
+            ref_leaves = treedef.flatten_up_to(reference)
+        except (ValueError, TypeError):
+            ref_leaves = None
+        if ref_leaves is not None:
+            sig, ref_sig = _signature(leaves_, shapes_only), _signature(ref_leaves, shapes_only)
+    if sig is not None:
         if sig == ref_sig:
             return  # the same metadata leaf for leaf: a match under every rule
-        key = (dtype, device, sig, ref_sig)
-        if key in _MATCH_CACHE:
+        if (dtype, device, sig, ref_sig) in _MATCH_CACHE:
             return
     # First sight of this pair of signatures (or a mismatch): the full comparison.
-    if dtype not in _DTYPE_RULES:
-        raise ValueError(f"dtype must be one of {list(_DTYPE_RULES)}, got {dtype!r}")
+    leaves_, treedef = flatten(tree)
     ref_leaves, ref_def = flatten(reference)
     _raise_mismatch(tree, reference, leaves_, ref_leaves, treedef == ref_def, name, reference_name, dtype, device, error)
     if len(_MATCH_CACHE) >= _MATCH_CACHE_SIZE:
         _MATCH_CACHE.clear()
-    _MATCH_CACHE[(dtype, device, _signature(leaves_), _signature(ref_leaves))] = None
+    _MATCH_CACHE[(dtype, device, _signature(leaves_, shapes_only), _signature(ref_leaves, shapes_only))] = None

@@ -183,3 +183,10 @@ def test_check_match_traces_without_graph_breaks():
     bad = {"fc": {"weight": torch.ones(3, 2), "bias": torch.ones(3)}}
     with pytest.raises(ValueError, match=r"leaf 'fc.weight'"):
         torch.compile(f, backend="eager")(bad, p)  # dynamo falls back to eager: the same message
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(tree, extraglobs={"tree": tree, "torch": torch}, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 20

@@ -79,6 +79,8 @@ class Decoder:
         self.params = params
         self.supports_cache = callable(getattr(module, "init_kv_cache", None))
         self.block_size = _context_length(module)
+        vocab = getattr(getattr(module, "config", None), "vocab_size", None)
+        self.vocab_size = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0 else None
         self.takes_mask = _accepts(module, "attention_mask")
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None) -> KVCache:
@@ -175,13 +177,39 @@ def check_prompt(prompt_ids: Any, attention_mask: Optional[torch.Tensor], decode
             f"prompt_ids has {prompt_ids.shape[1]} tokens, longer than the model's context of {decoder.block_size}"
         )
     prompt_ids = prompt_ids.long()
+    # Value checks read to the host once per generate call (not per token): the ids must index the
+    # embedding, and the mask must be 0/1 left padding with a token in every row.
+    low, high = (int(v) for v in torch.stack([prompt_ids.min(), prompt_ids.max()]).tolist())
+    if low < 0 or (decoder.vocab_size is not None and high >= decoder.vocab_size):
+        bad = low if low < 0 else high
+        allowed = f"[0, {decoder.vocab_size})" if decoder.vocab_size is not None else "non-negative ids"
+        raise ValueError(f"prompt_ids holds the token id {bad}, outside the model's vocabulary: ids must be in {allowed}")
     if attention_mask is None:
         return prompt_ids, torch.ones_like(prompt_ids)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise ValueError(f"attention_mask must be a tensor of 0s and 1s shaped like prompt_ids, got {type(attention_mask).__name__}")
     if attention_mask.shape != prompt_ids.shape:
         raise ValueError(f"attention_mask must have the prompt's shape {tuple(prompt_ids.shape)}, got {tuple(attention_mask.shape)}")
     if not decoder.takes_mask:
         raise ValueError(f"attention_mask: {type(decoder.module).__name__}.forward takes no attention_mask; generate unpadded prompts")
-    return prompt_ids, attention_mask.long()
+    mask = attention_mask.to(prompt_ids.device)
+    not_binary, empty_row, right_padded = torch.stack([
+        ((mask != 0) & (mask != 1)).any(),
+        (mask.sum(dim=1) == 0).any(),
+        (mask[:, 1:] < mask[:, :-1]).any(),
+    ]).tolist()
+    if not_binary:
+        raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (token), got values {sorted(set(mask.unique().tolist()))[:8]}")
+    if empty_row:
+        rows = (mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask rows {rows[:8]} are all 0: every prompt needs at least one token")
+    if right_padded:
+        rows = (mask[:, 1:] < mask[:, :-1]).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"attention_mask rows {rows[:8]} have padding after a token (right padding); generation continues every "
+            "row at its end, so pad on the left: zeros first, then ones (craftfn.generation.kv_cache.left_pad does this)"
+        )
+    return prompt_ids, mask.long()
 
 
 def eos_and_pad(eos_token_id: Optional[int], pad_token_id: Optional[int]) -> tuple[int, int]:

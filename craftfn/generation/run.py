@@ -157,9 +157,12 @@ def generate_from_run_dir(
     Returns:
         The texts, prompt included.
     """
-    model, tokenizer = load_run(run_dir, checkpoint)
+    for name, value, low in (("num_samples", num_samples, 1), ("num_beams", num_beams, 1), ("max_new_tokens", max_new_tokens, 0), ("top_k", top_k, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+    model, tokenizer = load_run(run_dir, checkpoint)
     fits = len(tokenizer.encode(prompt)) + max(int(max_new_tokens), 0) <= model.config.block_size
     generator = TextGenerator(model, tokenizer, compile=compile and fits, use_cache=None if fits else False)
     if num_beams > 1:

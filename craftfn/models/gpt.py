@@ -326,12 +326,25 @@ class GPT(nn.Module):
             else:
                 mask = _padded_causal_mask(attention_mask, input_pos)
 
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.drop(self._embed_tokens(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             layer_cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
             x = block(x, mask, layer_cache, input_pos)
         logits = self.lm_head(self.transformer.ln_f(x))
         return logits if kv_cache is None else (logits, kv_cache)
+
+
+    def _embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self.transformer.wte(idx)
+        try:
+            return self.transformer.wte(idx)
+        except IndexError:
+            # torch says only "index out of range in self"; the ids are read on this error path alone.
+            raise ValueError(
+                f"idx holds token ids from {int(idx.min())} to {int(idx.max())}, outside the model's vocabulary: "
+                f"ids must be in [0, {self.config.vocab_size}) (GPTConfig.vocab_size); check the tokenizer and the data"
+            ) from None
 
 
 def _padded_causal_mask(attention_mask: torch.Tensor, query_slots: torch.Tensor) -> torch.Tensor:

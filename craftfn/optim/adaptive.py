@@ -407,6 +407,7 @@ def scale_by_radam(
         {'w': tensor([2.])}
     """
     _check_adam_args(b1, b2, eps, eps_root)
+    check_hyperparameter("threshold", threshold)
     rho_inf = 2.0 / (1.0 - b2) - 1.0
 
     def init_fn(params: Params) -> ScaleByAdamState:

@@ -192,13 +192,18 @@ def with_fused_adam(
             return None
         adam_state, lr_state = state[0], state[-1]
         moments = [adam_state.mu, adam_state.nu] + ([adam_state.nu_max] if amsgrad else [])
-        # The kernel indexes the gradients and moments with the parameters' sizes: validate first.
+        # The kernel indexes the gradients and moments with the parameters' sizes: validate first
+        # (the updates' check is free when the caller, e.g. apply_gradients, checked these objects).
         reference = params if params is not None else adam_state.mu
         check_updates_match(updates, reference, f"{name}: updates")
-        tree.check_match(tuple(moments), (reference,) * len(moments), name=f"{name}: opt_state moments", reference_name="params", dtype="any", device=False)
         g, treedef, (*flat_moments,) = _flatten_like(updates, name, *moments)
         p = treedef.flatten_up_to(params) if params is not None else flat_moments[0]
-        if not fused_supported(p, *flat_moments) or not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in g):
+        if not fused_supported(p, *flat_moments):
+            # Moments of other shapes than the parameters (a state from another model) are an
+            # error, whichever path would run; other dtypes or devices take the generic chain.
+            tree.check_match(tuple(moments), (reference,) * len(moments), name=f"{name}: opt_state moments", dtype="any", device=False)
+            return None
+        if not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in g):
             return None
         if callable(learning_rate):
             if not isinstance(lr_state, ScaleByScheduleState):
@@ -219,13 +224,16 @@ def with_fused_adam(
             fields["nu_max"] = tree.unflatten(treedef, moments[2])
         return (state_cls(**fields), *state[1:-1], new_lr_state)
 
-    def step_(target: list[torch.Tensor], g: list[torch.Tensor], moments: list[list[torch.Tensor]], count: torch.Tensor, lr: Any, wd_per_leaf: list[Any]) -> None:
+    def step_(
+        target: list[torch.Tensor], g: list[torch.Tensor], moments: list[list[torch.Tensor]], count: torch.Tensor, lr: Any,
+        wd_per_leaf: list[Any], grad_divisor: Optional[torch.Tensor] = None,
+    ) -> None:
         for wd in {id(w): w for w in wd_per_leaf}.values():
             idx = [i for i, w in enumerate(wd_per_leaf) if w is wd]
             pick = lambda xs, idx=idx: [xs[i] for i in idx]  # noqa: E731
             _fused_adam_step(
                 pick(target), pick(g), pick(moments[0]), pick(moments[1]), pick(moments[2]) if amsgrad else [], count,
-                lr, b1, b2, eps, wd, amsgrad,
+                lr, b1, b2, eps, wd, amsgrad, grad_divisor,
             )
 
     def update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
@@ -255,17 +263,21 @@ def with_fused_adam(
         step_(out, g, fresh, count, lr, [0.0] * len(p))
         return tree.unflatten(treedef, out), new_state(state, adam_state, new_lr_state, fresh, treedef)
 
-    def donated_fn(updates: Updates, state: Any, params: Params, **extra: Any) -> tuple[Params, Any]:
+    def donated_fn(updates: Updates, state: Any, params: Params, *, grad_divisor: Optional[torch.Tensor] = None, **extra: Any) -> tuple[Params, Any]:
+        # grad_divisor (fused_divide below): a chain's clip factor, divided out inside the kernel.
         planned = plan(updates, state, params)
         if planned is None:
+            if grad_divisor is not None:
+                u = tree.leaves(updates)
+                foreach_groups(lambda xs: torch._foreach_div_(xs, grad_divisor.to(device=xs[0].device, dtype=xs[0].dtype)), u)
             new_updates, st = tx.update(updates, state, params, **extra)
             return apply_updates_(params, new_updates), st
         treedef, g, p, moments, lr, adam_state, new_lr_state, decay = planned
         wd = weight_decay if weight_decay is not None else 0.0
-        step_(p, g, moments, adam_state.count + 1, lr, [wd if d else 0.0 for d in decay])
+        step_(p, g, moments, adam_state.count + 1, lr, [wd if d else 0.0 for d in decay], grad_divisor)
         return params, new_state(state, adam_state, new_lr_state, moments, treedef)
 
-    return GradientTransformation(tx.init, update_fn, donated_fn)
+    return GradientTransformation(tx.init, update_fn, donated_fn, fused_divide=True)
 
 
 def _fused_eligible(*, nesterov: bool, eps_root: Any, mu_dtype: Optional[torch.dtype]) -> bool:
@@ -638,6 +650,7 @@ def adafactor(
         )
     ]
     if clipping_threshold is not None:
+        check_hyperparameter("clipping_threshold", clipping_threshold, low=0.0, low_inclusive=False)
         parts.append(clip_by_block_rms(clipping_threshold))
     if learning_rate is not None:
         parts.append(scale_by_learning_rate(learning_rate, flip_sign=False))
@@ -698,6 +711,7 @@ def lars(
         4
     """
     check_hyperparameter("learning_rate", learning_rate)
+    check_hyperparameter("momentum", momentum, low=0.0, high=1.0, high_inclusive=True)
     from craftfn.optim.combine import masked
 
     trust = scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps)
@@ -733,6 +747,7 @@ def signum(learning_rate: ScalarOrSchedule, beta: float = 0.9, accumulator_dtype
         3
     """
     check_hyperparameter("learning_rate", learning_rate)
+    check_hyperparameter("beta", beta, high=1.0)  # named here: ema would call it decay
     return chain(
         ema(beta, debias=False, accumulator_dtype=accumulator_dtype),
         scale_by_sign(),
@@ -856,6 +871,7 @@ def sm3(learning_rate: ScalarOrSchedule, momentum: float = 0.9) -> GradientTrans
         'ScaleBySM3State'
     """
     check_hyperparameter("learning_rate", learning_rate)
+    check_hyperparameter("momentum", momentum, high=1.0, high_inclusive=True)  # named here: scale_by_sm3 calls it b1
     return chain(scale_by_sm3(b1=momentum), scale_by_learning_rate(learning_rate))
 
 
@@ -989,6 +1005,7 @@ def polyak_sgd(max_learning_rate: float = 1.0, scaling: ScalarOrSchedule = 1.0, 
         >>> tx.update({"w": torch.tensor([2.0])}, tx.init(p), p, value=torch.tensor(2.0))[0]
         {'w': tensor([-1.])}
     """
+    check_hyperparameter("scaling", scaling)  # named here: sgd would call it learning_rate
     return chain(
         sgd(learning_rate=scaling),
         scale_by_polyak(max_learning_rate=max_learning_rate, f_min=f_min, eps=eps, variant=variant),

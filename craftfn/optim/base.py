@@ -16,6 +16,12 @@ present; that is how aliases such as ``adamw`` reach fused in-place kernels whil
 ``update`` stays pure. Without it, a donated step falls back to ``update`` plus an
 in-place add into the parameters.
 
+Two optional fields let a donated chain fold a global gradient scaling into the rule's own
+pass over the gradients (``chain(clip_by_global_norm(1.0), adamw(...))``: one norm pass, then
+the fused Adam kernel divides by the clip factor as it reads each gradient, instead of a
+separate scaling pass): ``grad_divisor`` on the scaling transformation, ``fused_divide`` on
+the rule that takes the divisor (see :class:`GradientTransformation`).
+
 Example:
     >>> import torch
     >>> from craftfn import optim
@@ -47,6 +53,7 @@ __all__ = [
     "TransformInitFn",
     "TransformUpdateFn",
     "DonatedUpdateFn",
+    "GradDivisorFn",
     "EmptyState",
     "identity",
     "chain",
@@ -75,6 +82,10 @@ class DonatedUpdateFn(Protocol):
     def __call__(self, updates: Updates, state: OptState, params: Params, **extra: Any) -> tuple[Params, OptState]: ...
 
 
+class GradDivisorFn(Protocol):
+    def __call__(self, updates: Updates, state: OptState, params: Optional[Params] = None, **extra: Any) -> tuple[torch.Tensor, OptState]: ...
+
+
 class GradientTransformation(NamedTuple):
     """An update rule: ``init(params) -> state`` and ``update(updates, state, params=None, **extra)``.
 
@@ -86,6 +97,15 @@ class GradientTransformation(NamedTuple):
     arguments given to ``update`` (for example ``value=loss``) are passed to every
     transformation in a chain; transformations ignore the ones they do not use.
 
+    ``grad_divisor`` (optional) belongs to a transformation whose ``update`` divides every leaf
+    by one 0-d tensor computed from the updates (``clip_by_global_norm``):
+    ``grad_divisor(updates, state, params, **extra) -> (divisor, new_state)`` computes that
+    divisor without touching the updates. ``fused_divide=True`` declares that
+    ``donated_update`` accepts a keyword ``grad_divisor=`` (a 0-d tensor) and divides the
+    gradients by it itself, as part of its own pass. A chain whose last transformation has
+    ``fused_divide`` and whose one before last has ``grad_divisor`` passes the divisor along
+    instead of scaling the gradients in a pass of their own.
+
     Example:
         >>> tx = optim.GradientTransformation(lambda p: optim.EmptyState(), lambda u, s, p=None, **kw: (u, s))
         >>> tx.init({"w": torch.ones(1)})
@@ -96,6 +116,8 @@ class GradientTransformation(NamedTuple):
     update: TransformUpdateFn
     donated_update: Optional[DonatedUpdateFn] = None
     inplace_update: Optional[TransformUpdateFn] = None
+    grad_divisor: Optional[GradDivisorFn] = None
+    fused_divide: bool = False
 
 
 class EmptyState(NamedTuple):
@@ -135,7 +157,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     When the last transformation has a ``donated_update``, the chain has one too: the
     leading transformations run their ``inplace_update`` where they have one (the
     gradients are donated too, so they may be overwritten), else their pure ``update``,
-    and the last one applies in place.
+    and the last one applies in place. When the one before last has a ``grad_divisor`` and
+    the last has ``fused_divide`` (``clip_by_global_norm`` then ``adamw``), the divisor is
+    handed to the last one's kernel instead of a pass of its own over the gradients.
 
     Example:
         >>> tx = optim.chain(optim.trace(decay=0.9), optim.scale_by_learning_rate(0.1))
@@ -159,27 +183,44 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     def update_fn(updates: Updates, state: tuple, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, tuple]:
         _check(state)
+        marked = False
         if params is not None and not per_example:
             check_updates_match(updates, params)
-        new_state = []
-        for t, s in zip(transforms, state):
-            updates, s = t.update(updates, s, params, **extra)
-            new_state.append(s)
+            marked = tree._trust(updates, params)  # the transformations need not check them again
+        try:
+            new_state = []
+            for t, s in zip(transforms, state):
+                updates, s = t.update(updates, s, params, **extra)
+                new_state.append(s)
+        finally:
+            tree._untrust(marked)
         return updates, tuple(new_state)
 
     donated_fn = None
     if transforms and transforms[-1].donated_update is not None:
         last = transforms[-1]
 
+        fold = len(transforms) >= 2 and transforms[-2].grad_divisor is not None and last.fused_divide
+
         def donated_fn(updates: Updates, state: tuple, params: Params, **extra: Any) -> tuple[Params, tuple]:
             _check(state)
             check_updates_match(updates, params)
-            new_state = []
-            for t, s in zip(transforms[:-1], state[:-1]):
-                updates, s = (t.inplace_update or t.update)(updates, s, params, **extra)
+            marked = tree._trust(updates, params)
+            try:
+                new_state = []
+                leading = transforms[:-2] if fold else transforms[:-1]
+                for t, s in zip(leading, state):
+                    updates, s = (t.inplace_update or t.update)(updates, s, params, **extra)
+                    new_state.append(s)
+                if fold:
+                    divisor, s = transforms[-2].grad_divisor(updates, state[-2], params, **extra)
+                    new_state.append(s)
+                    params, s = last.donated_update(updates, state[-1], params, grad_divisor=divisor, **extra)
+                else:
+                    params, s = last.donated_update(updates, state[-1], params, **extra)
                 new_state.append(s)
-            params, s = last.donated_update(updates, state[-1], params, **extra)
-            new_state.append(s)
+            finally:
+                tree._untrust(marked)
             return params, tuple(new_state)
 
     return GradientTransformation(init_fn, update_fn, donated_fn)

@@ -80,7 +80,13 @@ class ClipByGlobalNormState(NamedTuple):
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """Scale all updates together so that their global L2 norm is at most ``max_norm``.
 
-    ``u * max_norm / ||u||`` when ``||u|| >= max_norm``, else ``u`` (optax's rule).
+    ``u / (||u|| / max_norm)`` when ``||u|| >= max_norm``, else ``u`` (optax's rule; the
+    division by one divisor, rather than optax's ``u / ||u|| * max_norm``, is what torch's fused
+    Adam kernel applies as its gradient scale, so every path gives the same numbers).
+
+    In a donated ``chain(clip_by_global_norm(c), adamw(...))`` the clip costs one pass over the
+    gradients (their norm): the divisor goes into the fused AdamW kernel (``grad_divisor``, see
+    :class:`~craftfn.optim.GradientTransformation`) instead of a pass that scales them.
 
     Args:
         max_norm: ``> 0``.
@@ -96,19 +102,25 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         del params
         return ClipByGlobalNormState()
 
-    def clip(updates: Updates, state: Any, extra: dict[str, Any], inplace: bool) -> tuple[Updates, Any]:
+    def divisor_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[torch.Tensor, Any]:
+        """``max(||u|| / max_norm, 1)``, a 0-d tensor: dividing every leaf by it is the clip."""
+        del params
         _check_state("clip_by_global_norm", state, ClipByGlobalNormState)
-        u, treedef = tree.flatten(updates)
-        if not u:
-            return updates, state
         # With a sharded optimizer (distributed.data_parallel(shard_optimizer_state=True)) the
         # updates are this rank's slice; extra["shard_sum"] adds a value over all slices, so the
         # norm is that of the whole gradient.
         shard_sum = extra.get("shard_sum")
         g_norm = tree.global_norm(updates) if shard_sum is None else torch.sqrt(shard_sum(tree.sum_of_squares(updates)))
-        factor = torch.where(g_norm < max_norm, torch.ones_like(g_norm), max_norm / g_norm)
-        mul = torch._foreach_mul_ if inplace else torch._foreach_mul
-        out = foreach_groups(lambda xs: mul(xs, factor.to(device=xs[0].device, dtype=xs[0].dtype)), u)
+        return torch.clamp(g_norm / max_norm, min=1.0), state
+
+    def clip(updates: Updates, state: Any, extra: dict[str, Any], inplace: bool) -> tuple[Updates, Any]:
+        u, treedef = tree.flatten(updates)
+        if not u:
+            _check_state("clip_by_global_norm", state, ClipByGlobalNormState)
+            return updates, state
+        divisor, state = divisor_fn(updates, state, **extra)
+        div = torch._foreach_div_ if inplace else torch._foreach_div
+        out = foreach_groups(lambda xs: div(xs, divisor.to(device=xs[0].device, dtype=xs[0].dtype)), u)
         return (updates if inplace else tree.unflatten(treedef, out)), state
 
     def update_fn(updates: Updates, state: Any, params: Optional[Params] = None, **extra: Any) -> tuple[Updates, Any]:
@@ -120,7 +132,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         del params
         return clip(updates, state, extra, inplace=True)
 
-    return GradientTransformation(init_fn, update_fn, inplace_update=inplace_update_fn)
+    return GradientTransformation(init_fn, update_fn, inplace_update=inplace_update_fn, grad_divisor=divisor_fn)
 
 
 class ClipByBlockRMSState(NamedTuple):

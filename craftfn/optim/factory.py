@@ -182,6 +182,7 @@ def create_optimizer(
     clip_norm: float | None = None,
     accum_steps: int = 1,
     no_decay: NoDecay = (),
+    run_steps: int | None = None,
     **hparams: Any,
 ) -> GradientTransformation:
     """Build an optimizer by name: clipping, the rule with masked weight decay, accumulation.
@@ -204,6 +205,10 @@ def create_optimizer(
         no_decay: parameters to leave out of weight decay: name patterns such as
             ``("bias", "norm")`` (substring or glob, see :func:`no_decay_mask`) or a callable
             ``(name, param) -> bool``.
+        run_steps: the number of updates in the run, when known (the CLI passes the
+            Trainer's ``max_steps``): a learning-rate schedule is then evaluated over the
+            whole run and rejected if a value is not finite or negative, naming the first bad
+            step (:func:`craftfn.schedules.check_schedule`).
         **hparams: the rule's own arguments (``b1``, ``b2``, ``eps``, ``momentum``, ...).
 
     Returns:
@@ -226,6 +231,10 @@ def create_optimizer(
     if isinstance(learning_rate, bool) or not (callable(learning_rate) or isinstance(learning_rate, (numbers.Real, torch.Tensor))):
         raise TypeError(f"create_optimizer: learning_rate must be a number or a schedule, got {learning_rate!r}")
     check_hyperparameter("learning_rate", learning_rate)
+    if run_steps is not None and callable(learning_rate):
+        from craftfn.schedules import check_schedule
+
+        check_schedule(learning_rate, run_steps, f"create_optimizer({name!r}): learning_rate")
     check_hyperparameter("weight_decay", weight_decay)
     if clip_norm is not None:
         check_hyperparameter("clip_norm", clip_norm, low=0.0, low_inclusive=False)

@@ -43,8 +43,9 @@ def fused_supported(*lists: Sequence[torch.Tensor]) -> bool:
     """True when torch's fused Adam kernel can update these parallel leaf lists in place.
 
     Every tensor must be a floating tensor on a CPU or CUDA device, and the tensors at
-    one position (param, moment, ...) must share dtype and device (the kernel does not
-    cast). Gradients are not checked: :func:`fused_adam_step_` casts them.
+    one position (param, moment, ...) must share shape, dtype and device (the kernel does
+    not cast, and it indexes every list with the first one's sizes). Gradients are not
+    checked: :func:`fused_adam_step_` checks and casts them.
 
     Example:
         >>> fused_supported([torch.zeros(2)], [torch.zeros(2)])
@@ -57,7 +58,7 @@ def fused_supported(*lists: Sequence[torch.Tensor]) -> bool:
         if not isinstance(first, torch.Tensor) or first.dtype not in _FUSED_DTYPES or first.device.type not in _FUSED_DEVICE_TYPES:
             return False
         for t in items[1:]:
-            if not isinstance(t, torch.Tensor) or t.dtype != first.dtype or t.device != first.device:
+            if not isinstance(t, torch.Tensor) or t.dtype != first.dtype or t.device != first.device or t.shape != first.shape:
                 return False
     return True
 
@@ -68,11 +69,11 @@ def fused_supported(*lists: Sequence[torch.Tensor]) -> bool:
 # (shape-only) implementation, so AOT functionalizes it and inductor puts it back in place.
 @torch.library.custom_op(
     "craftfn::fused_adamw_",
-    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+    mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
     schema=(
-        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "(Tensor(a!)[] params, Tensor(e!)[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor(d!)[] max_exp_avg_sqs, Tensor step, Tensor lr, float beta1, float beta2, float weight_decay, "
-        "float eps, bool amsgrad) -> ()"
+        "float eps, bool amsgrad, Tensor? grad_scale) -> ()"
     ),
 )
 def _fused_adamw_op(
@@ -88,10 +89,13 @@ def _fused_adamw_op(
     weight_decay: float,
     eps: float,
     amsgrad: bool,
+    grad_scale: Optional[torch.Tensor],
 ) -> None:
+    # With grad_scale the kernel divides the gradients by it and writes them back (hence grads(e!)).
     torch._fused_adamw_(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, [step] * len(params),
         lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=False,
+        grad_scale=grad_scale,
     )
 
 
@@ -118,6 +122,7 @@ def fused_adam_step_(
     eps: float | torch.Tensor,
     weight_decay: float | torch.Tensor = 0.0,
     amsgrad: bool = False,
+    grad_divisor: Optional[torch.Tensor] = None,
 ) -> None:
     """One Adam(W)/AMSGrad step, in place on ``params``, ``mu``, ``nu`` (and ``max_nu``).
 
@@ -139,6 +144,9 @@ def fused_adam_step_(
         b1, b2, eps, weight_decay: numbers or 0-d tensors; ``weight_decay`` is decoupled
             (AdamW: ``p *= 1 - lr * weight_decay``); use 0 for Adam.
         amsgrad: use ``max(max_nu, nu)`` in the denominator.
+        grad_divisor: a 0-d tensor (or None): the step uses ``grads / grad_divisor``. The kernel
+            divides as it reads each gradient (torch's ``grad_scale``, in float32) and writes the
+            quotient back into ``grads``, so a global clip costs no pass of its own.
 
     Returns:
         None; the lists' tensors hold the new values.
@@ -167,7 +175,7 @@ def fused_adam_step_(
             "fused_adam_step_: params, mu, nu (and max_nu) must be floating tensors on cpu/cuda with matching "
             "dtype and device per leaf; check fused_supported(...) first"
         )
-    _fused_adam_step(params, grads, mu, nu, max_list, count, lr, b1, b2, eps, weight_decay, amsgrad)
+    _fused_adam_step(params, grads, mu, nu, max_list, count, lr, b1, b2, eps, weight_decay, amsgrad, grad_divisor)
 
 
 def _fused_adam_step(
@@ -183,6 +191,7 @@ def _fused_adam_step(
     eps: float | torch.Tensor,
     weight_decay: float | torch.Tensor,
     amsgrad: bool,
+    grad_divisor: Optional[torch.Tensor] = None,
 ) -> None:
     """:func:`fused_adam_step_` for callers that validated the lists (shapes, dtypes, devices) already."""
     grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
@@ -198,20 +207,24 @@ def _fused_adam_step(
             group_lr = lr.to(device=device, dtype=torch.float32 if device.type == "cuda" else lr.dtype)
         else:
             group_lr = float(lr)
+        # The kernel reads its gradient scale as a float32 tensor on the params' device.
+        scale = grad_divisor.to(device=device, dtype=torch.float32) if grad_divisor is not None else None
         if use_kernel and torch.compiler.is_compiling():
             lr_t = group_lr if isinstance(group_lr, torch.Tensor) else torch.tensor(group_lr, dtype=torch.float32 if device.type == "cuda" else torch.float64, device=device)
             _fused_adamw_op(
                 gp.tensors, gg.tensors, gm.tensors, gv.tensors, gmax, step, lr_t,
-                float(b1), float(b2), float(weight_decay), float(eps), amsgrad,
+                float(b1), float(b2), float(weight_decay), float(eps), amsgrad, scale,
             )
         elif use_kernel:
             # One float step tensor shared by every leaf: the kernel reads it and never writes it.
             torch._fused_adamw_(
                 gp.tensors, gg.tensors, gm.tensors, gv.tensors, gmax, [step] * len(gp.tensors),
                 lr=group_lr, beta1=float(b1), beta2=float(b2), weight_decay=float(weight_decay), eps=float(eps),
-                amsgrad=amsgrad, maximize=False,
+                amsgrad=amsgrad, maximize=False, grad_scale=scale,
             )
         else:
+            if scale is not None:
+                torch._foreach_div_(gg.tensors, scale.to(gg.dtype))
             _foreach_adam_step_(gp.tensors, gg.tensors, gm.tensors, gv.tensors, gmax, step, group_lr, b1, b2, eps, weight_decay, amsgrad)
 
 

@@ -247,6 +247,10 @@ def muon(
         ['adam', 'muon']
     """
     check_hyperparameter("learning_rate", learning_rate)
+    for arg, value in (("adam_b1", adam_b1), ("adam_b2", adam_b2)):
+        check_hyperparameter(arg, value, low=0.0, high=1.0)
+    check_hyperparameter("adam_eps_root", adam_eps_root)
+    check_hyperparameter("adam_weight_decay", adam_weight_decay)
     muon_part = chain(
         scale_by_muon(ns_coeffs, ns_steps, beta, eps, mu_dtype, nesterov=nesterov, adaptive=adaptive, bias_correction=bias_correction),
         scale_by_shape(muon_weight_dimension_numbers, consistent_rms),

@@ -486,6 +486,7 @@ def scale_by_polyak(f_min: float = 0.0, max_learning_rate: float = 1.0, eps: flo
     """
     check_hyperparameter("max_learning_rate", max_learning_rate)
     check_hyperparameter("eps", eps)
+    check_hyperparameter("f_min", f_min, low=None)
     if variant not in ("sps", "sps+"):
         raise ValueError(f"scale_by_polyak: variant must be 'sps' or 'sps+', got {variant!r}")
 
@@ -615,6 +616,7 @@ def scale_by_distance_over_gradients(reps_rel: float = 1e-6, eps: float = 1e-8, 
     """
     check_hyperparameter("reps_rel", reps_rel)
     check_hyperparameter("eps", eps)
+    check_hyperparameter("global_scale", global_scale, low=None)
 
     def init_fn(params: Params) -> ScaleByDistanceOverGradientsState:
         return ScaleByDistanceOverGradientsState(
@@ -666,6 +668,7 @@ def normalize_by_update_norm(scale_factor: float = 1.0, eps: float = 1e-6) -> Gr
         {'a': tensor([0.6000]), 'b': tensor([0.8000])}
     """
     check_hyperparameter("eps", eps)
+    check_hyperparameter("scale_factor", scale_factor, low=None)
 
     def init_fn(params: Params) -> EmptyState:
         del params

@@ -178,6 +178,7 @@ def schedule_free_adamw(
         'ScheduleFreeState'
     """
     check_hyperparameter("learning_rate", learning_rate)
+    check_hyperparameter("b2", b2, high=1.0, high_inclusive=True)  # named here: scale_by_rms calls it decay
     lr = _warmup(learning_rate, warmup_steps)
     base = chain(
         scale_by_rms(decay=b2, eps=eps, eps_in_sqrt=False, bias_correction=True),

@@ -238,6 +238,7 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
     """
     if callable(step_size):
         raise TypeError("scale: step_size must be a number or 0-d tensor; use scale_by_schedule for a schedule")
+    check_hyperparameter("step_size", step_size, low=None)  # any sign (sgd scales by -lr), but finite
 
     def init_fn(params: Params) -> ScaleState:
         del params

@@ -494,7 +494,10 @@ def inject_hyperparams(
                 params = apply_updates_(params, new_updates)
             return params, InjectHyperparamsState(state.count + 1, hps, inner_state)
 
-        return GradientTransformation(init_fn, update_fn, donated_fn if probe.donated_update is not None else None)
+        # The inner rule receives extra keywords (a chain's grad_divisor included) as they come.
+        return GradientTransformation(
+            init_fn, update_fn, donated_fn if probe.donated_update is not None else None, fused_divide=probe.fused_divide
+        )
 
     return wrapped
 

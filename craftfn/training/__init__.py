@@ -13,6 +13,7 @@ from craftfn.training.callbacks import (
     NanGuard,
     ProgressBar,
     SampleText,
+    SaveWeights,
     TensorBoardLogger,
     generate_tokens,
 )
@@ -24,11 +25,15 @@ from craftfn.training.checkpointing import (
     load_exported,
 )
 from craftfn.training.evaluation import Evaluator
+from craftfn.training.events import TrainerView
 from craftfn.training.progress import ProgressTracker, default_peak_flops
-from craftfn.training.trainer import Event, Trainer, count_tokens, learning_rate_of
+from craftfn.training.runlock import RunDirLock, RunDirLockedError
+from craftfn.training.trainer import Event, Trainer, TrainingInterrupted, count_tokens, learning_rate_of
 
 __all__ = [
     "Trainer",
+    "TrainingInterrupted",
+    "TrainerView",
     "Event",
     "Evaluator",
     "ProgressTracker",
@@ -41,6 +46,7 @@ __all__ = [
     "EarlyStopping",
     "NanGuard",
     "SampleText",
+    "SaveWeights",
     "ProgressBar",
     "generate_tokens",
     "count_tokens",
@@ -50,4 +56,6 @@ __all__ = [
     "CheckpointMismatchError",
     "export_params",
     "load_exported",
+    "RunDirLock",
+    "RunDirLockedError",
 ]

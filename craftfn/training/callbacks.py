@@ -2,7 +2,7 @@
 
 A callback overrides any of the hooks below; each receives the trainer (read
 ``trainer.state``, ``trainer.step``, ``trainer.tracker``; call ``trainer.stop(reason)``)
-and, where there is one, an :class:`~craftfn.training.trainer.Event` whose metrics
+and, where there is one, an :class:`~craftfn.training.events.Event` whose metrics
 are already floats on the host.
 
 =================  ==========================================  =====================
@@ -40,14 +40,12 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, TextIO, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, TextIO, Union
 
 import torch
 
 from craftfn import random, tree
-
-if TYPE_CHECKING:  # the trainer imports this module
-    from craftfn.training.trainer import Event, Trainer
+from craftfn.training.events import Event, TrainerView
 
 __all__ = [
     "Callback",
@@ -58,6 +56,7 @@ __all__ = [
     "EarlyStopping",
     "NanGuard",
     "SampleText",
+    "SaveWeights",
     "ProgressBar",
     "generate_tokens",
 ]
@@ -96,15 +95,15 @@ class Callback:
         """Whether the per-step hooks run at ``step``."""
         return self.every > 0 and step % self.every == 0
 
-    def on_train_begin(self, trainer: Trainer, state: Any) -> None: ...
-    def on_train_end(self, trainer: Trainer, state: Any) -> None: ...
-    def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None: ...
-    def on_epoch_end(self, trainer: Trainer, epoch: int, state: Any) -> None: ...
-    def on_step_begin(self, trainer: Trainer, step: int) -> None: ...
-    def on_step_end(self, trainer: Trainer, event: Event) -> None: ...
-    def on_eval_end(self, trainer: Trainer, event: Event) -> None: ...
-    def on_save(self, trainer: Trainer, step: int) -> None: ...
-    def on_log(self, trainer: Trainer, event: Event) -> None: ...
+    def on_train_begin(self, trainer: TrainerView, state: Any) -> None: ...
+    def on_train_end(self, trainer: TrainerView, state: Any) -> None: ...
+    def on_epoch_begin(self, trainer: TrainerView, epoch: int) -> None: ...
+    def on_epoch_end(self, trainer: TrainerView, epoch: int, state: Any) -> None: ...
+    def on_step_begin(self, trainer: TrainerView, step: int) -> None: ...
+    def on_step_end(self, trainer: TrainerView, event: Event) -> None: ...
+    def on_eval_end(self, trainer: TrainerView, event: Event) -> None: ...
+    def on_save(self, trainer: TrainerView, step: int) -> None: ...
+    def on_log(self, trainer: TrainerView, event: Event) -> None: ...
 
     def wrap_train_step(self, train_step: Callable[..., Any]) -> Callable[..., Any]:
         """Return the step the Trainer should run (default: unchanged). See ``NanGuard(action="skip")``."""
@@ -149,41 +148,41 @@ class CallbackList(Callback):
             keys.append(cb.name if n == 0 else f"{cb.name}#{n + 1}")
         return keys
 
-    def on_train_begin(self, trainer: Trainer, state: Any) -> None:
+    def on_train_begin(self, trainer: TrainerView, state: Any) -> None:
         for cb in self.callbacks:
             cb.on_train_begin(trainer, state)
 
-    def on_train_end(self, trainer: Trainer, state: Any) -> None:
+    def on_train_end(self, trainer: TrainerView, state: Any) -> None:
         for cb in self.callbacks:
             cb.on_train_end(trainer, state)
 
-    def on_epoch_begin(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_begin(self, trainer: TrainerView, epoch: int) -> None:
         for cb in self.callbacks:
             cb.on_epoch_begin(trainer, epoch)
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, state: Any) -> None:
+    def on_epoch_end(self, trainer: TrainerView, epoch: int, state: Any) -> None:
         for cb in self.callbacks:
             cb.on_epoch_end(trainer, epoch, state)
 
-    def on_step_begin(self, trainer: Trainer, step: int) -> None:
+    def on_step_begin(self, trainer: TrainerView, step: int) -> None:
         for cb in self.callbacks:
             if cb.runs_at(step):
                 cb.on_step_begin(trainer, step)
 
-    def on_step_end(self, trainer: Trainer, event: Event) -> None:
+    def on_step_end(self, trainer: TrainerView, event: Event) -> None:
         for cb in self.callbacks:
             if cb.runs_at(event.step):
                 cb.on_step_end(trainer, event)
 
-    def on_eval_end(self, trainer: Trainer, event: Event) -> None:
+    def on_eval_end(self, trainer: TrainerView, event: Event) -> None:
         for cb in self.callbacks:
             cb.on_eval_end(trainer, event)
 
-    def on_save(self, trainer: Trainer, step: int) -> None:
+    def on_save(self, trainer: TrainerView, step: int) -> None:
         for cb in self.callbacks:
             cb.on_save(trainer, step)
 
-    def on_log(self, trainer: Trainer, event: Event) -> None:
+    def on_log(self, trainer: TrainerView, event: Event) -> None:
         for cb in self.callbacks:
             if event.kind != "train" or cb.runs_at(event.step):
                 cb.on_log(trainer, event)
@@ -249,12 +248,12 @@ class ConsoleLogger(Callback):
         self.stream = stream
         self.print_text = print_text
 
-    def _prefix(self, trainer: Trainer, event: Event) -> str:
+    def _prefix(self, trainer: TrainerView, event: Event) -> str:
         total = trainer.total_steps
         epoch = f" epoch {event.epoch}" if event.epoch is not None else ""
         return f"step {event.step}/{total}{epoch}"
 
-    def on_log(self, trainer: Trainer, event: Event) -> None:
+    def on_log(self, trainer: TrainerView, event: Event) -> None:
         if event.kind == "train":
             body = _format_metrics(event.metrics, ["loss", "loss_smoothed", "grad_norm", "lr", "tokens_per_sec", "mfu"])
             _write_line(f"{self._prefix(trainer, event)} | {body}", self.stream)
@@ -265,7 +264,7 @@ class ConsoleLogger(Callback):
             for name, text in event.text.items():
                 _write_line(f"{self._prefix(trainer, event)} | {name}:\n{text}", self.stream)
 
-    def on_train_end(self, trainer: Trainer, state: Any) -> None:
+    def on_train_end(self, trainer: TrainerView, state: Any) -> None:
         if trainer.stop_reason:
             _write_line(f"training stopped at step {trainer.step}: {trainer.stop_reason}", self.stream)
 
@@ -290,18 +289,18 @@ class JSONLLogger(Callback):
         self.path = Path(path)
         self._file: Optional[TextIO] = None
 
-    def on_train_begin(self, trainer: Trainer, state: Any) -> None:
+    def on_train_begin(self, trainer: TrainerView, state: Any) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in on_train_end
 
-    def on_log(self, trainer: Trainer, event: Event) -> None:
+    def on_log(self, trainer: TrainerView, event: Event) -> None:
         if self._file is None:
             return
         record = {k: (v if not isinstance(v, float) or math.isfinite(v) else repr(v)) for k, v in event.to_dict().items()}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
-    def on_train_end(self, trainer: Trainer, state: Any) -> None:
+    def on_train_end(self, trainer: TrainerView, state: Any) -> None:
         if self._file is not None:
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -345,7 +344,7 @@ class TensorBoardLogger(Callback):
         self.config_text = config_text
         self._writer: Any = None
 
-    def on_train_begin(self, trainer: Trainer, state: Any) -> None:
+    def on_train_begin(self, trainer: TrainerView, state: Any) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self._writer = SummaryWriter(log_dir=self.log_dir)
@@ -353,7 +352,7 @@ class TensorBoardLogger(Callback):
             # Markdown: indent four spaces so the config shows verbatim.
             self._writer.add_text("config", "    " + self.config_text.replace("\n", "\n    "), global_step=trainer.step)
 
-    def on_log(self, trainer: Trainer, event: Event) -> None:
+    def on_log(self, trainer: TrainerView, event: Event) -> None:
         writer = self._writer
         if writer is None:
             return
@@ -366,7 +365,7 @@ class TensorBoardLogger(Callback):
         for name, text in event.text.items():
             writer.add_text(name, "    " + text.replace("\n", "\n    "), event.step, walltime=event.wall_time)
 
-    def on_train_end(self, trainer: Trainer, state: Any) -> None:
+    def on_train_end(self, trainer: TrainerView, state: Any) -> None:
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
@@ -414,7 +413,7 @@ class EarlyStopping(Callback):
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
 
-    def _check(self, trainer: Trainer, event: Event) -> None:
+    def _check(self, trainer: TrainerView, event: Event) -> None:
         if self.metric not in event.metrics:
             raise KeyError(
                 f"EarlyStopping: monitor {self.monitor!r} is not among the {event.kind} metrics {sorted(event.metrics)}"
@@ -430,11 +429,11 @@ class EarlyStopping(Callback):
                 f"by more than {self.min_delta:g} for {self.wait} checks (patience {self.patience})"
             )
 
-    def on_eval_end(self, trainer: Trainer, event: Event) -> None:
+    def on_eval_end(self, trainer: TrainerView, event: Event) -> None:
         if self.source == "eval":
             self._check(trainer, event)
 
-    def on_step_end(self, trainer: Trainer, event: Event) -> None:
+    def on_step_end(self, trainer: TrainerView, event: Event) -> None:
         if self.source == "train":
             self._check(trainer, event)
 
@@ -507,7 +506,7 @@ class NanGuard(Callback):
                 setattr(guarded, attr, getattr(train_step, attr))
         return guarded
 
-    def on_step_end(self, trainer: Trainer, event: Event) -> None:
+    def on_step_end(self, trainer: TrainerView, event: Event) -> None:
         loss = event.metrics.get("loss", 0.0)
         grad_norm = event.metrics.get("grad_norm", 0.0)
         bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -546,6 +545,17 @@ class NanGuard(Callback):
         self.consecutive = int(state.get("consecutive", 0))
 
 
+def _check_sampling(where: str, max_new_tokens: Any, temperature: Any, top_k: Any, block_size: Any) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"{where}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"{where}: temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"{where}: top_k must be a positive int or None (no top-k), got {top_k!r}")
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"{where}: block_size must be a positive int or None, got {block_size!r}")
+
+
 @torch.no_grad()
 def generate_tokens(
     state: Any,
@@ -570,8 +580,10 @@ def generate_tokens(
     Example:
         >>> ids = generate_tokens(state, torch.tensor([[1, 2]]), 10, temperature=0.8, key=random.key(0))
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    _check_sampling("generate_tokens", max_new_tokens, temperature, top_k, block_size)
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.is_floating_point() or prompt.shape[1] == 0:
+        desc = f"shape {tuple(prompt.shape)}, dtype {prompt.dtype}" if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+        raise ValueError(f"generate_tokens: prompt must be integer token ids of shape (batch, length >= 1), got {desc}")
     gen = random.generator(key if key is not None else random.key(0), device=prompt.device)
     ids = prompt
     for _ in range(max_new_tokens):
@@ -579,6 +591,11 @@ def generate_tokens(
         out = state.apply(state.params, context, training=False)
         logits = out[0] if isinstance(out, (tuple, list)) else out
         logits = logits[:, -1, :].float()
+        if not bool(torch.isfinite(logits).all()):  # a generation loop reads tokens back anyway
+            raise ValueError(
+                "generate_tokens: the model's logits are not finite (NaN or inf): its weights have diverged, "
+                "so there is nothing to sample"
+            )
         if temperature == 0:
             nxt = logits.argmax(dim=-1, keepdim=True)
         else:
@@ -629,6 +646,11 @@ class SampleText(Callback):
         echo: Optional[Callable[[str], None]] = None,
     ) -> None:
         super().__init__(every)
+        if not (callable(encode) and callable(decode)):
+            raise TypeError(f"SampleText: encode and decode must be callables (str -> ids, ids -> str), got {type(encode).__name__}, {type(decode).__name__}")
+        if not isinstance(prompt, str):
+            raise TypeError(f"SampleText: prompt must be a str ('' starts from token 0), got {type(prompt).__name__}")
+        _check_sampling("SampleText", max_new_tokens, temperature, top_k, block_size)
         self.encode, self.decode = encode, decode
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
@@ -641,9 +663,26 @@ class SampleText(Callback):
         self.samples: list[tuple[int, str]] = []
         self._last_step = -1
 
+    def prompt_ids(self) -> list[int]:
+        """The prompt's token ids (``[0]`` for an empty prompt); ``ValueError`` naming the prompt if it cannot be encoded."""
+        try:
+            ids = list(self.encode(self.prompt))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"SampleText: the sample prompt {self.prompt!r} cannot be encoded by the tokenizer ({e}); "
+                "use text made of characters the tokenizer knows, or '' to start from token 0"
+            ) from None
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise ValueError(f"SampleText: encode({self.prompt!r}) must give non-negative int token ids, got {ids[:8]}")
+        return ids or [0]
+
+    def on_train_begin(self, trainer: TrainerView, state: Any) -> None:
+        # Before step 1: a prompt that cannot be encoded must not cost the run its end.
+        self.prompt_ids()
+
     def sample(self, state: Any, step: int) -> str:
         """Generate one sample from ``state`` (the prompt and its continuation)."""
-        ids = list(self.encode(self.prompt)) or [0]
+        ids = self.prompt_ids()
         device = next(iter(tree.leaves(state.params))).device
         prompt = torch.tensor([ids], dtype=torch.long, device=device)
         out = generate_tokens(
@@ -657,24 +696,71 @@ class SampleText(Callback):
         )
         return self.decode(out[0].tolist())
 
-    def _emit(self, trainer: Trainer, state: Any, step: int, final: bool = False) -> None:
+    def _emit(self, trainer: TrainerView, state: Any, step: int, final: bool = False) -> None:
         if step == self._last_step:
             return
         self._last_step = step
-        with trainer.paused_clock():
-            text = self.sample(state, step)
+        try:
+            with trainer.paused_clock():
+                text = self.sample(state, step)
+        except Exception as e:  # noqa: BLE001 - a sample is optional: report it, keep the run
+            message = f"SampleText: no sample at step {step}: {e}"
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            if self.echo is not None:
+                self.echo(message)
+            trainer.log(trainer.make_event("text", step=step, text={"samples": f"(no sample: {e})"}))
+            return
         self.samples.append((step, text))
         if self.echo is not None and not final:
             self.echo(f"sample at step {step}:\n{text}")
         trainer.log(trainer.make_event("text", step=step, text={"samples": text}))
 
-    def on_step_end(self, trainer: Trainer, event: Event) -> None:
+    def on_step_end(self, trainer: TrainerView, event: Event) -> None:
         # trainer.state may be a step ahead (metrics are read late); sample from it.
         self._emit(trainer, trainer.state, trainer.step)
 
-    def on_train_end(self, trainer: Trainer, state: Any) -> None:
+    def on_train_end(self, trainer: TrainerView, state: Any) -> None:
         if self.at_end:
             self._emit(trainer, state, trainer.step, final=True)
+
+
+class SaveWeights(Callback):
+    """Write the model weights to a safetensors file when training ends, however it ends.
+
+    Runs in ``on_train_end``, which the Trainer calls after the last step (and the final save)
+    also when training stopped early (``NanGuard``, ``EarlyStopping``) or was interrupted by
+    SIGINT/SIGTERM. Put it before callbacks that do optional end work (``SampleText``): their
+    failure then cannot cost the weights. The file is keyed like ``model.state_dict()`` (see
+    :func:`craftfn.training.export_params`) and written atomically.
+
+    Args:
+        path: the file, e.g. ``run_dir/model.safetensors``.
+        metadata: string pairs for the file's header (e.g. the model's config), next to the ones
+            :func:`~craftfn.training.export_params` writes itself.
+
+    Attributes:
+        written: the path after a successful write (``None`` before).
+        finite: whether every parameter was finite when written (a diverged run's weights are
+            written too, and say so).
+
+    Example:
+        >>> saver = SaveWeights("runs/demo/model.safetensors")
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], metadata: Optional[Mapping[str, str]] = None) -> None:
+        super().__init__(every=0)
+        self.path = Path(path)
+        self.metadata = dict(metadata) if metadata else None
+        self.written: Optional[Path] = None
+        self.finite: Optional[bool] = None
+
+    def on_train_end(self, trainer: TrainerView, state: Any) -> None:
+        from craftfn.training.checkpointing import export_params
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        export_params(state, self.path, metadata=self.metadata)
+        self.written = self.path
+        self.finite = bool(tree.all_finite(state.params))  # once, at the end of the run
 
 
 def _format_seconds(seconds: Optional[float]) -> str:
@@ -718,7 +804,7 @@ class ProgressBar(Callback):
     def _out(self) -> TextIO:
         return self.stream if self.stream is not None else sys.stderr
 
-    def on_train_begin(self, trainer: Trainer, state: Any) -> None:
+    def on_train_begin(self, trainer: TrainerView, state: Any) -> None:
         use = self.use_tqdm
         if use is None:
             use = bool(getattr(self._out(), "isatty", lambda: False)())
@@ -745,7 +831,7 @@ class ProgressBar(Callback):
             out["mfu"] = f"{100 * m['mfu']:.2f}%"
         return out
 
-    def on_step_end(self, trainer: Trainer, event: Event) -> None:
+    def on_step_end(self, trainer: TrainerView, event: Event) -> None:
         self._last_event = event
         if self._bar is not None:
             self._bar.set_postfix({**self._summary(event), "eta": _format_seconds(event.metrics.get("eta_sec"))}, refresh=False)
@@ -756,7 +842,7 @@ class ProgressBar(Callback):
             self._last_print = now
             self._print_line(trainer, event)
 
-    def _print_line(self, trainer: Trainer, event: Event) -> None:
+    def _print_line(self, trainer: TrainerView, event: Event) -> None:
         if event.step == self._printed_step:
             return
         self._printed_step = event.step
@@ -765,7 +851,7 @@ class ProgressBar(Callback):
         pct = 100.0 * event.step / max(1, trainer.total_steps)
         print(f"[{pct:5.1f}%] step {event.step}/{trainer.total_steps} | {fields} | elapsed {_format_seconds(event.elapsed)} | eta {eta}", file=self._out(), flush=True)
 
-    def on_train_end(self, trainer: Trainer, state: Any) -> None:
+    def on_train_end(self, trainer: TrainerView, state: Any) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -35,53 +35,46 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import signal
+import sys
+import threading
 import time
+import warnings
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from craftfn import precision, random, tree
+from craftfn import host_memory, precision, random, tree
 from craftfn.optim import tree_get
 from craftfn.training.callbacks import Callback, CallbackList
 from craftfn.training.evaluation import Evaluator
+from craftfn.training.events import Event
 from craftfn.training.progress import ProgressTracker
 
-__all__ = ["Event", "Trainer", "count_tokens", "learning_rate_of"]
+__all__ = ["Event", "Trainer", "TrainingInterrupted", "count_tokens", "learning_rate_of"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Event:
-    """One entry of the metrics stream.
+class TrainingInterrupted(KeyboardInterrupt):
+    """``Trainer.fit`` stopped on SIGINT or SIGTERM after saving (a ``KeyboardInterrupt``, so
+    ``except Exception`` does not swallow it).
 
     Attributes:
-        kind: ``"train"`` (one optimizer step), ``"eval"`` (an evaluation),
-            ``"text"`` (generated text or other strings), or a name a callback chose.
-        step: the step the event belongs to (counted from 1; 0 before training).
-        epoch: the epoch (from 0) in epoch mode, else ``None``.
-        metrics: name -> float, already on the host.
-        wall_time: ``time.time()`` when the event was made.
-        elapsed: seconds since ``fit`` began.
-        text: name -> string (samples, configs).
+        signum: the signal (``signal.SIGINT`` or ``signal.SIGTERM``).
+        state: the state after the last completed step (saved, when there is a checkpoint manager).
+        step: that step.
+        exit_code: the conventional exit status, ``128 + signum`` (130 for SIGINT, 143 for SIGTERM).
+
+    Example:
+        >>> try:
+        ...     state = trainer.fit(state)
+        ... except TrainingInterrupted as e:
+        ...     sys.exit(e.exit_code)  # doctest: +SKIP
     """
 
-    kind: str
-    step: int
-    epoch: Optional[int] = None
-    metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    wall_time: float = 0.0
-    elapsed: float = 0.0
-    text: Mapping[str, str] = dataclasses.field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A flat JSON-ready dict: kind, step, epoch, time, elapsed, then metrics and text."""
-        out: dict[str, Any] = {"kind": self.kind, "step": self.step}
-        if self.epoch is not None:
-            out["epoch"] = self.epoch
-        out["time"] = round(self.wall_time, 3)
-        out["elapsed"] = round(self.elapsed, 3)
-        out.update(self.metrics)
-        out.update(self.text)
-        return out
+    def __init__(self, signum: int, state: Any, step: int) -> None:
+        self.signum, self.state, self.step = int(signum), state, int(step)
+        self.exit_code = 128 + self.signum
+        super().__init__(f"training interrupted by {signal.Signals(self.signum).name} after step {self.step}")
 
 
 def count_tokens(batch: Any) -> tuple[int, int]:
@@ -182,6 +175,16 @@ class Trainer:
         eval_at_end: evaluate after the last step (if it was not just evaluated).
         checkpoint_extra: JSON-ready values saved with every checkpoint besides the
             callbacks' state (e.g. ``{"tokenizer": ...}``).
+        handle_signals: while ``fit`` runs (in the main thread), SIGINT (Ctrl-C) and SIGTERM
+            (preemption) stop training after the step in flight: the state is saved through the
+            checkpoint manager, the callbacks' ``on_train_end`` run (e.g. :class:`SaveWeights`),
+            and ``fit`` raises :class:`TrainingInterrupted` (exit status 130 / 143). A second
+            signal acts at once, as it would without the Trainer. Turn it off in multi-process
+            runs: ranks that stop after different steps would wait on each other's collectives.
+        keep_freed_memory: when ``fit`` starts, make the C allocator keep freed host memory
+            for the next tensors (:func:`craftfn.host_memory.keep_freed_memory`): a pure step's
+            new state lands in pages the process already has, instead of freshly faulted ones.
+            The process then keeps its peak memory. ``False`` leaves the allocator alone.
 
     Attributes (read by callbacks): ``state`` (the newest dispatched state), ``step``,
     ``epoch``, ``total_steps``, ``tracker`` (the :class:`ProgressTracker`),
@@ -216,6 +219,8 @@ class Trainer:
         warmup_steps: int = 2,
         eval_at_end: bool = True,
         checkpoint_extra: Optional[Mapping[str, Any]] = None,
+        handle_signals: bool = True,
+        keep_freed_memory: bool = True,
     ) -> None:
         if not callable(train_step):
             raise TypeError(f"train_step must be callable (see craftfn.make_train_step), got {type(train_step).__name__}")
@@ -248,6 +253,9 @@ class Trainer:
             raise ValueError("pass either evaluator= or eval_step= with eval_data=, not both")
         if (eval_step is None) != (eval_data is None):
             raise ValueError("eval_step= and eval_data= go together: pass both or neither")
+        if not isinstance(keep_freed_memory, bool):
+            raise TypeError(f"keep_freed_memory must be True or False, got {keep_freed_memory!r}")
+        self.keep_freed_memory = keep_freed_memory
         self.train_step = train_step
         self.train_data = train_data
         self.evaluator = evaluator if evaluator is not None else (Evaluator(eval_step, eval_data) if eval_step is not None else None)
@@ -261,6 +269,8 @@ class Trainer:
         self.seed = seed
         self.shuffle = shuffle
         self.eval_at_end = eval_at_end
+        self.handle_signals = bool(handle_signals)
+        self.interrupted: Optional[int] = None
         self.checkpoint_extra = dict(checkpoint_extra or {})
         self.batch_size = batch_size
         self.drop_last = drop_last
@@ -373,10 +383,24 @@ class Trainer:
         return metrics
 
     def save(self, state: Any) -> None:
-        """Save ``state`` through the checkpoint manager (with the callbacks' state)."""
+        """Save ``state`` through the checkpoint manager (with the callbacks' state).
+
+        A state whose parameters are not finite (a diverged run) is not saved, with a warning:
+        the newest checkpoint stays the last finite state, which is what a rerun with a lower
+        learning rate should resume from. (One read of the parameters per save.)
+        """
         if self.checkpoint_manager is None:
             return
         self._flush()
+        params = getattr(state, "params", None)
+        if params is not None and not bool(tree.all_finite(params)):
+            warnings.warn(
+                f"Trainer: not saving step {self.step}: its parameters are not finite (the run diverged); "
+                "the newest checkpoint stays the last finite state",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
         extra = {**self.checkpoint_extra, "callbacks": self.callbacks.state_dicts()}
         with self.paused_clock():
             self.checkpoint_manager.save(self.step, state, metrics=dict(self.last_eval) or None, extra=extra)
@@ -432,10 +456,55 @@ class Trainer:
 
         Returns:
             The state after the last step. ``stop_reason`` tells why training ended early.
+
+        Raises:
+            TrainingInterrupted: SIGINT or SIGTERM arrived (with ``handle_signals``): the state of
+                the last completed step was saved and the end hooks ran; it is in ``e.state``.
         """
         self._t0 = time.time()
         self.stop_reason = None
+        self.interrupted = None
         self.compile_seconds: Optional[float] = None
+        if self.keep_freed_memory:
+            host_memory.keep_freed_memory()
+        with self._signals_caught():
+            state = self._fit(state, resume)
+        if self.interrupted is not None:
+            raise TrainingInterrupted(self.interrupted, state, self.step)
+        return state
+
+    @contextlib.contextmanager
+    def _signals_caught(self) -> Iterator[None]:
+        """SIGINT/SIGTERM set ``interrupted`` (the loop stops after the step in flight); a second one acts at once."""
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+        def handler(signum: int, frame: Any) -> None:
+            del frame
+            self.interrupted = signum
+            self.stop(f"interrupted by {signal.Signals(signum).name}")
+            restore()  # a second signal takes the usual way out
+            print(
+                f"craftfn: {signal.Signals(signum).name} received: stopping after step {self.step + 1}, saving a checkpoint "
+                "and the weights (send it again to quit at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        for sig in previous:
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            restore()
+
+    def _fit(self, state: Any, resume: bool) -> Any:
         if resume:
             state = self._restore(state)
         # One host read at the start; the loop keeps its own count afterwards.
@@ -494,15 +563,19 @@ class Trainer:
                 self.save(state)
                 saved_at = step
         self._flush()
-        if self.map_style and epoch_open and step % self.steps_per_epoch != 0:  # type: ignore[operator]
+        if self.map_style and epoch_open and step % self.steps_per_epoch != 0 and self.interrupted is None:  # type: ignore[operator]
             self.callbacks.on_epoch_end(self, self.epoch, state)
-        if self.evaluator is not None and self.eval_at_end and evaluated_at != step and step > start:
-            self.evaluate(state)
-        if self.checkpoint_manager is not None and saved_at != step and step > start:
-            self.save(state)
-        self.callbacks.on_train_end(self, state)
-        if self.checkpoint_manager is not None and hasattr(self.checkpoint_manager, "wait"):
-            self.checkpoint_manager.wait()
+        # The run is saved before anything optional: a final evaluation that fails (or an
+        # interruption, which skips it) still leaves the checkpoint and the end hooks' weights.
+        try:
+            if self.evaluator is not None and self.eval_at_end and evaluated_at != step and step > start and self.interrupted is None:
+                self.evaluate(state)
+        finally:
+            if self.checkpoint_manager is not None and saved_at != step and step > start:
+                self.save(state)
+            self.callbacks.on_train_end(self, state)
+            if self.checkpoint_manager is not None and hasattr(self.checkpoint_manager, "wait"):
+                self.checkpoint_manager.wait()
         return state
 
     def _flush(self, keep_newest: bool = False) -> None:

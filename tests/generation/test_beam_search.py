@@ -118,3 +118,116 @@ def test_bad_input(model):
         beam_search_generate(model, ids[:, :0], num_beams=2, max_new_tokens=2)
     with pytest.raises(ValueError, match="context of 16"):
         beam_search_generate(model, torch.zeros(1, 20, dtype=torch.long), num_beams=2, max_new_tokens=2)
+
+
+# --------------------------------------------------------------------------------------------
+# The tensor search against the host loop it replaced, and compiled against eager
+# --------------------------------------------------------------------------------------------
+
+
+def host_loop_beam_search(model, prompt_ids, mask, k, n, lp, early, r, eos, pad):
+    """craftfn's earlier beam search (Python lists, one host read per token), the oracle for the tensor search."""
+    batch, plen = prompt_ids.shape
+    ids = prompt_ids.repeat_interleave(k, 0)
+    beam_mask = mask.repeat_interleave(k, 0)
+    tokens = [[] for _ in range(batch * k)]
+    scores = [[0.0] + [-math.inf] * (k - 1) for _ in range(batch)]
+    finished = [[] for _ in range(batch)]
+    done = [False] * batch
+
+    def logprobs():
+        full = torch.cat([ids, torch.tensor(tokens, dtype=torch.long).reshape(batch * k, -1)], 1)
+        m = torch.cat([beam_mask, beam_mask.new_ones(batch * k, full.shape[1] - plen)], 1)
+        pos = (m.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            return torch.log_softmax(model(full, attention_mask=m, position_ids=pos)[:, -1].double(), -1)
+
+    def is_done(b, gen_len):
+        if len(finished[b]) < k:
+            return False
+        if early:
+            return True
+        return max(scores[b]) / gen_len**lp <= sorted(h[0] for h in finished[b])[-k]
+
+    for t in range(n):
+        lp_ = logprobs()
+        vocab = lp_.shape[-1]
+        cand = (torch.tensor(scores, dtype=torch.float64).reshape(-1, 1) + lp_).reshape(batch, k * vocab)
+        top_s, top_i = torch.topk(cand, min(2 * k, k * vocab), dim=1)
+        new_tokens, new_scores = [], []
+        for b in range(batch):
+            chosen = []
+            if not done[b]:
+                for rank, (s, flat) in enumerate(zip(top_s[b].tolist(), top_i[b].tolist())):
+                    if s == -math.inf:
+                        break
+                    beam, tok = divmod(flat, vocab)
+                    if tok == eos:
+                        if rank < k:
+                            finished[b].append((s / (t + 1) ** lp, tokens[b * k + beam] + [tok]))
+                        continue
+                    chosen.append((beam, tok, s))
+                    if len(chosen) == k:
+                        break
+            chosen += [(0, pad, -math.inf)] * (k - len(chosen))
+            new_tokens += [tokens[b * k + beam] + [tok] for beam, tok, _ in chosen]
+            new_scores.append([s for _, _, s in chosen])
+        tokens, scores = new_tokens, new_scores
+        for b in range(batch):
+            done[b] = done[b] or is_done(b, t + 1)
+        if all(done):
+            break
+    seqs, out_scores = [], []
+    for b in range(batch):
+        hyps = list(finished[b])
+        if not done[b]:
+            hyps += [(s / len(tokens[b * k + j]) ** lp, tokens[b * k + j]) for j, s in enumerate(scores[b]) if s > -math.inf]
+        best = sorted(hyps, key=lambda h: -h[0])[:r]
+        best += [(-math.inf, [])] * (r - len(best))
+        for s, seq in best:
+            seqs.append(prompt_ids[b].tolist() + seq + [pad] * (n - len(seq)))
+            out_scores.append(s)
+    return seqs, out_scores
+
+
+@pytest.fixture(scope="module")
+def wide_model():
+    torch.manual_seed(1)
+    m = GPT(GPTConfig(vocab_size=7, block_size=24, n_layer=1, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(4)
+    return m.double()
+
+
+@pytest.mark.parametrize(
+    "k, n, lp, early, r, eos",
+    [(3, 6, 1.0, False, 2, 2), (4, 8, 0.0, True, 4, 1), (2, 7, -1.5, False, 1, 3), (4, 5, 2.0, False, 3, None), (1, 6, 1.0, False, 1, 0)],
+)
+def test_tensor_search_equals_the_host_loop(wide_model, k, n, lp, early, r, eos):
+    ids, mask = left_pad([[1, 2, 0, 5, 1], [3], [6, 6]])
+    pad = 4
+    out = beam_search_generate(
+        wide_model, ids, attention_mask=mask, num_beams=k, max_new_tokens=n, length_penalty=lp,
+        early_stopping=early, num_return_sequences=r, eos_token_id=eos, pad_token_id=pad, sync_every=2,
+    )
+    seqs, scores = host_loop_beam_search(wide_model, ids, mask, k, n, lp, early, r, -1 if eos is None else eos, pad)
+    assert out.sequences.tolist() == seqs
+    torch.testing.assert_close(out.scores, torch.tensor(scores, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+
+
+def test_compiled_search_is_one_graph_per_shape_with_the_same_tokens(wide_model):
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    ids, mask = left_pad([[1, 2, 0, 5, 1], [3]])
+    kwargs = dict(attention_mask=mask, num_beams=3, max_new_tokens=7, eos_token_id=2, num_return_sequences=2)
+    eager = beam_search_generate(wide_model, ids, **kwargs)
+    compiled = beam_search_generate(wide_model, ids, compile={"backend": counter}, **kwargs)
+    assert torch.equal(compiled.sequences, eager.sequences) and torch.equal(compiled.scores, eager.scores)
+    assert counter.frame_count == 1  # every position reused the one graph (fullgraph: no breaks)
+    beam_search_generate(wide_model, ids, compile={"backend": counter}, **kwargs)
+    assert counter.frame_count == 1
+    with pytest.raises(ValueError, match="needs use_cache"):
+        beam_search_generate(wide_model, ids, compile=True, use_cache=False, **kwargs)

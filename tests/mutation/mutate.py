@@ -70,8 +70,8 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "clip_factor_inverted", "optimizer math", "craftfn/optim/clipping.py",
-        "factor = torch.where(g_norm < max_norm, torch.ones_like(g_norm), max_norm / g_norm)",
-        "factor = torch.where(g_norm < max_norm, torch.ones_like(g_norm), g_norm / max_norm)",
+        "return torch.clamp(g_norm / max_norm, min=1.0), state",
+        "return torch.clamp(max_norm / g_norm, max=1.0), state",
         ("tests/optim/test_transforms.py",),
         "clip_by_global_norm scales by ||g|| / max_norm instead of max_norm / ||g||",
     ),
@@ -119,10 +119,10 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "checkpoint_sha256_unchecked", "checkpoint verification", "craftfn/training/checkpointing.py",
-        "if expected_sha256 is not None and digest != expected_sha256:",
+        "if expected_digest is not None and digest != expected_digest:",
         "if False:",
         ("tests/training/test_checkpointing.py",),
-        "restore never compares the file's sha256 with meta.json (an altered file loads silently)",
+        "restore never compares the file's checksum with meta.json (an altered file loads silently)",
     ),
     Mutant(
         "save_error_not_explained", "checkpoint verification", "craftfn/training/checkpointing.py",
@@ -168,8 +168,8 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "beam_length_penalty_sign", "beam scoring", "craftfn/generation/beam_search.py",
-        "finished[b].append((s / gen_len**length_penalty, seq))",
-        "finished[b].append((s / gen_len**-length_penalty, seq))",
+        "norms = torch.tensor([float((t + 1) ** length_penalty) for t in range(n_new)], dtype=torch.float64, device=device)",
+        "norms = torch.tensor([float((t + 1) ** -length_penalty) for t in range(n_new)], dtype=torch.float64, device=device)",
         ("tests/generation/test_beam_search.py",),
         "finished beams are normalised by length ** -length_penalty (the penalty's direction flips)",
     ),

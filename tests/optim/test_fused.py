@@ -203,3 +203,93 @@ def test_chain_donated_path_clips_the_donated_gradients_in_place():
     assert tree.allclose(new_state, pure_state, rtol=1e-6, atol=1e-7)
     assert [g.data_ptr() for g in tree.leaves(donated_grads)] == ptrs
     assert torch.allclose(tree.global_norm(donated_grads), torch.tensor(1.0), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# clip_by_global_norm folded into the fused kernel (grad_divisor / fused_divide)
+# --------------------------------------------------------------------------------------------
+
+
+def _unfolded(clip: optim.GradientTransformation) -> optim.GradientTransformation:
+    """The same clip without ``grad_divisor``: a donated chain then scales the gradients in a pass of their own."""
+    return optim.GradientTransformation(clip.init, clip.update, inplace_update=clip.inplace_update)
+
+
+RULES = {
+    "adamw": lambda: optim.adamw(1e-2, weight_decay=0.1),
+    "adamw_masked_schedule": lambda: optim.adamw(lambda n: 1e-2 / (1.0 + n), weight_decay=0.1, mask=lambda name, p: p.ndim >= 2),
+    "amsgrad": lambda: optim.amsgrad(1e-2, max_raw_nu=True),  # torch's rule: the one with a fused path
+    "inject_lr": lambda: optim.inject_hyperparams(optim.adamw, static_args=("b1", "b2", "eps", "weight_decay"))(
+        learning_rate=1e-2, weight_decay=0.1),
+    # every hyperparameter a tensor: the in-place _foreach path, which divides first
+    "inject_all": lambda: optim.inject_hyperparams(optim.adamw)(learning_rate=1e-2, weight_decay=0.1),
+}
+
+
+def _big_grads(params: dict, step: int) -> dict:
+    return {k: v * 30.0 for k, v in _grads(params, step).items()}  # global norm well above the clip
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_clip_folded_into_the_kernel_equals_the_separate_pass(rule: str) -> None:
+    clip = optim.clip_by_global_norm(1.0)
+    folded, separate = optim.chain(clip, RULES[rule]()), optim.chain(_unfolded(clip), RULES[rule]())
+    assert folded.donated_update is not None and RULES[rule]().fused_divide
+    p0 = _params()
+    p_f, s_f, p_s, s_s = tree.clone(p0), folded.init(p0), tree.clone(p0), separate.init(p0)
+    p_pure, s_pure = p0, folded.init(p0)
+    for t in range(5):
+        grads = _big_grads(p0, t)
+        g_f, g_s = tree.clone(grads), tree.clone(grads)
+        p_f, s_f = folded.donated_update(g_f, s_f, p_f)
+        p_s, s_s = separate.donated_update(g_s, s_s, p_s)
+        # float32: the kernel divides by the same float32 divisor the separate pass divides by.
+        assert tree.allclose(p_f, p_s, rtol=0, atol=0) and tree.allclose(s_f, s_s, rtol=0, atol=0)
+        # the donated gradients end clipped either way (the kernel writes the quotient back)
+        assert torch.allclose(tree.global_norm(g_f), torch.tensor(1.0), rtol=1e-5)
+        updates, s_pure = folded.update(grads, s_pure, p_pure)
+        p_pure = optim.apply_updates(p_pure, updates)
+    assert tree.allclose(p_f, p_pure, rtol=1e-5, atol=1e-6)
+
+
+def test_folded_clip_reaches_the_kernel_as_its_gradient_scale(monkeypatch) -> None:
+    """No scaling pass over the gradients: the divisor is the kernel's grad_scale."""
+    calls: list[dict] = []
+    kernel = torch._fused_adamw_
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return kernel(*args, **kwargs)
+
+    def no_scaling_pass(*args, **kwargs):
+        raise AssertionError("the gradients were scaled in a pass of their own")
+
+    monkeypatch.setattr(torch, "_fused_adamw_", spy)
+    monkeypatch.setattr(torch, "_foreach_div_", no_scaling_pass)
+    monkeypatch.setattr(torch, "_foreach_mul_", no_scaling_pass)
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
+    p0 = _params()
+    grads = _big_grads(p0, 0)
+    norm = tree.global_norm(grads)
+    tx.donated_update(grads, tx.init(p0), tree.clone(p0))
+    assert len(calls) == 1 and torch.allclose(calls[0]["grad_scale"], norm / 1.0)
+
+
+def test_no_fold_without_a_kernel_or_below_the_norm() -> None:
+    # Below max_norm the divisor is exactly 1: the step equals plain adamw.
+    p0 = _params()
+    grads = {k: v * 1e-3 for k, v in _grads(p0, 0).items()}
+    clipped = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
+    plain = optim.adamw(1e-2, weight_decay=0.1)
+    a, _ = clipped.donated_update(tree.clone(grads), clipped.init(p0), tree.clone(p0))
+    b, _ = plain.donated_update(tree.clone(grads), plain.init(p0), tree.clone(p0))
+    assert tree.allclose(a, b, rtol=0, atol=0)
+    # A state the kernel cannot take (mixed dtypes) falls back to the generic chain, still clipped.
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2))
+    params = {"w": torch.ones(3)}
+    state = tx.init(params)
+    state = (state[0], (state[1][0]._replace(nu={"w": torch.zeros(3, dtype=torch.float64)}), *state[1][1:]))
+    g = {"w": torch.full((3,), 10.0)}
+    new_params, _ = tx.donated_update(g, state, tree.clone(params))
+    assert torch.allclose(tree.global_norm(g), torch.tensor(1.0), rtol=1e-6)
+    assert not torch.equal(new_params["w"], params["w"])

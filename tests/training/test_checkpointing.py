@@ -12,11 +12,13 @@ import os
 import random as pyrandom
 import signal
 import time
+import uuid
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -151,13 +153,37 @@ def test_streaming_in_many_chunks_with_overlapped_hashing(tmp_path, monkeypatch)
     assert restored["label"] == "run-7"
     meta = json.loads((tmp_path / "step_00000001" / "meta.json").read_text())
     data = (tmp_path / "step_00000001" / "state.safetensors").read_bytes()
-    assert meta["files"]["state.safetensors"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert meta["files"]["state.safetensors"]["xxh3_128"] == xxhash.xxh3_128(data).hexdigest()
     assert meta["files"]["state.safetensors"]["bytes"] == len(data) > 4 * 40
     corrupted = bytearray(data)
     corrupted[-3] ^= 0x10
     (tmp_path / "step_00000001" / "state.safetensors").write_bytes(bytes(corrupted))
-    with CheckpointManager(tmp_path) as ckpt, pytest.raises(CorruptCheckpointError, match="sha256"):
+    with CheckpointManager(tmp_path) as ckpt, pytest.raises(CorruptCheckpointError, match="xxh3_128 checksum"):
         ckpt.restore(template)
+
+
+@pytest.mark.parametrize("chunk", [40, 16 << 20])
+def test_format_1_sha256_checkpoints_are_still_read_and_verified(tmp_path, monkeypatch, chunk):
+    """A step written by format 1 (sha256 of state.safetensors in meta.json) restores bit-exactly; damage is caught."""
+    monkeypatch.setattr(checkpointing, "_CHUNK", chunk)
+    state = gpt_state()
+    with monkeypatch.context() as old_writer:  # what craftfn wrote before xxh3: the same file, sha256 in meta.json
+        old_writer.setattr(checkpointing, "_FILE_HASH", "sha256")
+        old_writer.setattr(checkpointing, "FORMAT_VERSION", 1)
+        with CheckpointManager(tmp_path, async_save=False) as ckpt:
+            ckpt.save(1, state)
+    step_dir = tmp_path / "step_00000001"
+    meta = json.loads((step_dir / "meta.json").read_text())
+    data = (step_dir / "state.safetensors").read_bytes()
+    assert meta["format_version"] == 1
+    assert meta["files"]["state.safetensors"] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    with CheckpointManager(tmp_path) as ckpt:
+        assert same_leaves(ckpt.restore(gpt_state(seed=1)), state)
+    corrupted = bytearray(data)
+    corrupted[len(data) // 2] ^= 0x04
+    (step_dir / "state.safetensors").write_bytes(bytes(corrupted))
+    with CheckpointManager(tmp_path) as ckpt, pytest.raises(CorruptCheckpointError, match="sha256 checksum"):
+        ckpt.restore(gpt_state())
 
 
 def test_async_save_copies_before_returning(tmp_path):
@@ -195,8 +221,8 @@ def test_mismatch_error_lists_differing_keys(tmp_path):
     msg = str(info.value)
     assert "missing from the checkpoint: new" in msg
     assert "not the template: gone" in msg
-    assert "b: checkpoint torch.float32 (3,), template torch.float32 (4,)" in msg
-    assert "c: checkpoint torch.float64 (1,), template torch.float32 (1,)" in msg
+    assert "b: checkpoint shape (3,), template shape (4,)" in msg
+    assert "c: checkpoint dtype torch.float64, template dtype torch.float32" in msg
     assert "a:" not in msg
     assert isinstance(info.value, ValueError)
 
@@ -298,23 +324,35 @@ def test_leftovers_are_never_steps_and_are_cleaned(tmp_path):
     with CheckpointManager(tmp_path, async_save=False) as ckpt:
         ckpt.save(1, {"w": torch.ones(1)})
     # What a crash leaves: a half-written new step, and a half-deleted old one.
-    half = tmp_path / ".tmp-step_00000002-0123abcd"
+    half = tmp_path / f".tmp-step_00000002-{uuid.uuid4().hex}"
     half.mkdir()
     (half / "state.safetensors").write_bytes(b"\x00" * 10)
-    (tmp_path / ".tmp-del-step_00000000-77").mkdir()
-    (tmp_path / ".tmp-state.safetensors-99").write_bytes(b"x")
+    (tmp_path / f".tmp-del-step_00000000-{uuid.uuid4().hex}").mkdir()
     ckpt = CheckpointManager(tmp_path)
     assert ckpt.all_steps() == [1]
     assert sorted(os.listdir(tmp_path)) == ["step_00000001"]
     ckpt.close()
 
 
+def test_files_outside_the_naming_scheme_are_never_touched(tmp_path):
+    # A user's own files in the folder, named like (but not as) the manager's temporaries and
+    # steps: neither cleanup at construction nor retention may delete or count them.
+    own = [".tmp-notes.txt", ".tmp-step_00000002-mine", ".tmp-old-step_1-abc", "step_5", "step_000000007", "corrupt-notes"]
+    for name in own:
+        (tmp_path / name).mkdir() if name.startswith("step_") else (tmp_path / name).write_text("mine")
+    with CheckpointManager(tmp_path, async_save=False, keep_last=1) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, {"w": torch.ones(1)})
+        assert ckpt.all_steps() == [3]
+    assert sorted(os.listdir(tmp_path)) == sorted(own + ["step_00000003"])
+
+
 def test_interrupted_replacement_is_recovered(tmp_path):
     with CheckpointManager(tmp_path, async_save=False) as ckpt:
         ckpt.save(4, {"w": torch.full((1,), 4.0)})
     # Crash after moving the old step 4 aside, before renaming its replacement in.
-    os.replace(tmp_path / "step_00000004", tmp_path / ".tmp-old-step_00000004-abc123")
-    (tmp_path / ".tmp-step_00000004-def456").mkdir()
+    os.replace(tmp_path / "step_00000004", tmp_path / f".tmp-old-step_00000004-{uuid.uuid4().hex}")
+    (tmp_path / f".tmp-step_00000004-{uuid.uuid4().hex}").mkdir()
     with CheckpointManager(tmp_path) as ckpt:
         assert ckpt.all_steps() == [4]
         assert ckpt.restore({"w": torch.zeros(1)})["w"].item() == 4.0

@@ -203,6 +203,7 @@ def scale_by_simplified_ademamix(b1: float = 0.99, b2: float = 0.95, alpha: Scal
         ['m', 'n', 't']
     """
     _check_betas(b1=b1, b2=b2)
+    check_hyperparameter("alpha", alpha, low=None)
     check_hyperparameter("eps", eps)
     check_hyperparameter("eps_root", eps_root)
 

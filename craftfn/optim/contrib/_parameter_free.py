@@ -302,6 +302,7 @@ def prodigy(
     check_hyperparameter("betas[1]", beta2, low=0.0, high=1.0)
     check_hyperparameter("eps", eps)
     check_hyperparameter("estim_lr0", estim_lr0, low=0.0, low_inclusive=False)
+    check_hyperparameter("estim_lr_coef", estim_lr_coef)
     check_hyperparameter("weight_decay", weight_decay)
     b3 = beta2**0.5 if beta3 is None else beta3
 
@@ -491,6 +492,7 @@ def momo(
     """
     check_hyperparameter("learning_rate", learning_rate)
     check_hyperparameter("beta", beta, low=0.0, high=1.0)
+    check_hyperparameter("lower_bound", lower_bound, low=None)
     check_hyperparameter("weight_decay", weight_decay)
 
     def init_fn(params: Params) -> MomoState:
@@ -557,6 +559,7 @@ def momo_adam(
     check_hyperparameter("b1", b1, low=0.0, high=1.0)
     check_hyperparameter("b2", b2, low=0.0, high=1.0)
     check_hyperparameter("eps", eps)
+    check_hyperparameter("lower_bound", lower_bound, low=None)
     check_hyperparameter("weight_decay", weight_decay)
 
     def init_fn(params: Params) -> MomoAdamState:

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from craftfn import tree
-from craftfn.optim.base import GradientTransformation, Params, Updates
+from craftfn.optim.base import GradientTransformation, Params, Updates, check_hyperparameter
 from craftfn.optim.contrib._parameter_free import _lowest_dtype, _need_value
 from craftfn.optim.transforms import _check_state, _count_like
 
@@ -48,6 +48,9 @@ def reduce_on_plateau(
     """
     if not 0.0 < factor < 1.0:
         raise ValueError(f"reduce_on_plateau: factor must be in (0, 1), got {factor}")
+    check_hyperparameter("rtol", rtol, high=1.0, high_inclusive=True)
+    check_hyperparameter("atol", atol)
+    check_hyperparameter("min_scale", min_scale)
     if rtol < 0.0 or atol < 0.0:
         raise ValueError(f"reduce_on_plateau: rtol and atol must be >= 0, got rtol={rtol}, atol={atol}")
     if rtol == 0.0 and atol == 0.0:
