@@ -95,13 +95,24 @@ def _unreadable(path: str, offset: int, e: OSError) -> ValueError:
     return ValueError(f"data file {path!r} cannot be read at byte {offset} ({e.strerror or e})")
 
 
-def _source_record(path: str) -> dict[str, Any]:
+def _source_record(path: str, previous: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Path, size, times and content hash of a source file.
+
+    The hash of ``previous`` (the manifest's record of this path) is kept without reading the file
+    when its size, ``mtime_ns`` and ``ctime_ns`` are all unchanged. Any write to the file moves its
+    ctime, and the kernel sets ctime: restoring mtime (``touch -d``, ``os.utime``) moves it too. So an
+    edited file is still rehashed and its shard rebuilt; what is not detected is a file changed
+    underneath the filesystem (disk corruption) or a clock set back to the same nanosecond.
+    """
     try:
         st = os.stat(path)
+        stamp = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+        if previous is not None and all(previous.get(k) == v for k, v in stamp.items()) and "xxh3_128" in previous:
+            return {**stamp, "xxh3_128": previous["xxh3_128"]}
         digest = _hash_file(path)
     except OSError as e:
         raise _unreadable(path, 0, e) from None
-    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "xxh3_128": digest}
+    return {**stamp, "xxh3_128": digest}
 
 
 def _same_source(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -201,10 +212,34 @@ def _count_chunk(chunk: _Chunk) -> np.ndarray:
         if chunk.jsonl:
             codes = np.frombuffer("".join(_documents(chunk, offset, data, _WORKER["field"])).encode("utf-32-le"), np.uint32)
         else:
-            codes = utf8_codepoints(data)
+            return _count_utf8(data)
     except UnicodeDecodeError as e:
         raise _utf8_error(chunk.path, offset, e) from None
     return np.bincount(codes) if codes.size else np.zeros(0, np.int64)
+
+
+_ASCII = bytes(range(128))
+
+
+def _count_utf8(data: bytes) -> np.ndarray:
+    """Code-point histogram of UTF-8 ``data``: ASCII from a byte histogram, the rest from its non-ASCII bytes
+    alone (a small decode), without a code-point array of the whole chunk.
+
+    Non-ASCII bytes that decode when joined may still be invalid in place (a lead byte cut off by
+    ASCII): pass 2 decodes strictly and reports that with its offset before any shard is written.
+    """
+    counts = np.bincount(np.frombuffer(data, np.uint8), minlength=128)[:128]
+    high = data.translate(None, _ASCII)
+    if not high:
+        return counts
+    try:
+        codes = np.frombuffer(high.decode("utf-8").encode("utf-32-le"), np.uint32)
+    except UnicodeDecodeError:
+        utf8_codepoints(data)  # raises the error located in data
+        raise  # pragma: no cover - joined runs of valid UTF-8 decode
+    rest = np.bincount(codes)
+    rest[:128] += counts
+    return rest
 
 
 def _encode_chunk(chunk: _Chunk) -> tuple[np.ndarray, Optional[np.ndarray], np.ndarray, int, int]:
@@ -491,7 +526,10 @@ def _encode_shard(
     doc_ends: list[np.ndarray] = []
     num_tokens = separators = 0
     chunks = [c for i in group for c in _chunks(sources[i]["path"], sources[i]["size"])]
-    in_process = workers <= 1 or isinstance(tok, BPETokenizer)  # BPE runs its own threads
+    # BPE runs its own threads. Character and byte ids of text files are cheap to compute (~140 MB/s a
+    # core) next to sending them back from worker processes: on 2 cores this process alone encoded at
+    # 83 MB/s, two workers at 60 MB/s (benchmarks/data_bench.py). JSON lines still go to the workers.
+    in_process = workers <= 1 or isinstance(tok, BPETokenizer) or not any(c.jsonl for c in chunks)
     from_pass1 = isinstance(tok, CharTokenizer) and all("char_counts" in sources[i] for i in group)
 
     def produce(write: Callable[[bytes], None]) -> None:
@@ -603,12 +641,13 @@ def prepare_corpus(
 
     with _locked(str(folder) + ".lock", log):
         t0 = time.perf_counter()
-        sources = [_source_record(p) for p in files]
+        old = _read_manifest(folder, log)
+        recorded = {s.get("path"): s for s in old.get("sources", [])} if old is not None else {}
+        sources = [_source_record(p, recorded.get(p)) for p in files]
         total = sum(s["size"] for s in sources)
         if total == 0:
             raise ValueError(f"the corpus {source!r} is empty: its {len(files)} file(s) hold no text")
         multi_document = len([s for s in sources if s["size"]]) > 1 or any(p.endswith(".jsonl") for p in files)
-        old = _read_manifest(folder, log)
         if old is not None and (old.get("request") != request or old.get("jsonl_field") != jsonl_field):
             old = None
         unchanged = {}  # new source index -> old source record, for sources whose content is the same
@@ -683,7 +722,7 @@ def prepare_corpus(
             workers = num_workers if todo_bytes >= PARALLEL_MIN_BYTES else 1
             log(
                 f"craftfn: tokenizing {todo_bytes / 1e6:,.1f} MB of {len(files)} file(s) into {folder} "
-                f"({tok!r}, {dtype.name}, {1 if isinstance(tok, BPETokenizer) else workers} process(es))"
+                f"({tok!r}, {dtype.name}, encoded in {1 if isinstance(tok, BPETokenizer) or not any(p.endswith('.jsonl') for p in files) else workers} process(es))"
             )
         t_encode = time.perf_counter()
         with _progress(todo_bytes, "tokenizing", progress and todo_bytes > 0) as bar:

@@ -134,26 +134,40 @@ def utf8_codepoints(data: bytes) -> np.ndarray:
     b = np.frombuffer(data, np.uint8)
     if data.isascii():
         return b.astype(np.uint32)
+    runs = _non_ascii_runs(b)
+    if runs is None:  # dense non-ASCII text: one decode beats many small ones
+        return np.frombuffer(data.decode("utf-8").encode("utf-32-le"), np.uint32)
+    codes = b.astype(np.uint32)
+    keep = np.ones(b.size, bool)
+    for start, stop in runs:
+        run = _decode_run(data, start, stop)
+        codes[start : start + run.size] = run
+        keep[start + run.size : stop] = False
+    return codes[keep]
+
+
+def _non_ascii_runs(b: np.ndarray) -> Optional[list[tuple[int, int]]]:
+    """``[start, stop)`` of each run of bytes >= 0x80 in ``b`` (uint8), or None when there are too many
+    (dense non-ASCII text). In valid UTF-8 each run is a whole number of characters."""
     high = np.flatnonzero(b >= 0x80)
     breaks = np.flatnonzero(np.diff(high) != 1)
     starts = np.concatenate([high[:1], high[breaks + 1]]).tolist()
     stops = (np.concatenate([high[breaks], high[-1:]]) + 1).tolist()
-    if len(starts) > 1 + b.size // 256:  # dense non-ASCII text: one decode beats many small ones
-        return np.frombuffer(data.decode("utf-8").encode("utf-32-le"), np.uint32)
-    codes = b.astype(np.uint32)
-    keep = np.ones(b.size, bool)
-    for start, stop in zip(starts, stops):
-        try:
-            run = np.frombuffer(data[start:stop].decode("utf-8").encode("utf-32-le"), np.uint32)
-        except UnicodeDecodeError:
-            try:  # with the byte after the run, the error reads as bytes.decode's would
-                data[start : stop + 1].decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UnicodeDecodeError(e.encoding, data, start + e.start, start + e.end, e.reason) from None
-            raise  # pragma: no cover - the longer slice cannot decode when the run does not
-        codes[start : start + run.size] = run
-        keep[start + run.size : stop] = False
-    return codes[keep]
+    if len(starts) > 1 + b.size // 256:
+        return None
+    return list(zip(starts, stops))
+
+
+def _decode_run(data: bytes, start: int, stop: int) -> np.ndarray:
+    """The code points of ``data[start:stop]`` (uint32); ``UnicodeDecodeError`` located in ``data``."""
+    try:
+        return np.frombuffer(data[start:stop].decode("utf-8").encode("utf-32-le"), np.uint32)
+    except UnicodeDecodeError:
+        try:  # with the byte after the run, the error reads as bytes.decode's would
+            data[start : stop + 1].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UnicodeDecodeError(e.encoding, data, start + e.start, start + e.end, e.reason) from None
+        raise  # pragma: no cover - the longer slice cannot decode when the run does not
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -455,6 +469,12 @@ class CharTokenizer(_Base):
         # A lookup table over every code point (2-4 MB): encoding is one gather, unknown characters read -1.
         self._lut = np.full(0x110000, -1, np.int32)
         self._lut[[ord(c) for c in chars]] = np.arange(len(chars), dtype=np.int32)
+        # ASCII bytes go through bytes.translate (one C pass) when every ASCII id fits a byte;
+        # 255 marks an ASCII character missing from the vocabulary.
+        ascii_ids = self._lut[:128]
+        self._ascii_table: Optional[bytes] = None
+        if int(ascii_ids.max()) < 255:
+            self._ascii_table = bytes(np.where(ascii_ids < 0, 255, ascii_ids).tolist() + [0] * 128)
 
     @classmethod
     def from_text(cls, text: str, special_tokens: Sequence[str] = ()) -> CharTokenizer:
@@ -485,7 +505,36 @@ class CharTokenizer(_Base):
     def encode_bytes(self, data: bytes, dtype: Any = np.int64) -> np.ndarray:
         if self.special_tokens and any(s.encode() in data for s in self.special_tokens):
             return super().encode_bytes(data, dtype)
+        fast = self._encode_utf8(data, np.dtype(dtype))
+        if fast is not None:
+            return fast
         return self._lookup(utf8_codepoints(data), data).astype(dtype, copy=False)
+
+    def _encode_utf8(self, data: bytes, dtype: np.dtype) -> Optional[np.ndarray]:
+        """Mostly-ASCII ``data`` encoded without a code-point array: ASCII runs through ``bytes.translate``,
+        each non-ASCII run decoded (strictly) and looked up. None when the slow path must run: dense
+        non-ASCII text, or a character missing from the vocabulary (the slow path names it and its offset)."""
+        if self._ascii_table is None:
+            return None
+        b = np.frombuffer(data, np.uint8)
+        runs = [] if data.isascii() else _non_ascii_runs(b)
+        if runs is None:
+            return None
+        translated = data.translate(self._ascii_table)
+        if b"\xff" in translated:  # an ASCII character the vocabulary lacks
+            return None
+        ids = np.frombuffer(translated, np.uint8)
+        pieces, pos = [], 0
+        for start, stop in runs:
+            run = self._lut.take(_decode_run(data, start, stop))
+            if run.size and int(run.min()) < 0:
+                return None
+            pieces += [ids[pos:start], run]
+            pos = stop
+        pieces.append(ids[pos:])
+        if len(pieces) == 1:
+            return ids.astype(dtype)
+        return np.concatenate([p.astype(dtype, copy=False) for p in pieces])
 
     def decode(self, ids: Union[Iterable[int], torch.Tensor]) -> str:
         values = _ids_list(ids)

@@ -3,6 +3,7 @@ truncated or altered shards detected, many files and .jsonl as documents, bad in
 
 import fcntl
 import json
+import os
 import threading
 
 import numpy as np
@@ -250,3 +251,22 @@ def test_bpe_vocabulary_larger_than_the_text_allows_is_reported(tmp_path):
     corpus = _prepare(path, tmp_path / "cache", "bpe", vocab_size=1024, logs=logs)
     assert corpus.tokenizer.vocab_size < 1024
     assert any(f"has {corpus.tokenizer.vocab_size}" in line and "too little text for 1024" in line for line in logs), logs
+
+
+def test_source_edited_with_size_and_mtime_restored_is_rehashed_and_rebuilt(tmp_path, monkeypatch):
+    path = tmp_path / "input.txt"
+    path.write_text(CORPUS[:30_000])
+    first = _prepare(path, tmp_path / "cache")
+    hashed = []
+    real_hash = shards._hash_file
+    monkeypatch.setattr(shards, "_hash_file", lambda p: hashed.append(p) or real_hash(p))
+    _prepare(path, tmp_path / "cache")
+    assert str(path) not in hashed  # size, mtime and ctime unchanged: the recorded hash is kept
+    st = path.stat()
+    path.write_text(CORPUS[1:30_000] + "x")  # same size and characters, different text
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime restored; ctime moves regardless
+    logs = []
+    after = _prepare(path, tmp_path / "cache", logs=logs)
+    assert str(path) in hashed and any("changed" in line for line in logs), logs
+    assert after.manifest["shards"][0]["xxh3_128"] != first.manifest["shards"][0]["xxh3_128"]
+    assert after.tokens.to_tensor().tolist() == after.tokenizer.encode(CORPUS[1:30_000] + "x")

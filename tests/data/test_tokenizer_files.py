@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from craftfn import data
-from craftfn.data.tokenizers import _pieces, safe_cut
+from craftfn.data.tokenizers import _pieces, safe_cut, utf8_codepoints
 
 # Text with what breaks naive tokenizer files: newlines, tabs, runs of spaces, accents, emoji, quotes, JSON escapes.
 ALPHABET = "ab \n\t  é😀'\"\\{}0<|>endoftx"
@@ -140,3 +140,21 @@ def test_bad_tokenizer_files(tmp_path):
         data.BPETokenizer.train(["abc"], vocab_size=200)
     with pytest.raises(data.VocabularyError, match="'z'.*at byte 3"):
         data.CharTokenizer("abé").encode("aéz")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="ab \n\t\u00e9\u20ac\U0001f600", max_size=80), st.integers(0, 79), st.sampled_from([None, b"\x80", b"\xc3", b"\xff"]))
+def test_char_encode_bytes_fast_path_equals_the_code_point_lookup(text, where, damage):
+    tok = data.CharTokenizer(sorted(set(text) | set("ab é")), [data.EOT])  # may lack the tab, euro or emoji
+    raw = text.encode()
+    if damage is not None and raw:
+        raw = raw[: where % len(raw)] + damage + raw[where % len(raw) + 1 :]
+
+    def outcome(encode):
+        try:
+            return encode().tolist()
+        except (UnicodeDecodeError, ValueError) as e:
+            return f"{type(e).__name__}: {e}"
+
+    slow = outcome(lambda: tok._lookup(utf8_codepoints(raw), raw).astype(np.uint16))
+    assert outcome(lambda: tok.encode_bytes(raw, np.uint16)) == slow
