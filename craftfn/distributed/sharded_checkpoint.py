@@ -64,6 +64,7 @@ from craftfn.training.checkpointing import (
     CheckpointMismatchError,
     CorruptCheckpointError,
     _check_json,
+    _check_retention,
     _check_step,
     _craftfn_version,
     _fsync_dir,
@@ -172,14 +173,7 @@ class ShardedCheckpointManager:
         best_metric: Optional[str] = None,
         mode: str = "min",
     ) -> None:
-        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
-            raise ValueError(f"keep_last must be an int >= 1 (the newest step is always kept) or None (keep all), got {keep_last!r}")
-        if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 0:
-            raise ValueError(f"keep_best must be an int >= 0, got {keep_best!r}")
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        if keep_best and best_metric is None:
-            raise ValueError(f"keep_best={keep_best} needs best_metric=<name of a metric passed to save(metrics=...)>")
+        _check_retention(keep_last, keep_best, best_metric, mode)
         self.directory = Path(directory)
         self.keep_last, self.keep_best, self.best_metric, self.mode = keep_last, keep_best, best_metric, mode
         self._closed = False

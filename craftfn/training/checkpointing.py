@@ -434,6 +434,20 @@ def _resolve_step(step: StepSpec, steps: list[int], best_step: Any, directory: P
     return value
 
 
+def _check_retention(keep_last: Any, keep_best: Any, best_metric: Any, mode: Any) -> None:
+    """The retention arguments every checkpoint manager takes (``CheckpointManager``, the sharded one)."""
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last must be an int >= 1 (the newest step is always kept) or None (keep all), got {keep_last!r}")
+    if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 0:
+        raise ValueError(f"keep_best must be an int >= 0, got {keep_best!r}")
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    if best_metric is not None and not isinstance(best_metric, str):
+        raise TypeError(f"best_metric must be a metric name (str) or None, got {best_metric!r}")
+    if keep_best and best_metric is None:
+        raise ValueError(f"keep_best={keep_best} needs best_metric=<name of a metric passed to save(metrics=...)>")
+
+
 def _check_step(step: Any) -> int:
     if isinstance(step, torch.Tensor) and step.dim() == 0 and not step.is_floating_point():
         step = int(step)
@@ -506,16 +520,7 @@ class CheckpointManager:
         mode: str = "min",
         async_save: bool = True,
     ) -> None:
-        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
-            raise ValueError(f"keep_last must be an int >= 1 (the newest step is always kept) or None (keep all), got {keep_last!r}")
-        if isinstance(keep_best, bool) or not isinstance(keep_best, int) or keep_best < 0:
-            raise ValueError(f"keep_best must be an int >= 0, got {keep_best!r}")
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        if best_metric is not None and not isinstance(best_metric, str):
-            raise TypeError(f"best_metric must be a metric name (str) or None, got {best_metric!r}")
-        if keep_best and best_metric is None:
-            raise ValueError(f"keep_best={keep_best} needs best_metric=<name of a metric passed to save(metrics=...)>")
+        _check_retention(keep_last, keep_best, best_metric, mode)
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.keep_best = keep_best
