@@ -493,16 +493,17 @@ def _interrupted(e: KeyboardInterrupt) -> int:
 def _export(args: argparse.Namespace, bindings: Sequence[str]) -> int:
     if bindings:
         raise UsageError(f"export takes no gin bindings, got {list(bindings)}")
-    from craftfn.data import load_tokenizer
-    from craftfn.generation.run import load_model
+    from craftfn.generation.run import load_model, load_run
 
     try:
         from craftfn.models.gpt import to_hf_gpt2
 
-        model = load_model(args.run_dir, args.checkpoint)
+        # The run's tokenizer goes along when there is one (load_run checks it fits the weights).
+        if (Path(args.run_dir) / "tokenizer.json").is_file():
+            model, tokenizer = load_run(args.run_dir, args.checkpoint)
+        else:
+            model, tokenizer = load_model(args.run_dir, args.checkpoint), None
         hf_model = to_hf_gpt2(model)
-        tokenizer_file = Path(args.run_dir) / "tokenizer.json"  # the run's tokenizer goes along when there is one
-        tokenizer = load_tokenizer(tokenizer_file) if tokenizer_file.is_file() else None
     except ImportError as e:
         raise UsageError(f"--format hf needs transformers (pip install 'craftfn[hf]'): {e}") from None
     except (ValueError, TypeError, OSError) as e:

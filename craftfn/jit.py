@@ -53,7 +53,7 @@ import torch
 from craftfn import _context, tree
 from craftfn.state import TrainState, _mark_donated, check_live
 
-__all__ = ["jit", "Jitted"]
+__all__ = ["jit", "Jitted", "engine_config"]
 
 ArgNums = Union[int, Sequence[int]]
 
@@ -69,7 +69,18 @@ _ENGINE_CONFIG = {"trace_autograd_ops": True, "skip_fwd_side_effects_in_bwd_unde
 _code_ids = itertools.count()
 
 
-def _engine_config() -> Any:
+def engine_config() -> Any:
+    """The dynamo configuration craftfn's functional engine needs, as a context manager.
+
+    ``craftfn.jit`` applies it around each of its calls; use it yourself only where you call
+    ``torch.compile`` or ``torch._dynamo.explain`` on a craftfn step directly (``value_and_grad``
+    calls ``torch.autograd.grad``, which dynamo traces only with it). Nothing changes globally.
+
+    Example:
+        >>> from craftfn.jit import engine_config
+        >>> with engine_config():
+        ...     pass  # torch.compile(my_step, fullgraph=True)(state, batch) traces value_and_grad here
+    """
     return torch._dynamo.config.patch(**_ENGINE_CONFIG)
 
 
@@ -178,7 +189,7 @@ class Jitted:
         first = self.compile_seconds is None
         t0 = time.perf_counter()
         try:
-            with _engine_config(), _context.jit_context(donating=bool(self.donate_argnums)):
+            with engine_config(), _context.jit_context(donating=bool(self.donate_argnums)):
                 out = compiled(*dynamic, **kwargs)
         except torch._dynamo.exc.Unsupported as e:
             if isinstance(e.__cause__, torch._dynamo.exc.ObservedException):
@@ -228,7 +239,7 @@ class Jitted:
         args = tuple(tree.clone(a) if i in self.donate_argnums else a for i, a in enumerate(args))
         fn, positions = self.fn, self.static_argnums
         dynamic = [a for i, a in enumerate(args) if i not in positions]
-        with _engine_config(), _context.jit_context(donating=bool(self.donate_argnums)):
+        with engine_config(), _context.jit_context(donating=bool(self.donate_argnums)):
             return torch._dynamo.explain(lambda *d, **kw: fn(*_merge(d, statics, positions), **kw))(*dynamic, **kwargs)
 
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from craftfn import TrainState, _context, make_train_step, optim, random, tree
+from craftfn.jit import engine_config
 from craftfn.optim.fused import fused_adam_step_
 
 shapes = st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple)
@@ -151,7 +152,7 @@ def test_a_compiled_donated_train_step_has_no_graph_breaks():
     torch._dynamo.reset()
     for donate in (False, True):
         step = make_train_step(loss_fn, donate=donate)
-        with torch._dynamo.config.patch(trace_autograd_ops=True), _context.step_context(training=True):
+        with engine_config(), _context.step_context(training=True):
             explanation = torch._dynamo.explain(step.core)(state, batch, random.key(0))
         assert explanation.graph_break_count == 0, explanation.break_reasons
         assert explanation.graph_count == 1

@@ -15,23 +15,15 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
+from craftfn.distributed.collectives import _shard_sum
 from craftfn.distributed.fully_sharded import gather_params
-from craftfn.distributed.process import _guard, rank, world_size
+from craftfn.distributed.process import rank, world_size
 from craftfn.state import TrainState
 from craftfn.step import MetricFn, make_eval_step
 from craftfn.training.evaluation import EvalSplit
 
 __all__ = ["eval_split", "make_data_parallel_eval_step"]
-
-
-def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    if world_size() == 1:
-        return x
-    total = x.detach().clone()
-    _guard("all_reduce of evaluation sums", dist.all_reduce, total)
-    return total
 
 
 def eval_split(equal_calls: bool = True) -> EvalSplit:
@@ -51,7 +43,7 @@ def eval_split(equal_calls: bool = True) -> EvalSplit:
     """
     if not isinstance(equal_calls, bool):
         raise TypeError(f"equal_calls must be a bool, got {equal_calls!r}")
-    return EvalSplit(rank(), world_size(), _sum_over_ranks, equal_calls)
+    return EvalSplit(rank(), world_size(), _shard_sum, equal_calls)  # via the wire device (NCCL needs CUDA)
 
 
 def make_data_parallel_eval_step(metric_fn: MetricFn, **options: Any) -> Callable[[TrainState, Any], dict[str, torch.Tensor]]:

@@ -66,6 +66,7 @@ from craftfn.training.checkpointing import (
     _check_json,
     _check_retention,
     _check_step,
+    _clean_leftovers,
     _craftfn_version,
     _fsync_dir,
     _meta_text,
@@ -320,9 +321,7 @@ class ShardedCheckpointManager:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OSError(e.errno, f"ShardedCheckpointManager: cannot create the checkpoint directory ({e.strerror})", str(self.directory)) from e
-        for name in sorted(os.listdir(self.directory)):
-            if name.startswith(_TMP_PREFIX):  # what a crash left: never a step
-                shutil.rmtree(self.directory / name, ignore_errors=True)
+        _clean_leftovers(self.directory, type(self).__name__)
 
     def _all_gather(self, value: Any) -> list[Any]:
         if world_size() == 1:

@@ -36,8 +36,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Union
 import torch
 
 from craftfn.generation import kv_cache as kvc
-from craftfn.generation.sampling import _compile_options, _hashable, check_max_new_tokens
-from craftfn.jit import jit
+from craftfn.generation.sampling import _compile_options, _memo_jit, check_max_new_tokens
 
 __all__ = ["BeamSearchOutput", "beam_search_generate"]
 
@@ -158,9 +157,6 @@ def _beam_step(
     return beams, cache, logits[:, -1]
 
 
-_COMPILED: dict[Any, Any] = {}
-
-
 def _compiled_beam_step(compile_options: dict[str, Any]) -> Any:
     """``craftfn.jit(_beam_step)`` with ``dynamic=False``, built once per compile options.
 
@@ -168,11 +164,7 @@ def _compiled_beam_step(compile_options: dict[str, Any]) -> Any:
     tensors, so dynamo keeps one graph per (model, batch, beams, length) and reuses it for every
     token. The cache is not donated: the step reorders it by beam into a new one.
     """
-    options = {"dynamic": False, **compile_options}
-    cache_key = tuple(sorted((k, v if _hashable(v) else id(v)) for k, v in options.items()))
-    if cache_key not in _COMPILED:
-        _COMPILED[cache_key] = jit(_beam_step, static_argnums=(10, 11, 12, 13), **options)
-    return _COMPILED[cache_key]
+    return _memo_jit(_beam_step, compile_options, static_argnums=(10, 11, 12, 13))
 
 
 def _results(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -305,11 +305,17 @@ def _compiled_decode_step(compile_options: Mapping[str, Any]) -> Any:
     ``torch._dynamo.config.recompile_limit`` graphs per compiled function; past that it runs the
     step eagerly (same tokens, with a warning).
     """
+    # options, eos_token_id, pad_token_id: static; cache: donated (its layers are written in place).
+    return _memo_jit(_decode_step, compile_options, static_argnums=(10, 11, 12), donate_argnums=(2,))
+
+
+def _memo_jit(fn: Callable[..., Any], compile_options: dict[str, Any], **jit_kwargs: Any) -> Any:
+    """``craftfn.jit(fn, dynamic=False, **jit_kwargs, **compile_options)``, built once per (fn, options):
+    the generation loops share one compiled step per configuration (and so dynamo's graph cache)."""
     options = {"dynamic": False, **compile_options}
-    cache_key = tuple(sorted((k, v if _hashable(v) else id(v)) for k, v in options.items()))
+    cache_key = (fn, tuple(sorted((k, v if _hashable(v) else id(v)) for k, v in options.items())))
     if cache_key not in _COMPILED:
-        # options, eos_token_id, pad_token_id: static; cache: donated (its layers are written in place).
-        _COMPILED[cache_key] = jit(_decode_step, static_argnums=(10, 11, 12), donate_argnums=(2,), **options)
+        _COMPILED[cache_key] = jit(fn, **jit_kwargs, **options)
     return _COMPILED[cache_key]
 
 

@@ -586,12 +586,13 @@ def generate_tokens(
         raise ValueError(f"generate_tokens: prompt must be integer token ids of shape (batch, length >= 1), got {desc}")
     gen = random.generator(key if key is not None else random.key(0), device=prompt.device)
     ids = prompt
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         context = ids[:, -block_size:] if block_size else ids
         out = state.apply(state.params, context, training=False)
         logits = out[0] if isinstance(out, (tuple, list)) else out
         logits = logits[:, -1, :].float()
-        if not bool(torch.isfinite(logits).all()):  # a generation loop reads tokens back anyway
+        # Diverged weights give non-finite logits at once: one host read on the first token, not one per token.
+        if i == 0 and not bool(torch.isfinite(logits).all()):
             raise ValueError(
                 "generate_tokens: the model's logits are not finite (NaN or inf): its weights have diverged, "
                 "so there is nothing to sample"

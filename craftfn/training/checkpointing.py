@@ -434,6 +434,33 @@ def _resolve_step(step: StepSpec, steps: list[int], best_step: Any, directory: P
     return value
 
 
+def _clean_leftovers(directory: Path, owner: str) -> None:
+    """Remove what a crash left in a checkpoint directory: temporary step directories, half-deleted
+    ones, replaced ones (a replaced step whose successor never arrived goes back). Only names the
+    managers make (``_LEFTOVER``) are touched: a user's own ``.tmp-notes`` stays."""
+    for name in sorted(os.listdir(directory)):
+        if not _LEFTOVER.match(name):
+            continue
+        path = directory / name
+        m = _OLD_DIR.match(name)
+        if m and not (directory / m.group(1)).exists() and path.is_dir():
+            # Crashed between moving a replaced step aside and renaming its successor in:
+            # the old directory is a complete step, so it goes back (and is never deleted here).
+            try:
+                os.replace(path, directory / m.group(1))
+                logger.warning("%s: recovered %s from an interrupted replacement", owner, m.group(1))
+            except OSError as e:
+                logger.error("%s: could not move %s back to %s: %s", owner, path, m.group(1), e)
+            continue
+        try:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError as e:
+            logger.warning("%s: could not remove leftover %s: %s", owner, path, e)
+
+
 def _check_retention(keep_last: Any, keep_best: Any, best_metric: Any, mode: Any) -> None:
     """The retention arguments every checkpoint manager takes (``CheckpointManager``, the sharded one)."""
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
@@ -537,7 +564,7 @@ class CheckpointManager:
         self._staging: dict[str, torch.Tensor] = {}
         self._metric_cache: dict[int, Optional[float]] = {}
         self._closed = False
-        self._clean_leftovers()
+        _clean_leftovers(self.directory, type(self).__name__)
 
     # ---- public API ---------------------------------------------------------------------
 
@@ -896,30 +923,6 @@ class CheckpointManager:
             return None
         self._metric_cache.pop(step, None)
         return target
-
-    def _clean_leftovers(self) -> None:
-        """Remove what a crash left: temporary step directories, half-deleted ones, replaced ones."""
-        for name in sorted(os.listdir(self.directory)):
-            if not _LEFTOVER.match(name):
-                continue
-            path = self.directory / name
-            m = _OLD_DIR.match(name)
-            if m and not (self.directory / m.group(1)).exists() and path.is_dir():
-                # Crashed between moving a replaced step aside and renaming its successor in:
-                # the old directory is a complete step, so it goes back (and is never deleted here).
-                try:
-                    os.replace(path, self.directory / m.group(1))
-                    logger.warning("CheckpointManager: recovered %s from an interrupted replacement", m.group(1))
-                except OSError as e:
-                    logger.error("CheckpointManager: could not move %s back to %s: %s", path, m.group(1), e)
-                continue
-            try:
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-            except OSError as e:
-                logger.warning("CheckpointManager: could not remove leftover %s: %s", path, e)
 
     def _restore_step(self, template: Any, step: int) -> Any:
         path = self._step_path(step)
