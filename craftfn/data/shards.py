@@ -784,12 +784,15 @@ def prepare_corpus(
         groups = _groups(sources)
         workers = 1
         todo_bytes = 0
+        hashed_files = sum(s["checked_ns"] != recorded.get(s["path"], {}).get("checked_ns") for s in sources)
         plan: list[tuple[list[int], Optional[dict[str, Any]]]] = []
         for group in groups:
             prior = old_shards.get(tuple(sources[i]["path"] for i in group))
             if prior is not None and all(i in unchanged for i in group):
                 try:
+                    before = prior.get("stat", {})
                     prior = _verify_shard(folder, prior, dtype.itemsize, tok.vocab_size, full=verify)
+                    hashed_files += sum(prior["stat"][key] is not before.get(key) for key, _, _ in _SHARD_FILES)
                 except CorruptShardError as e:
                     log(f"craftfn: {e}; rebuilding it")
                     prior = None
@@ -842,5 +845,9 @@ def prepare_corpus(
                 f"encoded {built_bytes / 1e6:,.1f} MB in {seconds:.1f} s ({built_bytes / 1e6 / max(seconds, 1e-9):.0f} MB/s)"
             )
         else:
-            log(f"craftfn: reusing {manifest['num_tokens']:,} tokens in {len(shards)} verified shard(s) in {folder} ({elapsed:.1f} s)")
+            trusted = len(sources) + 3 * len(shards) - hashed_files
+            log(
+                f"craftfn: reusing {manifest['num_tokens']:,} tokens in {len(shards)} verified shard(s) in {folder} ({elapsed:.1f} s; "
+                f"{hashed_files} file(s) hashed, {trusted} unchanged since their last check by size, times and inode)"
+            )
         return _open(folder, manifest, tok)
