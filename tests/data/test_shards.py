@@ -6,6 +6,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -302,13 +303,17 @@ def _flip_byte_in_place(path, offset=100):
     return st
 
 
-def test_shard_altered_in_place_with_mtime_restored_is_caught(tmp_path, monkeypatch):
+def _built(tmp_path):
+    """A source older than a tick and its shards: ``(source, its tokens, the token shard's path)``."""
     path = tmp_path / "input.txt"
     path.write_text(CORPUS[:30_000])
     _older_than_a_tick()
     good = _prepare(path, tmp_path / "cache")
-    expected = good.tokens.to_tensor().tolist()
-    shard = tmp_path / "cache" / good.path.split("/")[-1] / good.manifest["shards"][0]["file"]
+    return path, good.tokens.to_tensor().tolist(), Path(good.path) / good.manifest["shards"][0]["file"]
+
+
+def test_shard_altered_in_place_with_mtime_restored_is_caught(tmp_path, monkeypatch):
+    path, expected, shard = _built(tmp_path)
     hashed = _hash_calls(monkeypatch)
     _prepare(path, tmp_path / "cache")
     assert hashed == []  # trusted by its stat, so what follows is the stat catching the edit
@@ -322,13 +327,8 @@ def test_shard_altered_in_place_with_mtime_restored_is_caught(tmp_path, monkeypa
 
 
 def test_verify_hashes_every_file_and_catches_what_a_stat_cannot(tmp_path, monkeypatch):
-    path = tmp_path / "input.txt"
-    path.write_text(CORPUS[:30_000])
-    _older_than_a_tick()
-    good = _prepare(path, tmp_path / "cache")
-    expected = good.tokens.to_tensor().tolist()
-    folder = tmp_path / "cache" / good.path.split("/")[-1]
-    shard = folder / good.manifest["shards"][0]["file"]
+    path, expected, shard = _built(tmp_path)
+    folder = shard.parent
     # Damage below the filesystem (a failing disk) changes bytes, not the stat: simulated by recording the
     # altered file's stamp in the manifest, as if it had passed its last check.
     _flip_byte_in_place(shard)
