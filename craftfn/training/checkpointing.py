@@ -648,7 +648,7 @@ class CheckpointManager:
             donate: read the checkpoint straight into the template's CPU tensors instead of new
                 ones (as a donated step reuses its input's buffers). New memory costs the kernel's
                 page faults, a large share of a restore: reading into the template's memory, already
-                mapped, made a 0.4 GB restore ~4x faster in a new process. The template is then
+                mapped, made a 0.4 GB restore 3x faster in a new process. The template is then
                 used up: a ``TrainState`` template is marked donated (``DonatedStateError`` on use)
                 once the restore succeeds, or once a failed one has overwritten any of its memory
                 (a damaged file); a key/shape/dtype mismatch or a missing checkpoint leaves it
