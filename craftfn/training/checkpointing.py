@@ -1047,7 +1047,12 @@ class _ReadInto:
     def __init__(self, template: Any) -> None:
         self.pairs = tree.flatten_with_path(template)[0]
         self.written = False
-        tensors = [(n, t) for n, t in self.pairs if isinstance(t, torch.Tensor) and t.device.type == "cpu"]
+        # Plain strided CPU tensors only (not DTensors, sparse or other subclasses, whose memory is not one buffer).
+        tensors = [
+            (n, t)
+            for n, t in self.pairs
+            if type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.layout == torch.strided
+        ]
         owners: dict[int, int] = {}
         for _, t in tensors:
             ptr = t.untyped_storage().data_ptr()
@@ -1055,8 +1060,7 @@ class _ReadInto:
         self.targets = {
             n: t
             for n, t in tensors
-            if type(t) in (torch.Tensor, nn.Parameter)
-            and t.is_contiguous()
+            if t.is_contiguous()
             and not (t.is_conj() or t.is_neg())
             and t.numel() > 0
             and owners[t.untyped_storage().data_ptr()] == 1
