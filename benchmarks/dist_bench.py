@@ -60,14 +60,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: argparse.Namespace) -> int:
+def launch(world: int, cmd: list[str], capture: bool = False) -> tuple[int, str]:
+    """Start ``world`` ranks of ``cmd`` with the torchrun environment (loopback, 1 thread each).
+
+    Returns the worst exit code and, with ``capture``, rank 0's standard output.
+    """
     port = str(_free_port())
     procs = []
-    for r in range(args.world):
-        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(args.world),
+    for r in range(world):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", *sys.argv[1:]], env=env))
-    return max(p.wait() for p in procs)
+        out = subprocess.PIPE if capture and r == 0 else None
+        procs.append(subprocess.Popen(cmd, env=env, stdout=out, text=True))
+    text = procs[0].communicate()[0] or ""
+    return max(p.wait() for p in procs), text
 
 
 def batch_for(step: int, vocab: int, rows: int, block: int) -> dict[str, torch.Tensor]:
@@ -198,7 +204,7 @@ def main() -> None:
     if args.worker or "RANK" in os.environ:
         worker(args)
     else:
-        sys.exit(launch(args))
+        sys.exit(launch(args.world, [sys.executable, __file__, "--worker", *sys.argv[1:]])[0])
 
 
 if __name__ == "__main__":
