@@ -13,7 +13,8 @@ A :class:`ShardedCheckpointManager` keeps one directory per step, like
                        sha256 and size of every file, versions
 
 Saving gathers nothing: each rank writes the shards it holds (a replicated tensor, such as the
-step or the key, is written once). The tensors are keyed by the tree paths of the state's
+step or the key, is written once), streamed from the tensors' memory into its file, so a save adds
+no copy of the shards to a rank's memory (``benchmarks/ckpt_rss_bench.py``). The tensors are keyed by the tree paths of the state's
 *single-process form* (``params.fc.weight``, ``opt_state.0.mu.fc.weight``, ``step``, ``rng``),
 so a checkpoint written by N ranks restores on M ranks (the distributed checkpoint reads each
 rank's rows from whichever files hold them), or in one process into a plain state.
@@ -333,7 +334,10 @@ class ShardedCheckpointManager:
     def _dcp_save(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
         import torch.distributed.checkpoint as dcp
 
-        writer = dcp.HuggingFaceStorageWriter(str(path), save_distributed=True)
+        from craftfn.distributed.streaming_writer import StreamingSafetensorsWriter
+
+        # Streamed from the tensors: torch's writer builds each file in memory (two more copies of the shards).
+        writer = StreamingSafetensorsWriter(str(path))
         with _one_process_is_intended():
             dcp.save(tensors, storage_writer=writer, no_dist=world_size() == 1)
 
