@@ -1,7 +1,8 @@
 """Gradient all-reduces that start while the backward still runs (DDP's buckets, for a pure step).
 
 The data-parallel step registers a hook on every traced parameter of the loss. As the backward
-produces a parameter's gradient, the hook adds it into its place in a flat bucket; when the
+produces a parameter's gradient, the hook writes it, already divided by the number of
+ranks (and of microbatches), into its place in a flat bucket; when the
 last microbatch's gradients of every member of a bucket have arrived, the bucket's all-reduce
 starts (asynchronously) while the backward goes on with earlier layers. The optimizer's
 update then only waits for the reductions still in flight. With accumulation the buckets sum
@@ -97,6 +98,9 @@ class GradientExchange:
         self.shapes = shapes
         self.buckets = buckets
         self.accum_steps = accum_steps
+        # The mean's 1/(world * accum_steps), applied as each gradient is written into its bucket: no
+        # pass over the buckets afterwards (a power of two in the usual cases: exact).
+        self.scale = 1.0 / (world_size() * self.accum_steps)
         self.where: list[tuple[int, int]] = [(0, 0)] * n_leaves
         for b, bucket in enumerate(buckets):
             for i, o in zip(bucket.members, bucket.offsets):
@@ -126,9 +130,9 @@ class GradientExchange:
         def hook(grad: torch.Tensor) -> None:
             place = self.flats[b][o : o + grad.numel()].view(grad.shape)
             if self.seen[i]:
-                place.add_(grad)
+                place.add_(grad, alpha=self.scale)
             else:
-                place.copy_(grad)
+                torch.mul(grad, self.scale, out=place)  # the one write of this gradient into its bucket
                 self.seen[i] = True
             if last:
                 self.arrived.append(i)
@@ -152,10 +156,8 @@ class GradientExchange:
         for b, work in enumerate(self.works):
             if work is None:
                 self._launch(b)
-        scale = 1.0 / (world_size() * self.accum_steps)
-        for b, work in enumerate(self.works):
+        for work in self.works:
             _guard("all_reduce of gradients", work.wait)
-            self.flats[b].mul_(scale)  # a power of two in the usual cases: exact
         for h in self.handles:
             h.remove()
         if self.replan is not None:

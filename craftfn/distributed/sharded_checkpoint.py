@@ -202,12 +202,9 @@ class ShardedCheckpointManager:
         error: Optional[str] = None
         files: dict[str, Any] = {}
         try:
-            self._dcp_save(tensors, tmp)
             # The storage names each rank's file after its position (shard-<rank+1>-...).
-            for name in sorted(os.listdir(tmp)):
-                if name.startswith(f"shard-{rank() + 1:05d}-"):
-                    sha, size = _sha256_file(tmp / name)
-                    files[name] = {"sha256": sha, "bytes": size, "rank": rank()}
+            for name, (sha, size) in sorted(self._dcp_save(tensors, tmp).items()):
+                files[name] = {"sha256": sha, "bytes": size, "rank": rank()}
         except Exception as e:  # reported on every rank below
             error = f"rank {rank()}: {type(e).__name__}: {e}"
         everyone = self._all_gather((error, files))
@@ -331,7 +328,8 @@ class ShardedCheckpointManager:
         _guard("all_gather of checkpoint file records", dist.all_gather_object, out, value)
         return out
 
-    def _dcp_save(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    def _dcp_save(self, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, tuple[str, int]]:
+        """Write this rank's file(s) into ``path``; their names with (sha256, bytes)."""
         import torch.distributed.checkpoint as dcp
 
         from craftfn.distributed.streaming_writer import StreamingSafetensorsWriter
@@ -340,6 +338,7 @@ class ShardedCheckpointManager:
         writer = StreamingSafetensorsWriter(str(path))
         with _one_process_is_intended():
             dcp.save(tensors, storage_writer=writer, no_dist=world_size() == 1)
+        return writer.written
 
     def _commit(self, step: int, tmp: Path, body: dict[str, Any]) -> None:
         final = self.directory / _step_dirname(step)

@@ -7,12 +7,14 @@ two more copies of its shards while it saves (measured: a rise of 2.0x the rank'
 safetensors header with distributed checkpoint's ``DCP_SHARDING_INFO``, so
 ``HuggingFaceStorageReader`` and any safetensors reader load them) by writing the header and
 then each tensor's bytes straight from the tensor's memory: nothing is copied but the header.
+The sha256 of each file is computed as it is written (``written``), so it is not read back.
 
 Imported lazily by :mod:`craftfn.distributed.sharded_checkpoint` (distributed checkpoint takes ~1 s to import).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -52,6 +54,7 @@ class StreamingSafetensorsWriter(HuggingFaceStorageWriter):
 
     def __init__(self, path: str) -> None:
         super().__init__(path, save_distributed=True)
+        self.written: dict[str, tuple[str, int]] = {}  # file name -> (sha256, bytes), hashed while writing
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         shard_index = plan.storage_data.get("shard_index") if isinstance(plan.storage_data, dict) else None
@@ -88,15 +91,20 @@ class StreamingSafetensorsWriter(HuggingFaceStorageWriter):
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         results = []
+        h = hashlib.sha256()
         with open(path, "wb") as f:
-            f.write(struct.pack("<Q", len(text)))
-            f.write(text)
+            for piece in (struct.pack("<Q", len(text)), text):
+                f.write(piece)
+                h.update(piece)
             start = f.tell()
             for item, tensor in entries:
                 offset = f.tell() - start
-                f.write(_raw(tensor))
+                data = _raw(tensor)
+                f.write(data)
+                h.update(data)
                 length = tensor.numel() * tensor.element_size()
                 results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(name, offset, length)))
             f.flush()
             os.fsync(f.fileno())
+            self.written[name] = (h.hexdigest(), f.tell())
         return results
