@@ -84,11 +84,11 @@ def batch_for(step: int, vocab: int, rows: int, block: int) -> dict[str, torch.T
     return {"input_ids": x[:, :-1], "labels": x[:, 1:]}
 
 
-def _torch_runner(cfg: GPTConfig, batch_of, ddp_bucket_mb: Optional[float]) -> Callable[[], None]:
+def _torch_runner(cfg: GPTConfig, batch_of, ddp: bool, ddp_bucket_mb: Optional[float]) -> Callable[[], None]:
     """A plain PyTorch loop (nn.Module, loss.backward(), torch.optim.AdamW) on the same model, optionally under DDP."""
     torch.manual_seed(0)
     model: torch.nn.Module = GPT(cfg)
-    if ddp_bucket_mb is not None:
+    if ddp:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, bucket_cap_mb=ddp_bucket_mb, gradient_as_bucket_view=True)
@@ -98,11 +98,11 @@ def _torch_runner(cfg: GPTConfig, batch_of, ddp_bucket_mb: Optional[float]) -> C
         batch = batch_of()
         logits = model(batch["input_ids"])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
-        opt.zero_grad(set_to_none=ddp_bucket_mb is None)  # DDP's grads stay views of its buckets
+        opt.zero_grad(set_to_none=not ddp)  # DDP's grads stay views of its buckets
         loss.backward()
         opt.step()
         # Like the craftfn steps: the loss averaged over the ranks and read on the host.
-        if ddp_bucket_mb is not None:
+        if ddp:
             loss = distributed.average_metrics({"loss": loss.detach()})["loss"]
         float(loss)
 
@@ -186,10 +186,10 @@ def bench_config(name: str, args: argparse.Namespace, world: int) -> dict:
         return run
 
     runners = {k: craftfn_runner(k) for k in steps}
-    torch_variants = {"torch local": None, "DDP one bucket": 1e6, "DDP": args.ddp_bucket_mb}
-    for k, mb in torch_variants.items():
+    torch_variants = {"torch local": (False, None), "DDP one bucket": (True, 1e6), "DDP": (True, args.ddp_bucket_mb or None)}
+    for k, (ddp, mb) in torch_variants.items():
         if k in args.variants:
-            runners[k] = _torch_runner(cfg, batch_of, mb)
+            runners[k] = _torch_runner(cfg, batch_of, ddp, mb)
     grads_like = {k: torch.randn_like(v) for k, v in model.state_dict().items() if v.is_floating_point()}
     parts = _exchange_parts(grads_like, int(args.overlap_bucket_mb * 2**20)) if args.parts else {}
     runners.update(parts)
@@ -275,7 +275,7 @@ def main() -> None:
     parser.add_argument("--bucket-mb", type=float, default=distributed.DEFAULT_BUCKET_MB, help="data_parallel(bucket_mb=...)")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     parser.add_argument("--overlap-bucket-mb", type=float, default=distributed.DEFAULT_BUCKET_MB, help="bucket_mb of the DP overlap variant")
-    parser.add_argument("--ddp-bucket-mb", type=float, default=25.0, help="bucket_cap_mb of the DDP variant")
+    parser.add_argument("--ddp-bucket-mb", type=float, default=0, help="bucket_cap_mb of the DDP variant (0: DDP's default, 25 MiB buckets after a 1 MiB first one)")
     parser.add_argument("--parts", action="store_true", help="also time the pieces of an exchange (flatten, copies, all-reduce) alone")
     parser.add_argument("--json", default="")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

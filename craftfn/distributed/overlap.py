@@ -101,11 +101,14 @@ class GradientExchange:
         # The mean's 1/(world * accum_steps), applied as each gradient is written into its bucket: no
         # pass over the buckets afterwards (a power of two in the usual cases: exact).
         self.scale = 1.0 / (world_size() * self.accum_steps)
-        self.where: list[tuple[int, int]] = [(0, 0)] * n_leaves
+        self.where: list[int] = [0] * n_leaves  # leaf -> bucket
+        self.flats = [torch.empty(b.numel, dtype=b.dtype, device=b.device) for b in buckets]
+        # Each leaf's place in its bucket, made once per step, so a hook only writes.
+        self.places: list[torch.Tensor] = [torch.empty(0)] * n_leaves
         for b, bucket in enumerate(buckets):
             for i, o in zip(bucket.members, bucket.offsets):
-                self.where[i] = (b, o)
-        self.flats = [torch.empty(b.numel, dtype=b.dtype, device=b.device) for b in buckets]
+                self.where[i] = b
+                self.places[i] = self.flats[b][o : o + math.prod(shapes[i])].view(shapes[i])
         self.seen = [False] * n_leaves  # written once: the next microbatches add to it
         self.missing = [len(b.members) for b in buckets]
         self.works: list[Any] = [None] * len(buckets)
@@ -125,10 +128,9 @@ class GradientExchange:
                 self.handles.append(p.register_hook(self._hook(i, last)))
 
     def _hook(self, i: int, last: bool) -> Callable[[torch.Tensor], None]:
-        b, o = self.where[i]
+        b, place = self.where[i], self.places[i]
 
         def hook(grad: torch.Tensor) -> None:
-            place = self.flats[b][o : o + grad.numel()].view(grad.shape)
             if self.seen[i]:
                 place.add_(grad, alpha=self.scale)
             else:
@@ -151,8 +153,7 @@ class GradientExchange:
         self.finished = True
         for i, seen in enumerate(self.seen):
             if not seen:  # a parameter the loss did not use: no hook call, a zero gradient
-                b, o = self.where[i]
-                self.flats[b][o : o + math.prod(self.shapes[i])].zero_()
+                self.places[i].zero_()
         for b, work in enumerate(self.works):
             if work is None:
                 self._launch(b)
@@ -162,12 +163,7 @@ class GradientExchange:
             h.remove()
         if self.replan is not None:
             self.replan(list(dict.fromkeys(self.arrived)))
-        leaves, treedef = tree.flatten(like)
-        out = []
-        for i, g in enumerate(leaves):
-            b, o = self.where[i]
-            out.append(self.flats[b][o : o + g.numel()].view(g.shape))
-        return tree.unflatten(treedef, out)
+        return tree.unflatten(tree.structure(like), self.places)
 
 
 def current_exchange() -> Optional[GradientExchange]:
