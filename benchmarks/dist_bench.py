@@ -104,7 +104,7 @@ def _torch_runner(cfg: GPTConfig, batch_of, ddp: bool, ddp_bucket_mb: Optional[f
         # Like the craftfn steps: the loss averaged over the ranks and read on the host.
         if ddp:
             loss = distributed.average_metrics({"loss": loss.detach()})["loss"]
-        float(loss)
+        float(loss.detach())
 
     return run
 

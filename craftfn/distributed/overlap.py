@@ -127,10 +127,10 @@ class GradientExchange:
             if isinstance(p, torch.Tensor) and p.requires_grad:
                 self.handles.append(p.register_hook(self._hook(i, last)))
 
-    def _hook(self, i: int, last: bool) -> Callable[[torch.Tensor], None]:
+    def _hook(self, i: int, last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
         b, place = self.where[i], self.places[i]
 
-        def hook(grad: torch.Tensor) -> None:
+        def hook(grad: torch.Tensor) -> torch.Tensor:
             if self.seen[i]:
                 place.add_(grad, alpha=self.scale)
             else:
@@ -142,6 +142,10 @@ class GradientExchange:
                 if self.missing[b] == 0:
                     self._launch(b)
                     self.started_in_backward += 1
+            # The gradient lives in its bucket now. Autograd gets a placeholder without storage in its
+            # place (the step's own copy of the gradients is never read: finish() returns the buckets),
+            # so this gradient's memory is freed at once, as DDP's gradient_as_bucket_view does.
+            return grad.new_zeros(()).expand(grad.shape)
 
         return hook
 
