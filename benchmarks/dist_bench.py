@@ -16,7 +16,14 @@ Every rank trains a GPT on its shard of the global batch with one thread. Per st
 * ``ZeRO-1``: ``shard_optimizer_state=True`` (all-reduce + slice on gloo, all-gather of updates);
 * ``ZeRO-3``: ``distributed.fully_shard`` (DTensor: parameters all-gathered in the forward,
   gradients reduce-scattered in the backward, optimizer on the local shards);
-* ``all-reduce only``: ``all_reduce_mean`` of a gradient-sized tree, alone.
+* ``torch local``, ``DDP one bucket``, ``DDP`` (opt-in with ``--variants``): the peer, a plain PyTorch
+  loop on the same model (``loss.backward()``, ``torch.optim.AdamW``), alone and under
+  ``DistributedDataParallel(gradient_as_bucket_view=True)`` with one bucket (its all-reduce starts
+  when the backward ends: no overlap) and with DDP's default buckets (``--ddp-bucket-mb``);
+* ``--parts``: the pieces of an exchange timed alone (flatten, copies into bucket views, a scale
+  pass, the all-reduce of a flat buffer, ``all_reduce_mean``), wall and CPU time.
+
+Every variant also reports the CPU time of all of the rank's threads (gloo's included).
 
 Overhead = (data parallel - local), split into waiting (local + barrier - local) and the
 gradient exchange itself (the rest); share = overhead / data parallel. The overlap's overhead is
