@@ -422,6 +422,11 @@ _MATCH_CACHE_SIZE = 4096
 # (id(tree), id(reference)) of pairs an enclosing call has checked and is still holding (see
 # _trust): the update paths it calls need not check the same objects again.
 _TRUSTED = threading.local()
+# The same marks while torch.compile traces: dynamo simulates this list's appends and pops (the
+# real one stays empty) and compares entries with ``is``; ``id()`` would guard on the identity of
+# the step's input trees and recompile every step.
+_TRACE_TRUSTED: list[tuple[Any, Any]] = []
+_MARKED_IN_TRACE = 2
 
 
 def _signature(leaves_: list[Any], shapes_only: bool = False) -> tuple[Any, ...]:
@@ -433,21 +438,26 @@ def _signature(leaves_: list[Any], shapes_only: bool = False) -> tuple[Any, ...]
         return tuple(get(x) if isinstance(x, torch.Tensor) else type(x) for x in leaves_)
 
 
-def _trust(tree: PyTree, reference: PyTree) -> bool:
+def _trust(tree: PyTree, reference: PyTree) -> int:
     """Mark a pair that passed :func:`check_match` (default rules) for the calls made while it is held.
 
     The caller keeps both objects alive and calls :func:`_untrust` with the result when its
-    call returns. Returns whether anything was marked (nothing while tracing).
+    call returns. Returns which mark was made (true either way).
     """
     if torch.compiler.is_compiling():
-        return False
+        _TRACE_TRUSTED.append((tree, reference))
+        return _MARKED_IN_TRACE
     pairs = _TRUSTED.__dict__.setdefault("pairs", [])
     pairs.append((id(tree), id(reference)))
     return True
 
 
-def _untrust(marked: bool) -> None:
-    if marked:
+def _untrust(marked: int) -> None:
+    if marked == _MARKED_IN_TRACE:
+        # Not pop(): when a check inside the scope raises, the caller's ``finally`` may run eagerly
+        # after the traced part (on the real list, which dynamo never filled).
+        del _TRACE_TRUSTED[-1:]
+    elif marked:
         _TRUSTED.pairs.pop()
 
 
@@ -586,12 +596,18 @@ def check_match(
     if dtype not in _DTYPE_RULES:
         raise ValueError(f"check_match: dtype must be one of {list(_DTYPE_RULES)}, got {dtype!r}")
     if torch.compiler.is_compiling():
+        if dtype != "equal" and any(t is tree and r is reference for t, r in _TRACE_TRUSTED):
+            return  # checked by an enclosing call in this trace: each tree walk costs seconds of tracing
         leaves_, treedef = flatten(tree)
         # Tracing: Python on static metadata, evaluated once per compile (dynamo guards on shapes).
-        ref_leaves, ref_def = flatten(reference)
-        same = treedef == ref_def
-        if not same or any(_leaf_problems(x, r, dtype, device) for x, r in zip(leaves_, ref_leaves)):
-            _raise_mismatch(tree, reference, leaves_, ref_leaves, same, name, reference_name, dtype, device, error)
+        # flatten_up_to as below (building a second treedef is the costly part of a traced walk).
+        try:
+            ref_leaves = treedef.flatten_up_to(reference)
+        except (ValueError, TypeError):
+            ref_leaves = None
+        if ref_leaves is None or any(_leaf_problems(x, r, dtype, device) for x, r in zip(leaves_, ref_leaves)):
+            ref_leaves, ref_def = flatten(reference)
+            _raise_mismatch(tree, reference, leaves_, ref_leaves, treedef == ref_def, name, reference_name, dtype, device, error)
         return
     pairs = getattr(_TRUSTED, "pairs", None)
     if pairs and dtype != "equal" and (id(tree), id(reference)) in pairs:

@@ -185,6 +185,57 @@ def test_check_match_traces_without_graph_breaks():
         torch.compile(f, backend="eager")(bad, p)  # dynamo falls back to eager: the same message
 
 
+def test_trusted_pair_is_checked_once_while_tracing(monkeypatch):
+    # Each traced tree walk costs seconds of compile time: a pair an enclosing call checked (and
+    # marked) is not flattened again inside the trace, fresh trees do not recompile, and an
+    # unmarked pair is still checked (its mismatch raises).
+    walks = []
+    real_flatten = tree.flatten
+    monkeypatch.setattr(tree, "flatten", lambda t: (walks.append(1), real_flatten(t))[1])
+
+    def f(p, other):
+        g = tree.map(lambda x: x * 2, p)
+        tree.check_match(g, p)
+        marked = tree._trust(g, p)
+        try:
+            tree.check_match(g, p)  # marked: free
+            tree.check_match(other, p)  # not marked: checked
+        finally:
+            tree._untrust(marked)
+        return g
+
+    p = {"fc": {"weight": torch.ones(2, 3), "bias": torch.ones(3)}}
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
+    out = compiled(p, tree.clone(p))
+    assert len(walks) == 2  # one flatten per checked pair (the reference goes through flatten_up_to)
+    assert tree.equal(out, f(p, p)) and counter.frame_count == 1
+    monkeypatch.setattr(tree, "flatten", real_flatten)  # dynamo guards on the counter's list
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
+    compiled(p, tree.clone(p))
+    compiled(tree.clone(p), tree.clone(p))
+    assert counter.frame_count == 2 and tree._TRACE_TRUSTED == []
+    bad = {"fc": {"weight": torch.ones(3, 2), "bias": torch.ones(3)}}
+    torch._dynamo.reset()  # static shapes: the message is built while tracing
+    with pytest.raises(ValueError, match=r"leaf 'fc.weight'"):
+        torch.compile(_check_inside_trusted_scope, backend="eager")(p, bad)
+    assert tree._TRACE_TRUSTED == []
+
+
+def _check_inside_trusted_scope(p, other):
+    g = tree.map(lambda x: x * 2, p)
+    marked = tree._trust(g, p)
+    try:
+        tree.check_match(other, p)  # raises: the scope's finally may then run eagerly
+    finally:
+        tree._untrust(marked)
+    return g
+
+
 def test_docstring_examples_run():
     import doctest
 

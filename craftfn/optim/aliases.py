@@ -218,10 +218,15 @@ def with_fused_adam(
             decay = [True] * len(p) if mask is None else _mask_list(mask, params)
         return treedef, g, p, flat_moments, lr, adam_state, new_lr_state, decay
 
-    def new_state(state: tuple, adam_state: Any, new_lr_state: Any, moments: list[list[torch.Tensor]], treedef: Any) -> tuple:
-        fields = {"count": adam_state.count + 1, "mu": tree.unflatten(treedef, moments[0]), "nu": tree.unflatten(treedef, moments[1])}
-        if amsgrad:
-            fields["nu_max"] = tree.unflatten(treedef, moments[2])
+    def new_state(state: tuple, adam_state: Any, new_lr_state: Any, moments: Optional[list[list[torch.Tensor]]], treedef: Any) -> tuple:
+        """The chain's new state; ``moments=None``: the kernel stepped ``adam_state``'s own moment trees in place."""
+        names = ("mu", "nu", "nu_max") if amsgrad else ("mu", "nu")
+        if moments is None:
+            # Donated: the same trees hold the new values (rebuilding them costs seconds of tracing under compile).
+            fields = {k: getattr(adam_state, k) for k in names}
+        else:
+            fields = {k: tree.unflatten(treedef, m) for k, m in zip(names, moments)}
+        fields["count"] = adam_state.count + 1
         return (state_cls(**fields), *state[1:-1], new_lr_state)
 
     def step_(
@@ -275,7 +280,7 @@ def with_fused_adam(
         treedef, g, p, moments, lr, adam_state, new_lr_state, decay = planned
         wd = weight_decay if weight_decay is not None else 0.0
         step_(p, g, moments, adam_state.count + 1, lr, [wd if d else 0.0 for d in decay], grad_divisor)
-        return params, new_state(state, adam_state, new_lr_state, moments, treedef)
+        return params, new_state(state, adam_state, new_lr_state, None, treedef)
 
     return GradientTransformation(tx.init, update_fn, donated_fn, fused_divide=True)
 
