@@ -9,7 +9,12 @@ Adam moments, so a third of them are parameters) with:
 * ``torch.save`` of the same tensors, without and with an fsync (``torch.save`` never fsyncs);
 * restore: ``CheckpointManager.restore`` (reads and verifies the xxh3_128 checksum) against ``torch.load``,
   and the restore of the same state written in the old format (format 1: sha256);
-* the checksums alone over the file's bytes: xxh3_128 (what craftfn writes) and sha256 (format 1).
+* the checksums alone over the file's bytes: xxh3_128 (what craftfn writes) and sha256 (format 1);
+* the host copy alone (the state into warm buffers), what an async ``save`` cannot avoid blocking for;
+* restore again, each measurement in a new process (as a resumed run), the methods rotated per round:
+  ``torch.load``, ``torch.load`` plus the copy into an existing state (``load_state_dict``'s work),
+  ``restore``, ``restore(..., donate=True)`` and the format-1 restore. The in-process restore rows
+  depend on which method gets memory another just freed (no page faults); these do not.
 
 Part 2 trains a small GPT and compares the mean step time without saving, with asynchronous saving
 every ``--save-every`` steps, and with synchronous saving.
@@ -30,6 +35,7 @@ import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,12 +50,13 @@ from craftfn.training import checkpointing
 from craftfn.training.checkpointing import CheckpointManager
 
 
-def big_state(millions: float) -> TrainState:
-    """Parameters of 1024x1024 matrices plus two moment trees of the same shapes."""
+def big_state(millions: float, random: bool = True) -> TrainState:
+    """Parameters of 1024x1024 matrices plus two moment trees of the same shapes (zeros unless ``random``)."""
     n_mat = max(1, round(millions * 1e6 / 3 / (1024 * 1024)))
-    params = {f"layers.{i}.weight": torch.randn(1024, 1024) for i in range(n_mat)}
-    mu = {k: torch.randn_like(v) for k, v in params.items()}
-    nu = {k: torch.rand_like(v) for k, v in params.items()}
+    fill, fill_like = (torch.randn, torch.randn_like) if random else (torch.zeros, torch.zeros_like)
+    params = {f"layers.{i}.weight": fill(1024, 1024) for i in range(n_mat)}
+    mu = {k: fill_like(v) for k, v in params.items()}
+    nu = {k: torch.rand_like(v) if random else torch.zeros_like(v) for k, v in params.items()}
     state = TrainState.create(apply_fn=lambda p, x: x, params=params, tx=None)
     return state.replace(opt_state=({"mu": mu, "nu": nu},))
 
@@ -119,6 +126,13 @@ def bench_save_restore(millions: float, repeats: int, root: Path) -> dict:
         async_manager.wait()
         record("craftfn save (async: until save returns)", t1 - t0)
         record("craftfn save (async: until written)", time.perf_counter() - t0)
+        # The copy alone, into the same warm buffers: what an async save cannot avoid blocking for.
+        staged = list(async_manager._staging.values())
+        t0 = time.perf_counter()
+        for buf, t in zip(staged, flat.values()):
+            buf.copy_(t)
+        record("host copy alone (copy_ into warm buffers)", time.perf_counter() - t0)
+        del staged
         # torch.save, without and with fsync (it never fsyncs by itself).
         for sync in (False, True):
             path = root / f"torch-{next(counter)}"
@@ -165,6 +179,60 @@ def bench_save_restore(millions: float, repeats: int, root: Path) -> dict:
     async_manager.close()
     clean()
     return {"elements": n, "bytes": n * 4, "seconds": results, "sizes": sizes}
+
+
+RESTORE_METHODS = (
+    "torch.load (weights_only)",
+    "torch.load + copy into the state (load_state_dict's work)",
+    "craftfn restore (xxh3_128 verified)",
+    "craftfn restore, donate=True (read into the template)",
+    "craftfn restore of a format-1 checkpoint (sha256 verified)",
+)
+
+
+def bench_restore_fresh(millions: float, repeats: int, root: Path) -> dict:
+    """Restore times, each in a new process (as a resumed run restores), the methods rotated per round.
+
+    In one long process the allocator's state decides the result: a restore that gets freed,
+    still-mapped memory skips the page faults of new memory (a third of the time at 0.4 GB), so
+    the method measured first after a large free wins. A new process per measurement gives every
+    method the same start: the template state (zeros, mapped) exists, the files are in the page cache.
+    """
+    state = big_state(millions)
+    with CheckpointManager(root / "fresh" / "v2", async_save=False) as m:
+        m.save(1, state)
+    with WritingFormat1(), CheckpointManager(root / "fresh" / "v1", async_save=False) as m:
+        m.save(1, state)
+    torch.save(state_dict_of(state), root / "fresh" / "state.pt")
+    del state
+    results: dict[str, list[float]] = {}
+    for r in range(repeats):
+        for i in range(len(RESTORE_METHODS)):
+            method = RESTORE_METHODS[(i + r) % len(RESTORE_METHODS)]
+            out = subprocess.run(
+                [sys.executable, __file__, "--restore-child", method, "--millions", str(millions), "--dir", str(root / "fresh")],
+                capture_output=True, text=True, check=True,
+            )
+            results.setdefault(method, []).append(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
+    shutil.rmtree(root / "fresh", ignore_errors=True)
+    return {"seconds": results}
+
+
+def restore_child(method: str, millions: float, directory: Path) -> None:
+    """One restore in this new process; prints ``{"seconds": ...}``."""
+    template = big_state(millions, random=False)
+    t0 = time.perf_counter()
+    if method.startswith("torch.load"):
+        loaded = torch.load(directory / "state.pt", weights_only=True)
+        if "copy" in method:
+            with torch.no_grad():
+                for name, t in state_dict_of(template).items():
+                    t.copy_(loaded[name])
+    else:
+        folder = directory / ("v1" if "format-1" in method else "v2")
+        with CheckpointManager(folder) as m:
+            m.restore(template, donate="donate" in method)
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
 
 
 def bench_training(steps: int, save_every: int, root: Path, n_layer: int, n_embd: int, rounds: int) -> dict:
@@ -268,7 +336,12 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--small", action="store_true", help="a quick check: 3M elements, 20 steps")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--restore-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.restore_child:
+        torch.set_num_threads(args.threads)
+        restore_child(args.restore_child, args.millions, Path(args.dir))
+        return
     if args.small:
         args.millions, args.train_steps, args.repeats, args.n_layer, args.n_embd, args.rounds = 3.0, 20, 2, 2, 64, 1
     torch.set_num_threads(args.threads)
@@ -288,6 +361,15 @@ def main() -> None:
             ref = med["torch.load (weights_only)"] if ("restore" in k or "load" in k or "alone" in k) else med["torch.save (no fsync)"]
             print(f"| {k} | {v:.3f} | {gb / v:.2f} | {v / ref:.2f}x |")
         print(json.dumps(part1["sizes"]))
+        fresh = bench_restore_fresh(args.millions, args.repeats, root)
+        part1["fresh_process_restore"] = fresh
+        print(f"\n## restore in a new process each (as a resumed run), methods rotated, median of {args.repeats}")
+        print("| operation | median s | GB/s | vs torch.load |")
+        print("|---|---|---|---|")
+        med = {k: statistics.median(v) for k, v in fresh["seconds"].items()}
+        for k in RESTORE_METHODS:
+            v = med[k]
+            print(f"| {k} {[round(x, 3) for x in fresh['seconds'][k]]} | {v:.3f} | {gb / v:.2f} | {v / med[RESTORE_METHODS[0]]:.2f}x |")
     part2 = None
     if not args.skip_training:
         part2 = bench_training(args.train_steps, args.save_every, root, args.n_layer, args.n_embd, args.rounds)

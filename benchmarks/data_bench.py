@@ -5,9 +5,11 @@ library sources into ``--workdir``, ~100 MB per file, so the corpus is a directo
 
 1. build: ``prepare_corpus`` in a fresh process (the first run's tokenization): seconds, MB/s of
    source text, peak RSS of the process tree (sampled every 20 ms: the main process + its workers);
-2. train: ``craftfn train --gin_file gin/text_file_gpt.gin`` on the same directory (a second run: the
-   shards exist): seconds from the process start to the first training step, and peak RSS during
-   ``--steps`` steps of the default GPT.
+2. train: ``craftfn train --gin_file gin/text_file_gpt.gin`` on the same directory (the second run:
+   the shards exist): seconds from the process start to the first training step, and peak RSS during
+   ``--steps`` steps of the default GPT;
+3. check: ``prepare_corpus`` again, alone (files unchanged by stat are trusted), and with
+   ``verify=True`` (every source and shard hashed).
 
 Peers, in the same run, on the first ``--peer_mb`` MB of the smallest corpus (one file):
 - craftfn's old in-memory path (``--old_ref``, the commit before token shards: ``lm_task.text =
@@ -153,7 +155,7 @@ import sys, time
 from craftfn import data
 t = time.perf_counter()
 c = data.prepare_corpus(sys.argv[1], sys.argv[2], vocab_size=int(sys.argv[4]) if sys.argv[4] != "0" else None,
-                        cache_dir=sys.argv[3], progress=False)
+                        cache_dir=sys.argv[3], progress=False, verify=sys.argv[5] == "1")
 print("BUILD", time.perf_counter() - t, c.num_tokens, c.tokens.arrays[0].dtype)
 """
 
@@ -184,8 +186,8 @@ print("PEER", time.perf_counter() - t, ids.size)
 """
 
 
-def _build(src: Path, cache: Path, kind: str, vocab: int = 0) -> dict[str, float]:
-    r = run_measured([sys.executable, "-c", BUILD, str(src), kind, str(cache), str(vocab)])
+def _build(src: Path, cache: Path, kind: str, vocab: int = 0, verify: bool = False) -> dict[str, float]:
+    r = run_measured([sys.executable, "-c", BUILD, str(src), kind, str(cache), str(vocab), "1" if verify else "0"])
     line = next(ln for ln in r["stdout"].splitlines() if ln.startswith("BUILD"))
     _, seconds, tokens, dtype = line.split()
     r.update(build_s=float(seconds), tokens=int(tokens), dtype=dtype)
@@ -233,13 +235,14 @@ def main() -> None:
             subprocess.run(["sync"], check=False)
             build = _build(src, cache, "char")
             shard_bytes = _size(cache)
-            rebuild = _build(src, cache, "char")  # the second run's verification, alone
-            train = _train(src, work / f"run_{gb:g}GB", args.steps, cache=cache)
+            train = _train(src, work / f"run_{gb:g}GB", args.steps, cache=cache)  # the run after the build
+            rebuild = _build(src, cache, "char")  # the second run's check, alone (files unchanged by stat are trusted)
+            full = _build(src, cache, "char", verify=True)  # every source and shard hashed (verify=True)
             row = {
                 "corpus_gb": nbytes / 1e9, "files": len(list(src.iterdir())), "tokens": build["tokens"], "dtype": build["dtype"],
                 "shards_gb": shard_bytes / 1e9, "build_s": build["build_s"], "build_mb_s": nbytes / 1e6 / build["build_s"],
                 "build_rss_tree_gb": build["rss_tree_gb"], "build_rss_single_gb": build["rss_single_gb"],
-                "verify_s": rebuild["build_s"], "data_ready_s": train["data_ready_s"], "first_step_s": train["first_line_s"], "train_s": train["seconds"],
+                "verify_s": rebuild["build_s"], "verify_full_s": full["build_s"], "data_ready_s": train["data_ready_s"], "first_step_s": train["first_line_s"], "train_s": train["seconds"],
                 "train_rss_gb": train["rss_tree_gb"],
             }
             rows.append(row)

@@ -16,7 +16,14 @@ Every rank trains a GPT on its shard of the global batch with one thread. Per st
 * ``ZeRO-1``: ``shard_optimizer_state=True`` (all-reduce + slice on gloo, all-gather of updates);
 * ``ZeRO-3``: ``distributed.fully_shard`` (DTensor: parameters all-gathered in the forward,
   gradients reduce-scattered in the backward, optimizer on the local shards);
-* ``all-reduce only``: ``all_reduce_mean`` of a gradient-sized tree, alone.
+* ``torch local``, ``DDP one bucket``, ``DDP`` (opt-in with ``--variants``): the peer, a plain PyTorch
+  loop on the same model (``loss.backward()``, ``torch.optim.AdamW``), alone and under
+  ``DistributedDataParallel(gradient_as_bucket_view=True)`` with one bucket (its all-reduce starts
+  when the backward ends: no overlap) and with DDP's default buckets (``--ddp-bucket-mb``);
+* ``--parts``: the pieces of an exchange timed alone (flatten, copies into bucket views, a scale
+  pass, the all-reduce of a flat buffer, ``all_reduce_mean``), wall and CPU time.
+
+Every variant also reports the CPU time of all of the rank's threads (gloo's included).
 
 Overhead = (data parallel - local), split into waiting (local + barrier - local) and the
 gradient exchange itself (the rest); share = overhead / data parallel. The overlap's overhead is
@@ -38,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Callable, Optional
 
 import torch
 
@@ -51,7 +59,8 @@ CONFIGS = {
 }
 
 
-VARIANTS = ("local", "local + barrier", "data parallel", "DP overlap", "ZeRO-1", "ZeRO-3")
+VARIANTS = ("local", "local + barrier", "data parallel", "DP overlap", "ZeRO-1", "ZeRO-3", "torch local", "DDP one bucket", "DDP")
+DEFAULT_VARIANTS = VARIANTS[:6]
 
 
 def _free_port() -> int:
@@ -60,14 +69,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: argparse.Namespace) -> int:
+def launch(world: int, cmd: list[str], capture: bool = False) -> tuple[int, str]:
+    """Start ``world`` ranks of ``cmd`` with the torchrun environment (loopback, 1 thread each).
+
+    Returns the worst exit code and, with ``capture``, rank 0's standard output.
+    """
     port = str(_free_port())
     procs = []
-    for r in range(args.world):
-        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(args.world),
+    for r in range(world):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", *sys.argv[1:]], env=env))
-    return max(p.wait() for p in procs)
+        out = subprocess.PIPE if capture and r == 0 else None
+        procs.append(subprocess.Popen(cmd, env=env, stdout=out, text=True))
+    text = procs[0].communicate()[0] or ""
+    return max(p.wait() for p in procs), text
 
 
 def batch_for(step: int, vocab: int, rows: int, block: int) -> dict[str, torch.Tensor]:
@@ -76,8 +91,60 @@ def batch_for(step: int, vocab: int, rows: int, block: int) -> dict[str, torch.T
     return {"input_ids": x[:, :-1], "labels": x[:, 1:]}
 
 
+def _torch_runner(cfg: GPTConfig, batch_of, ddp: bool, ddp_bucket_mb: Optional[float]) -> Callable[[], None]:
+    """A plain PyTorch loop (nn.Module, loss.backward(), torch.optim.AdamW) on the same model, optionally under DDP."""
+    torch.manual_seed(0)
+    model: torch.nn.Module = GPT(cfg)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, bucket_cap_mb=ddp_bucket_mb, gradient_as_bucket_view=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+
+    def run() -> None:
+        batch = batch_of()
+        logits = model(batch["input_ids"])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
+        opt.zero_grad(set_to_none=not ddp)  # DDP's grads stay views of its buckets
+        loss.backward()
+        opt.step()
+        # Like the craftfn steps: the loss averaged over the ranks and read on the host.
+        if ddp:
+            loss = distributed.average_metrics({"loss": loss.detach()})["loss"]
+        float(loss.detach())
+
+    return run
+
+
+def _exchange_parts(grads: dict[str, torch.Tensor], bucket_bytes: int) -> dict[str, Callable[[], None]]:
+    """The pieces of a gradient exchange, each alone: where the data-parallel overhead goes."""
+    import torch.distributed as dist
+
+    leaves = list(grads.values())
+    flat = torch.cat([g.reshape(-1) for g in leaves])
+    views, at = [], 0
+    for g in leaves:
+        views.append(flat[at : at + g.numel()].view(g.shape))
+        at += g.numel()
+    chunks = [c.contiguous() for c in torch.split(flat, max(1, bucket_bytes // 4))]
+
+    def all_reduce_chunks() -> None:
+        works = [dist.all_reduce(c, async_op=True) for c in chunks]
+        for w in works:
+            w.wait()
+
+    return {
+        "flatten (cat)": lambda: torch.cat([g.reshape(-1) for g in leaves]),
+        "copy into bucket views": lambda: [v.copy_(g) for v, g in zip(views, leaves)],
+        "scale pass": lambda: flat.mul_(0.5),
+        "all-reduce flat": lambda: dist.all_reduce(flat),
+        f"all-reduce in {len(chunks)} chunks": all_reduce_chunks,
+        "all_reduce_mean (tree)": lambda: distributed.all_reduce_mean(grads),
+    }
+
+
 def bench_config(name: str, args: argparse.Namespace, world: int) -> dict:
-    """Time the variants on one model size; returns rank-local medians (ms) and optimizer-state bytes."""
+    """Time the variants on one model size; returns rank-local medians (ms, wall and CPU) and optimizer-state bytes."""
     n_layer, n_head, n_embd, block, rows = CONFIGS[name]
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=256, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=0.0)
@@ -98,7 +165,7 @@ def bench_config(name: str, args: argparse.Namespace, world: int) -> dict:
         "local": TrainState.create(model=model, tx=tx),
         "local + barrier": TrainState.create(model=model, tx=tx),
         "data parallel": TrainState.create(model=model, tx=dp_tx),
-        "DP overlap": TrainState.create(model=model, tx=dp_tx),
+        "DP overlap": TrainState.create(model=model, tx=distributed.data_parallel(tx, bucket_mb=args.overlap_bucket_mb)),
         "ZeRO-1": TrainState.create(model=model, tx=distributed.data_parallel(tx, shard_optimizer_state=True)),
         "ZeRO-3": distributed.fully_shard(TrainState.create(model=model, tx=tx)),
     }
@@ -112,36 +179,50 @@ def bench_config(name: str, args: argparse.Namespace, world: int) -> dict:
     }
     steps = {k: v for k, v in steps.items() if k in args.variants}
     states = {k: v for k, v in states.items() if k in steps}
-    grads_like = {k: torch.randn_like(v) for k, v in states["local"].params.items()}
-    times: dict[str, list[float]] = {k: [] for k in [*steps, "all-reduce only"]}
-    bytes_before = {k: {"params": distributed.local_bytes(s.params), "opt_state": distributed.local_bytes(s.opt_state)} for k, s in states.items()}
     counter = [0]
 
-    def one(variant: str) -> None:
-        batch = distributed.shard_batch(batch_for(counter[0], 256, rows * world, block))
-        states[variant], metrics = steps[variant](states[variant], batch)
-        float(metrics["loss"])  # the Trainer reads every step's metrics too
+    def batch_of() -> dict[str, torch.Tensor]:
         counter[0] += 1
+        return distributed.shard_batch(batch_for(counter[0], 256, rows * world, block))
 
-    def timed(fn, n: int) -> float:
+    def craftfn_runner(variant: str) -> Callable[[], None]:
+        def run() -> None:
+            states[variant], metrics = steps[variant](states[variant], batch_of())
+            float(metrics["loss"])  # the Trainer reads every step's metrics too
+
+        return run
+
+    runners = {k: craftfn_runner(k) for k in steps}
+    torch_variants = {"torch local": (False, None), "DDP one bucket": (True, 1e6), "DDP": (True, args.ddp_bucket_mb or None)}
+    for k, (ddp, mb) in torch_variants.items():
+        if k in args.variants:
+            runners[k] = _torch_runner(cfg, batch_of, ddp, mb)
+    grads_like = {k: torch.randn_like(v) for k, v in model.state_dict().items() if v.is_floating_point()}
+    parts = _exchange_parts(grads_like, int(args.overlap_bucket_mb * 2**20)) if args.parts else {}
+    runners.update(parts)
+    wall: dict[str, list[float]] = {k: [] for k in runners}
+    cpu: dict[str, list[float]] = {k: [] for k in runners}
+    bytes_before = {k: {"params": distributed.local_bytes(s.params), "opt_state": distributed.local_bytes(s.opt_state)} for k, s in states.items()}
+
+    def timed(fn, n: int) -> tuple[float, float]:
         distributed.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()  # CPU time of every thread of this rank
         for _ in range(n):
             fn()
         distributed.barrier()
-        return (time.perf_counter() - t0) / n
+        return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
     for rep in range(args.repeats + 1):  # the first round warms up
-        for variant in steps:
-            t = timed(lambda variant=variant: one(variant), args.steps)
+        for variant, fn in runners.items():
+            t, c = timed(fn, args.steps)
             if rep:
-                times[variant].append(t)
-        t = timed(lambda: distributed.all_reduce_mean(grads_like), args.steps)
-        if rep:
-            times["all-reduce only"].append(t)
+                wall[variant].append(t)
+                cpu[variant].append(c)
     return {
         "params": n_params, "grad_mb": n_params * 4 / 2**20, "rows_per_rank": rows, "block": block,
-        "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+        "ms": {k: statistics.median(v) * 1e3 for k, v in wall.items() if k not in parts},
+        "cpu_ms": {k: statistics.median(v) * 1e3 for k, v in cpu.items()},
+        "parts_ms": {k: statistics.median(wall[k]) * 1e3 for k in parts},
         "opt_state_bytes_rank0": {k: distributed.opt_state_bytes(s.opt_state) for k, s in states.items()},
         "bytes_rank0": bytes_before,
     }
@@ -160,24 +241,32 @@ def worker(args: argparse.Namespace) -> None:
             "steps": args.steps, "repeats": args.repeats,
         }
         print(json.dumps({"meta": meta, "results": results}, indent=1))
-        print()
-        print("| model | params | grads MB | local ms | " + " | ".join(f"{v} ms (overhead)" for v in results[args.config[0]]["ms"] if v != "local") + " | overlap / no-overlap overhead |")
-        print("|---|---|---|---|" + "---|" * (len(results[args.config[0]]["ms"]) - 1) + "---|")
         for name, r in results.items():
-            ms = r["ms"]
-            cells = [f"{v:.1f} ({v - ms['local']:+.1f})" for k, v in ms.items() if k != "local"]
-            ratio = ""
-            if "DP overlap" in ms and "data parallel" in ms:
-                ratio = f"{(ms['DP overlap'] - ms['local']) / (ms['data parallel'] - ms['local']):.2f}"
-            print(f"| {name} | {r['params'] / 1e6:.2f}M | {r['grad_mb']:.1f} | {ms['local']:.1f} | " + " | ".join(cells) + f" | {ratio} |")
-        print()
-        print("| model | variant | params bytes/rank | optimizer state bytes/rank | vs local |")
-        print("|---|---|---|---|---|")
-        for name, r in results.items():
-            b = r["bytes_rank0"]
-            whole = b["local"]["params"] + b["local"]["opt_state"]
-            for k, v in b.items():
-                print(f"| {name} | {k} | {v['params']:,} | {v['opt_state']:,} | {(v['params'] + v['opt_state']) / whole:.2f} |")
+            ms, cpu = r["ms"], r["cpu_ms"]
+            print(f"\n{name}: {r['params'] / 1e6:.2f}M parameters, {r['grad_mb']:.1f} MB of gradients, {r['rows_per_rank']} rows per rank\n")
+            print("| variant | ms/step | overhead vs its local ms | CPU ms/step (all threads) |")
+            print("|---|---|---|---|")
+            for k, v in ms.items():
+                base = "torch local" if k.startswith(("DDP", "torch")) else "local"
+                over = f"{v - ms[base]:+.1f}" if base in ms and k != base else ""
+                print(f"| {k} | {v:.1f} | {over} | {cpu[k]:.1f} |")
+            for over, under in (("DP overlap", "data parallel"), ("DDP", "DDP one bucket")):
+                base = "torch local" if over == "DDP" else "local"
+                if all(k in ms for k in (over, under, base)):
+                    print(f"\n{over} / {under} overhead: {(ms[over] - ms[base]) / (ms[under] - ms[base]):.2f}")
+            if r["parts_ms"]:
+                print("\n| exchange piece, alone | ms | CPU ms |\n|---|---|---|")
+                for k, v in r["parts_ms"].items():
+                    print(f"| {k} | {v:.2f} | {cpu[k]:.2f} |")
+        if "local" in results[args.config[0]]["bytes_rank0"]:
+            print()
+            print("| model | variant | params bytes/rank | optimizer state bytes/rank | vs local |")
+            print("|---|---|---|---|---|")
+            for name, r in results.items():
+                b = r["bytes_rank0"]
+                whole = b["local"]["params"] + b["local"]["opt_state"]
+                for k, v in b.items():
+                    print(f"| {name} | {k} | {v['params']:,} | {v['opt_state']:,} | {(v['params'] + v['opt_state']) / whole:.2f} |")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "results": results}, f, indent=1)
@@ -191,14 +280,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--bucket-mb", type=float, default=distributed.DEFAULT_BUCKET_MB, help="data_parallel(bucket_mb=...)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
+    parser.add_argument("--overlap-bucket-mb", type=float, default=distributed.DEFAULT_BUCKET_MB, help="bucket_mb of the DP overlap variant")
+    parser.add_argument("--ddp-bucket-mb", type=float, default=0, help="bucket_cap_mb of the DDP variant (0: DDP's default, 25 MiB buckets after a 1 MiB first one)")
+    parser.add_argument("--parts", action="store_true", help="also time the pieces of an exchange (flatten, copies, all-reduce) alone")
     parser.add_argument("--json", default="")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker or "RANK" in os.environ:
         worker(args)
     else:
-        sys.exit(launch(args))
+        sys.exit(launch(args.world, [sys.executable, __file__, "--worker", *sys.argv[1:]])[0])
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -227,7 +228,13 @@ def run_variant(args: argparse.Namespace, size: str, variant: str) -> dict[str, 
         # glibc: allocations above this size get their own mapping, returned to the OS on free,
         # so RSS tracks live tensors instead of what the heap kept after fragmentation.
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    with tempfile.TemporaryDirectory(prefix="train_bench_inductor_") as cache:
+        if not args.warm_cache:
+            # Compile seconds from a cold cache for every variant: inductor's on-disk caches (FX graph,
+            # AOT autograd) otherwise let a variant compiled by an earlier run load in seconds, and
+            # (d) and (e) hit them differently (measured: (d) 2.6 s warm, about 26 s cold).
+            env["TORCHINDUCTOR_CACHE_DIR"] = cache
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     if proc.returncode != 0:
         return {"size": size, "variant": variant, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -300,6 +307,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--fused-under-compile", default="custom-op", choices=["custom-op", "foreach", "none"],
                         help="how variant (e) gets AdamW through torch.compile until fused.py does it (see _patch_fused_adam_for_compile)")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="keep inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR) across runs; default: a fresh one per variant, so compile seconds are cold")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=0, help="set glibc MALLOC_MMAP_THRESHOLD_ (bytes) in the workers (0: leave it)")
     parser.add_argument("--from-json", default=None, help="only print the table and targets of saved results (comma list of files)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

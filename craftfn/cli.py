@@ -307,16 +307,17 @@ def _check_configuration(bindings: Sequence[str]) -> None:
 
     config = gc._CONFIG  # gin keeps the parsed bindings here; it has no public structured view
     used = {"/".join(ref.scopes) for ref in gc.iterate_references(config, to=gin.get_configurable(gc.macro))}
-    for binding in bindings:
-        for line in binding.splitlines():
-            name = line.split("=", 1)[0].strip()
-            if "=" in line and name and "." not in name and "/" not in name and not name.startswith("#") and name not in used:
-                guess = _close(name, sorted(used))
-                hint = f"did you mean {guess}? " if guess else ""
-                raise UsageError(
-                    f"the gin macro {name} set by `{line.strip()}` is not used by the configuration (nothing refers to "
-                    f"%{name}); {hint}macros it uses: {', '.join(sorted(used)) or 'none'}"
-                )
+    from craftfn.gin_files import _split_bindings
+
+    for b in _split_bindings(bindings):
+        name = b.selector  # a macro binding is an unscoped selector with no parameter; include/import have none
+        if name and not b.arg_name and not b.scope and name not in used:
+            guess = _close(name, sorted(used))
+            hint = f"did you mean {guess}? " if guess else ""
+            raise UsageError(
+                f"the gin macro {name} set by `{b.text}` is not used by the configuration (nothing refers to "
+                f"%{name}); {hint}macros it uses: {', '.join(sorted(used)) or 'none'}"
+            )
     for (scope, selector), params in list(config.items()):
         if selector == "gin.macro":
             continue

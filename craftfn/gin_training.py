@@ -169,6 +169,7 @@ def build_language_model_task(
     cache_dir: Optional[str] = None,
     jsonl_field: str = "text",
     bpe_train_bytes: int = 64 << 20,
+    verify_data: bool = False,
     log: Callable[[str], None] = print,
     progress: bool = True,
 ) -> LanguageModelTask:
@@ -199,6 +200,8 @@ def build_language_model_task(
         cache_dir: where token shards go (default ``$CRAFTFN_CACHE_DIR`` or ``~/.cache/craftfn/tokens``).
         jsonl_field: the text field of ``.jsonl`` records.
         bpe_train_bytes: how much of a ``data`` corpus the BPE is trained on.
+        verify_data: hash every source file and token shard in full before training (by default
+            files unchanged by stat since their last check are trusted: see :func:`craftfn.data.prepare_corpus`).
     """
     if (text is None) == (data is None):
         raise ValueError(
@@ -210,7 +213,7 @@ def build_language_model_task(
     if data is not None:
         corpus = cdata.prepare_corpus(
             data, kind, vocab_size=vocab_size, cache_dir=cache_dir, jsonl_field=jsonl_field,
-            bpe_train_bytes=bpe_train_bytes, progress=progress, log=log,
+            bpe_train_bytes=bpe_train_bytes, progress=progress, log=log, verify=verify_data,
         )
         tok: Any = corpus.tokenizer
         tokens: Any = corpus.tokens

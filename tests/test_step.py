@@ -256,3 +256,10 @@ def test_pure_step_with_an_in_place_rule_equals_the_update_path():
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     assert tree.allclose(new_state.params, optim.apply_updates(state.params, updates), rtol=1e-6, atol=1e-7)
     assert tree.allclose(new_state.opt_state, opt_state, rtol=1e-6, atol=1e-7)
+
+
+def test_value_and_grad_names_a_non_floating_parameter():
+    # The names are computed only when a leaf is bad (they cost tracing time under compile).
+    params = {"w": torch.ones(2), "blocks": {"count": torch.ones(2, dtype=torch.int64)}}
+    with pytest.raises(TypeError, match=r"parameter 'blocks\.count' must be a floating-point tensor"):
+        value_and_grad(lambda p: p["w"].sum())(params)

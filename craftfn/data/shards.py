@@ -2,11 +2,13 @@
 
 :func:`prepare_corpus` encodes text files (and ``.jsonl`` files with a text field) into raw token
 shards, as nanoGPT's ``prepare.py`` writes ``train.bin``: ``uint8``/``uint16``/``uint32``, the
-smallest that holds the vocabulary. A ``manifest.json`` records the source files (sizes and
-hashes), the tokenizer and, per shard, its token count and hash. The next call with the same
-sources and tokenizer verifies them and reuses the shards (seconds for gigabytes); an edited
-source file has its shard rebuilt, a truncated or altered shard is reported and rebuilt. Nothing
-is ever used unverified.
+smallest that holds the vocabulary. A ``manifest.json`` records the source files (sizes, stat
+stamps and hashes), the tokenizer and, per shard, its token count, hashes and stamps. The next
+call with the same sources and tokenizer checks them and reuses the shards: a file whose size,
+mtime, ctime and inode are unchanged since its hash last matched is trusted by its stat, any
+other is hashed in full (``verify=True`` hashes everything; the trade-off is in
+:func:`prepare_corpus`). An edited source file has its shard rebuilt, a truncated, altered or
+missing shard is reported and rebuilt.
 
 Encoding streams each file in chunks cut at safe positions (:func:`craftfn.data.tokenizers.safe_cut`),
 so the shards hold exactly ``tokenizer.encode(corpus text)``; character and byte tokenizers
@@ -95,24 +97,74 @@ def _unreadable(path: str, offset: int, e: OSError) -> ValueError:
     return ValueError(f"data file {path!r} cannot be read at byte {offset} ({e.strerror or e})")
 
 
+# Trusting a file by its stat: a file whose size, mtime_ns, ctime_ns and inode are those recorded when its
+# content was last known to match its hash is not read again. Any write moves ctime, which only the kernel
+# sets (restoring mtime with ``os.utime`` or ``touch -d`` moves it too), and a replaced file has a new
+# inode. Timestamps advance in ticks, though (a few ms on Linux before 6.13, seconds on FAT or old ext
+# inodes): a write in the tick of the recorded stat would keep it, as in git's "racy clean" entries. So a
+# stamp is only trusted when it was taken a tick after the file's ctime: a source written just before a
+# run is hashed again by the next one. Shards a build wrote are settled (:func:`_settle` waits the tick
+# out, ~50 ms at the end of a build) so that the next run trusts them: no one else writes a shard in
+# the milliseconds after its rename.
+STAT_FIELDS = ("size", "mtime_ns", "ctime_ns", "ino")
+TICK_NS = 50_000_000  # > one kernel timestamp tick (10 ms at HZ=100)
+COARSE_TICK_NS = 2_000_000_000  # filesystems that keep whole seconds (FAT: 2 s)
+
+
+def _stamp(path: Union[str, os.PathLike]) -> dict[str, int]:
+    """The file's ``STAT_FIELDS`` and when they were read (``checked_ns``). Raises ``OSError``."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino, "checked_ns": time.time_ns()}
+
+
+def _racy(stamp: dict[str, Any]) -> bool:
+    """Whether a write could still follow ``stamp`` without changing it (taken within a tick of the ctime)."""
+    tick = COARSE_TICK_NS if stamp["ctime_ns"] % 1_000_000_000 == 0 else TICK_NS
+    return stamp["checked_ns"] - stamp["ctime_ns"] < tick
+
+
+def _trusted(now: dict[str, Any], recorded: Optional[dict[str, Any]]) -> bool:
+    """Whether a file stamped ``now`` is unchanged since ``recorded`` (a stamp taken when its hash was known good)."""
+    if not recorded or any(recorded.get(k) != now[k] for k in STAT_FIELDS) or "checked_ns" not in recorded:
+        return False
+    return not _racy(recorded)
+
+
+def _settle(stamps: Sequence[tuple[Union[str, os.PathLike], dict[str, Any]]]) -> None:
+    """Make the racy stamps of files this process just wrote trustworthy: wait out the tick, stat again, and
+    move ``checked_ns`` forward where nothing changed; a file that changed keeps its racy stamp and is
+    hashed by the next run."""
+    racy = [(path, stamp) for path, stamp in stamps if _racy(stamp)]
+    if not racy:
+        return
+    wait_ns = max(s["ctime_ns"] + (COARSE_TICK_NS if s["ctime_ns"] % 1_000_000_000 == 0 else TICK_NS) - s["checked_ns"] for _, s in racy)
+    time.sleep(max(0, min(wait_ns, COARSE_TICK_NS)) / 1e9 + 0.001)
+    for path, stamp in racy:
+        try:
+            now = _stamp(path)
+        except OSError:
+            continue
+        if all(now[k] == stamp[k] for k in STAT_FIELDS):
+            stamp["checked_ns"] = now["checked_ns"]
+
+
 def _source_record(path: str, previous: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Path, size, times and content hash of a source file.
+    """Path, stat stamp (:func:`_stamp`) and content hash of a source file.
 
     The hash of ``previous`` (the manifest's record of this path) is kept without reading the file
-    when its size, ``mtime_ns`` and ``ctime_ns`` are all unchanged. Any write to the file moves its
-    ctime, and the kernel sets ctime: restoring mtime (``touch -d``, ``os.utime``) moves it too. So an
-    edited file is still rehashed and its shard rebuilt; what is not detected is a file changed
-    underneath the filesystem (disk corruption) or a clock set back to the same nanosecond.
+    when its stamp is trusted (:func:`_trusted`: size, ``mtime_ns``, ``ctime_ns`` and inode unchanged).
+    An edited file is rehashed and its shard rebuilt, even with its mtime restored (ctime moves);
+    what is not detected is a file changed underneath the filesystem (disk corruption) or a clock
+    set back to the same nanosecond. ``previous=None`` hashes the file in full.
     """
     try:
-        st = os.stat(path)
-        stamp = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
-        if previous is not None and all(previous.get(k) == v for k, v in stamp.items()) and "xxh3_128" in previous:
-            return {**stamp, "xxh3_128": previous["xxh3_128"]}
+        stamp = _stamp(path)
+        if previous is not None and "xxh3_128" in previous and _trusted(stamp, previous):
+            return {"path": path, **{k: previous[k] for k in (*STAT_FIELDS, "checked_ns")}, "xxh3_128": previous["xxh3_128"]}
         digest = _hash_file(path)
     except OSError as e:
         raise _unreadable(path, 0, e) from None
-    return {**stamp, "xxh3_128": digest}
+    return {"path": path, **stamp, "xxh3_128": digest}
 
 
 def _same_source(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -393,20 +445,31 @@ def _read_manifest(folder: Path, log: Callable[[str], None]) -> Optional[dict[st
         return None
 
 
-def _check_file(path: Path, size: int, digest: str, what: str) -> None:
-    if not path.is_file():
-        raise CorruptShardError(f"{what} {str(path)!r} is missing")
-    actual = path.stat().st_size
-    if actual != size:
-        raise CorruptShardError(f"{what} {str(path)!r} has {actual} bytes, the manifest records {size} (truncated or altered)")
+def _check_file(path: Path, size: int, digest: str, what: str, recorded: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Check a shard file against the manifest; its stamp. Trusted by its stamp (:func:`_trusted`), else hashed in full."""
+    try:
+        now = _stamp(path)
+    except FileNotFoundError:
+        raise CorruptShardError(f"{what} {str(path)!r} is missing") from None
+    if now["size"] != size:
+        raise CorruptShardError(f"{what} {str(path)!r} has {now['size']} bytes, the manifest records {size} (truncated or altered)")
+    if recorded is not None and _trusted(now, recorded):
+        return recorded
     if _hash_file(str(path)) != digest:
         raise CorruptShardError(f"{what} {str(path)!r} does not match the hash in the manifest (altered)")
+    return now
 
 
-def _verify_shard(folder: Path, shard: dict[str, Any], itemsize: int, vocab_size: int) -> None:
-    _check_file(folder / shard["file"], shard["num_tokens"] * itemsize, shard["xxh3_128"], "token shard")
-    _check_file(folder / shard["documents_file"], shard["num_documents"] * 8, shard["documents_xxh3_128"], "document index")
-    _check_file(folder / shard["counts_file"], vocab_size * 8, shard["counts_xxh3_128"], "token counts")
+# A shard's three files: (manifest key of the name, of the hash, what it is).
+_SHARD_FILES = (("file", "xxh3_128", "token shard"), ("documents_file", "documents_xxh3_128", "document index"), ("counts_file", "counts_xxh3_128", "token counts"))
+
+
+def _verify_shard(folder: Path, shard: dict[str, Any], itemsize: int, vocab_size: int, full: bool) -> dict[str, Any]:
+    """``shard`` with fresh stamps if its files match the manifest (``full``: every file hashed), else ``CorruptShardError``."""
+    sizes = {"file": shard["num_tokens"] * itemsize, "documents_file": shard["num_documents"] * 8, "counts_file": vocab_size * 8}
+    recorded = {} if full else shard.get("stat", {})
+    stat = {key: _check_file(folder / shard[key], sizes[key], shard[digest], what, recorded.get(key)) for key, digest, what in _SHARD_FILES}
+    return {**shard, "stat": stat}
 
 
 def _write_atomic(path: Path, chunks: Callable[[Any], None]) -> str:
@@ -556,6 +619,8 @@ def _encode_shard(
         ends = np.append(ends, num_tokens).astype(np.int64)
     doc_digest = _write_atomic(folder / f"{name}.docs", lambda write: write(ends.tobytes()))
     counts_digest = _write_atomic(folder / f"{name}.counts", lambda write: write(counts.tobytes()))
+    # Stamped as written (the hashes are of the bytes written); racy until prepare_corpus settles them.
+    stat = {key: _stamp(folder / f"{name}{suffix}") for key, suffix in (("file", ".bin"), ("documents_file", ".docs"), ("counts_file", ".counts"))}
     return {
         "file": f"{name}.bin",
         "sources": group,
@@ -566,6 +631,7 @@ def _encode_shard(
         "documents_xxh3_128": doc_digest,
         "counts_file": f"{name}.counts",
         "counts_xxh3_128": counts_digest,
+        "stat": stat,
     }
 
 
@@ -595,8 +661,19 @@ def prepare_corpus(
     num_workers: Optional[int] = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    verify: bool = False,
 ) -> TokenCorpus:
     """Tokenize ``source`` into token shards once, or reuse the verified shards of an earlier call.
+
+    Reuse checks every source and shard file against the manifest. A file is hashed in full (xxh3,
+    ~3 GB/s) unless its size, ``mtime_ns``, ``ctime_ns`` and inode are those recorded when its hash
+    last matched (after the build that wrote it, or a full check): any write or replacement moves
+    them, restoring mtime included, so edited sources are re-tokenized and altered, truncated or
+    missing shards rebuilt. What a stat cannot see is a change below the filesystem (a failing
+    disk, a corrupting copy that keeps times and inodes): ``verify=True`` (gin:
+    ``lm_task.verify_data = True``) hashes everything, as every reuse did before; it costs about a
+    second per 3 GB of text and shards. A file changed within one timestamp tick of a check is
+    hashed again on the next run (as git's "racy" entries).
 
     Args:
         source: a text file, a directory, a glob pattern or a list of these
@@ -613,6 +690,7 @@ def prepare_corpus(
         num_workers: encoding processes (default: the CPUs this process may use).
         progress: show progress bars (tqdm) while encoding.
         log: receives one line per decision (built, reused, rebuilt and why).
+        verify: hash every source and shard in full, trusting no recorded stat.
 
     Returns:
         The :class:`TokenCorpus`.
@@ -629,6 +707,8 @@ def prepare_corpus(
     request = _request(tokenizer, vocab_size, bpe_train_bytes)
     if not isinstance(jsonl_field, str) or not jsonl_field:
         raise ValueError(f"jsonl_field must be a non-empty str, got {jsonl_field!r}")
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be a bool, got {verify!r}")
     if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1):
         raise ValueError(f"num_workers must be a positive int or None, got {num_workers!r}")
     root = Path(os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))) if cache_dir is not None else Path(default_cache_dir())
@@ -643,7 +723,7 @@ def prepare_corpus(
         t0 = time.perf_counter()
         old = _read_manifest(folder, log)
         recorded = {s.get("path"): s for s in old.get("sources", [])} if old is not None else {}
-        sources = [_source_record(p, recorded.get(p)) for p in files]
+        sources = [_source_record(p, None if verify else recorded.get(p)) for p in files]
         total = sum(s["size"] for s in sources)
         if total == 0:
             raise ValueError(f"the corpus {source!r} is empty: its {len(files)} file(s) hold no text")
@@ -700,16 +780,19 @@ def prepare_corpus(
         elif old is not None and old.get("shards"):
             log("craftfn: the tokenizer differs from the one the token shards were made with; re-tokenizing everything")
 
-        shards, reused, built_bytes = [], 0, 0
+        shards, reused, built_bytes, built = [], 0, 0, []
         groups = _groups(sources)
         workers = 1
         todo_bytes = 0
+        hashed_files = sum(s["checked_ns"] != recorded.get(s["path"], {}).get("checked_ns") for s in sources)
         plan: list[tuple[list[int], Optional[dict[str, Any]]]] = []
         for group in groups:
             prior = old_shards.get(tuple(sources[i]["path"] for i in group))
             if prior is not None and all(i in unchanged for i in group):
                 try:
-                    _verify_shard(folder, prior, dtype.itemsize, tok.vocab_size)
+                    before = prior.get("stat", {})
+                    prior = _verify_shard(folder, prior, dtype.itemsize, tok.vocab_size, full=verify)
+                    hashed_files += sum(prior["stat"][key] is not before.get(key) for key, _, _ in _SHARD_FILES)
                 except CorruptShardError as e:
                     log(f"craftfn: {e}; rebuilding it")
                     prior = None
@@ -732,6 +815,7 @@ def prepare_corpus(
                     reused += 1
                     continue
                 shards.append(_encode_shard(folder, index, group, sources, tok, separator, jsonl_field, workers, bar))
+                built.append(shards[-1])
                 built_bytes += sum(sources[i]["size"] for i in group)
         manifest = {
             "format": FORMAT,
@@ -745,6 +829,7 @@ def prepare_corpus(
             "sources": sources,
             "shards": shards,
         }
+        _settle([(folder / shard[key], shard["stat"][key]) for shard in built for key, _, _ in _SHARD_FILES])
         if built_bytes or old is None or manifest != old:
             atomic_write_text(folder / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1) + "\n")
         keep = {MANIFEST} | {s[k] for s in shards for k in ("file", "documents_file", "counts_file")}
@@ -760,5 +845,9 @@ def prepare_corpus(
                 f"encoded {built_bytes / 1e6:,.1f} MB in {seconds:.1f} s ({built_bytes / 1e6 / max(seconds, 1e-9):.0f} MB/s)"
             )
         else:
-            log(f"craftfn: reusing {manifest['num_tokens']:,} tokens in {len(shards)} verified shard(s) in {folder} ({elapsed:.1f} s)")
+            trusted = len(sources) + 3 * len(shards) - hashed_files
+            log(
+                f"craftfn: reusing {manifest['num_tokens']:,} tokens in {len(shards)} verified shard(s) in {folder} ({elapsed:.1f} s; "
+                f"{hashed_files} file(s) hashed, {trusted} unchanged since their last check by size, times and inode)"
+            )
         return _open(folder, manifest, tok)

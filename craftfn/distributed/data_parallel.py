@@ -169,7 +169,8 @@ def make_data_parallel_step(
             ``False``: everything is reduced after the backward. ``None`` (default): overlap
             where the collectives run off the compute cores (NCCL), not on gloo, whose
             all-reduce is CPU work that competes with the backward for the same cores
-            (measured on 2 cores: overlapping made the step slower; benchmarks/RESULTS.md).
+            (measured with 2 ranks on 2 cores: overlapping saved nothing beyond the noise, nor
+            did torch's DDP overlap there; benchmarks/RESULTS.md).
             (ZeRO-3's reduce-scatters always run inside the backward.)
         step_options: ``accum_steps``, ``donate``, ``policy``, ``remat`` as in
             :func:`craftfn.make_train_step` (accumulation still reduces once per step).

@@ -266,7 +266,9 @@ def fully_shard(state: TrainState, *, mesh: Optional[DeviceMesh] = None) -> Trai
     :func:`craftfn.distributed.make_data_parallel_step` (unchanged ``loss_fn``), checkpoint it
     with :class:`craftfn.distributed.ShardedCheckpointManager`, and get the single-process
     form back with :func:`craftfn.distributed.gather_state`. Without a process group the
-    parameters stay plain tensors (one shard: the whole).
+    parameters stay plain tensors (one shard: the whole). The module given to
+    ``TrainState.create(model=...)`` still holds its own whole parameters; it is only a template
+    now, so ``model.to("meta")`` frees them (the state's ``apply`` passes the shards' gathered values).
 
     Args:
         state: a plain :class:`craftfn.TrainState` whose ``tx`` is the optimizer (not wrapped by

@@ -1,7 +1,8 @@
 """Gradient all-reduces that start while the backward still runs (DDP's buckets, for a pure step).
 
 The data-parallel step registers a hook on every traced parameter of the loss. As the backward
-produces a parameter's gradient, the hook adds it into its place in a flat bucket; when the
+produces a parameter's gradient, the hook writes it, already divided by the number of
+ranks (and of microbatches), into its place in a flat bucket; when the
 last microbatch's gradients of every member of a bucket have arrived, the bucket's all-reduce
 starts (asynchronously) while the backward goes on with earlier layers. The optimizer's
 update then only waits for the reductions still in flight. With accumulation the buckets sum
@@ -97,11 +98,17 @@ class GradientExchange:
         self.shapes = shapes
         self.buckets = buckets
         self.accum_steps = accum_steps
-        self.where: list[tuple[int, int]] = [(0, 0)] * n_leaves
+        # The mean's 1/(world * accum_steps), applied as each gradient is written into its bucket: no
+        # pass over the buckets afterwards (a power of two in the usual cases: exact).
+        self.scale = 1.0 / (world_size() * self.accum_steps)
+        self.where: list[int] = [0] * n_leaves  # leaf -> bucket
+        self.flats = [torch.empty(b.numel, dtype=b.dtype, device=b.device) for b in buckets]
+        # Each leaf's place in its bucket, made once per step, so a hook only writes.
+        self.places: list[torch.Tensor] = [torch.empty(0)] * n_leaves
         for b, bucket in enumerate(buckets):
             for i, o in zip(bucket.members, bucket.offsets):
-                self.where[i] = (b, o)
-        self.flats = [torch.empty(b.numel, dtype=b.dtype, device=b.device) for b in buckets]
+                self.where[i] = b
+                self.places[i] = self.flats[b][o : o + math.prod(shapes[i])].view(shapes[i])
         self.seen = [False] * n_leaves  # written once: the next microbatches add to it
         self.missing = [len(b.members) for b in buckets]
         self.works: list[Any] = [None] * len(buckets)
@@ -120,15 +127,14 @@ class GradientExchange:
             if isinstance(p, torch.Tensor) and p.requires_grad:
                 self.handles.append(p.register_hook(self._hook(i, last)))
 
-    def _hook(self, i: int, last: bool) -> Callable[[torch.Tensor], None]:
-        b, o = self.where[i]
+    def _hook(self, i: int, last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        b, place = self.where[i], self.places[i]
 
-        def hook(grad: torch.Tensor) -> None:
-            place = self.flats[b][o : o + grad.numel()].view(grad.shape)
+        def hook(grad: torch.Tensor) -> torch.Tensor:
             if self.seen[i]:
-                place.add_(grad)
+                place.add_(grad, alpha=self.scale)
             else:
-                place.copy_(grad)
+                torch.mul(grad, self.scale, out=place)  # the one write of this gradient into its bucket
                 self.seen[i] = True
             if last:
                 self.arrived.append(i)
@@ -136,6 +142,10 @@ class GradientExchange:
                 if self.missing[b] == 0:
                     self._launch(b)
                     self.started_in_backward += 1
+            # The gradient lives in its bucket now. Autograd gets a placeholder without storage in its
+            # place (the step's own copy of the gradients is never read: finish() returns the buckets),
+            # so this gradient's memory is freed at once, as DDP's gradient_as_bucket_view does.
+            return grad.new_zeros(()).expand(grad.shape)
 
         return hook
 
@@ -147,25 +157,17 @@ class GradientExchange:
         self.finished = True
         for i, seen in enumerate(self.seen):
             if not seen:  # a parameter the loss did not use: no hook call, a zero gradient
-                b, o = self.where[i]
-                self.flats[b][o : o + math.prod(self.shapes[i])].zero_()
+                self.places[i].zero_()
         for b, work in enumerate(self.works):
             if work is None:
                 self._launch(b)
-        scale = 1.0 / (world_size() * self.accum_steps)
-        for b, work in enumerate(self.works):
+        for work in self.works:
             _guard("all_reduce of gradients", work.wait)
-            self.flats[b].mul_(scale)  # a power of two in the usual cases: exact
         for h in self.handles:
             h.remove()
         if self.replan is not None:
             self.replan(list(dict.fromkeys(self.arrived)))
-        leaves, treedef = tree.flatten(like)
-        out = []
-        for i, g in enumerate(leaves):
-            b, o = self.where[i]
-            out.append(self.flats[b][o : o + g.numel()].view(g.shape))
-        return tree.unflatten(treedef, out)
+        return tree.unflatten(tree.structure(like), self.places)
 
 
 def current_exchange() -> Optional[GradientExchange]:

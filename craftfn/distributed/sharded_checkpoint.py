@@ -13,7 +13,8 @@ A :class:`ShardedCheckpointManager` keeps one directory per step, like
                        sha256 and size of every file, versions
 
 Saving gathers nothing: each rank writes the shards it holds (a replicated tensor, such as the
-step or the key, is written once). The tensors are keyed by the tree paths of the state's
+step or the key, is written once), streamed from the tensors' memory into its file, so a save adds
+no copy of the shards to a rank's memory (``benchmarks/ckpt_rss_bench.py``). The tensors are keyed by the tree paths of the state's
 *single-process form* (``params.fc.weight``, ``opt_state.0.mu.fc.weight``, ``step``, ``rng``),
 so a checkpoint written by N ranks restores on M ranks (the distributed checkpoint reads each
 rank's rows from whichever files hold them), or in one process into a plain state.
@@ -201,12 +202,9 @@ class ShardedCheckpointManager:
         error: Optional[str] = None
         files: dict[str, Any] = {}
         try:
-            self._dcp_save(tensors, tmp)
             # The storage names each rank's file after its position (shard-<rank+1>-...).
-            for name in sorted(os.listdir(tmp)):
-                if name.startswith(f"shard-{rank() + 1:05d}-"):
-                    sha, size = _sha256_file(tmp / name)
-                    files[name] = {"sha256": sha, "bytes": size, "rank": rank()}
+            for name, (sha, size) in sorted(self._dcp_save(tensors, tmp).items()):
+                files[name] = {"sha256": sha, "bytes": size, "rank": rank()}
         except Exception as e:  # reported on every rank below
             error = f"rank {rank()}: {type(e).__name__}: {e}"
         everyone = self._all_gather((error, files))
@@ -330,12 +328,17 @@ class ShardedCheckpointManager:
         _guard("all_gather of checkpoint file records", dist.all_gather_object, out, value)
         return out
 
-    def _dcp_save(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    def _dcp_save(self, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, tuple[str, int]]:
+        """Write this rank's file(s) into ``path``; their names with (sha256, bytes)."""
         import torch.distributed.checkpoint as dcp
 
-        writer = dcp.HuggingFaceStorageWriter(str(path), save_distributed=True)
+        from craftfn.distributed.streaming_writer import StreamingSafetensorsWriter
+
+        # Streamed from the tensors: torch's writer builds each file in memory (two more copies of the shards).
+        writer = StreamingSafetensorsWriter(str(path))
         with _one_process_is_intended():
             dcp.save(tensors, storage_writer=writer, no_dist=world_size() == 1)
+        return writer.written
 
     def _commit(self, step: int, tmp: Path, body: dict[str, Any]) -> None:
         final = self.directory / _step_dirname(step)

@@ -24,6 +24,9 @@ Guarantees:
   reading; sha256 ran at ~1 GB/s and made a verified restore 5x ``torch.load``). It guards against
   accidental damage (truncation, bit flips, partial copies), not against a deliberate forger.
   Checkpoints written before (format version 1, ``sha256``) are still read and verified with sha256.
+  The file is read once, into the restored tensors, and hashed from that memory (no second copy).
+  ``restore(..., donate=True)`` reads into the template's own memory instead of new tensors (the
+  template is used up, as a donated step's input): new memory's page faults were most of a restore.
   ``restore(..., step="latest", fallback=True)`` goes back to the newest valid step, warns loudly and moves
   the corrupt step aside (``corrupt-step_...``) so that it is never taken as the newest again.
 - **Retention**: the last ``keep_last`` steps and the ``keep_best`` best steps (by ``best_metric``) are kept;
@@ -62,14 +65,14 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 import xxhash
 from torch import nn
 
 from craftfn import tree
-from craftfn.state import TrainState, check_live
+from craftfn.state import TrainState, _mark_donated, check_live
 
 __all__ = [
     "CheckpointManager",
@@ -242,14 +245,20 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], meta
 
 
 def _read_safetensors(
-    path: Path, expected_digest: Optional[str], expected_size: Optional[int], algorithm: str = _FILE_HASH
+    path: Path,
+    expected_digest: Optional[str],
+    expected_size: Optional[int],
+    algorithm: str = _FILE_HASH,
+    into: Optional[Callable[[dict[str, tuple[torch.dtype, list[int]]]], Mapping[str, torch.Tensor]]] = None,
 ) -> dict[str, torch.Tensor]:
     """Read a safetensors file written by :func:`_write_safetensors`, verifying its checksum.
 
     ``algorithm`` names the checksum ``expected_digest`` is (a key of ``_FILE_HASHES``).
 
     Each tensor gets its own storage (read straight into it), so later in-place updates or
-    ``torch.save`` of one leaf never drag the others along.
+    ``torch.save`` of one leaf never drag the others along. ``into``, given the validated header
+    (``{name: (dtype, shape)}``), may return existing contiguous CPU tensors of those dtypes and
+    shapes to read into instead (a donated restore); the bytes are still read and hashed once.
     """
     def corrupt(why: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"corrupt checkpoint file {path}: {why}")
@@ -277,8 +286,11 @@ def _read_safetensors(
             except (UnicodeDecodeError, ValueError) as e:
                 raise corrupt(f"unreadable safetensors header ({e})") from None
             entries = _check_header(header, size - 8 - n, corrupt)
+            targets = into({name: (dtype, shape) for name, dtype, shape, _, _ in entries}) if into is not None else {}
             for name, dtype, shape, begin, end in entries:
-                t = torch.empty(shape, dtype=dtype)
+                t = targets.get(name)
+                if t is None:
+                    t = torch.empty(shape, dtype=dtype)
                 data = _byte_view(t)
                 for i in range(0, end - begin, _CHUNK):
                     chunk = data[i : i + _CHUNK]
@@ -623,7 +635,7 @@ class CheckpointManager:
             else:
                 self._write(step, tensors, body)
 
-    def restore(self, template: Any, step: StepSpec = "latest", fallback: bool = False) -> Any:
+    def restore(self, template: Any, step: StepSpec = "latest", fallback: bool = False, donate: bool = False) -> Any:
         """Load a checkpoint into the structure of ``template``.
 
         Args:
@@ -633,6 +645,16 @@ class CheckpointManager:
             step: ``"latest"``, ``"best"`` or a step number.
             fallback: with ``step="latest"``: if the newest checkpoint is corrupt, warn loudly, move
                 it aside (``corrupt-step_...``) and try the next older one.
+            donate: read the checkpoint straight into the template's CPU tensors instead of new
+                ones (as a donated step reuses its input's buffers). New memory costs the kernel's
+                page faults, a large share of a restore: reading into the template's memory, already
+                mapped, made a 0.4 GB restore 3x faster in a new process. The template is then
+                used up: a ``TrainState`` template is marked donated (``DonatedStateError`` on use)
+                once the restore succeeds, or once a failed one has overwritten any of its memory
+                (a damaged file); a key/shape/dtype mismatch or a missing checkpoint leaves it
+                intact. Leaves that share memory with another leaf, are not contiguous or not on
+                the CPU get new tensors. Without ``donate`` the restored state shares no memory
+                with the template.
 
         Returns:
             The restored state.
@@ -645,6 +667,8 @@ class CheckpointManager:
         Example:
             >>> state = ckpt.restore(TrainState.create(model=model, tx=tx), step="latest", fallback=True)  # doctest: +SKIP
         """
+        if not isinstance(donate, bool):
+            raise TypeError(f"restore: donate must be a bool, got {donate!r}")
         with self._lock:
             self._check_open()
             self._wait_pending()
@@ -652,30 +676,43 @@ class CheckpointManager:
                 check_live(template, "template")
             if fallback and step != "latest":
                 raise ValueError(f"restore: fallback=True goes back from step='latest' only, got step={step!r}")
-            if not fallback:
-                return self._restore_step(template, self._resolve(step))
-            skipped = []
-            for candidate in reversed(self._scan()):
-                try:
-                    state = self._restore_step(template, candidate)
-                except CorruptCheckpointError as e:
-                    moved = self._quarantine(candidate)
-                    msg = (
-                        f"CheckpointManager.restore: checkpoint step {candidate} in {self.directory} is corrupt and was "
-                        f"skipped{f' (moved to {moved.name})' if moved else ''}: {e}"
-                    )
-                    logger.error(msg)
-                    warnings.warn(msg, CheckpointFallbackWarning, stacklevel=2)
-                    skipped.append(str(e))
-                    continue
-                if skipped:
-                    msg = f"CheckpointManager.restore: fell back to step {candidate} after skipping {len(skipped)} corrupt checkpoint(s)"
-                    logger.error(msg)
-                    warnings.warn(msg, CheckpointFallbackWarning, stacklevel=2)
-                return state
+            into = _ReadInto(template) if donate else None
+            try:
+                state = self._restore(template, step, fallback, into)
+            except BaseException:
+                if into is not None and into.written and isinstance(template, TrainState):
+                    _mark_donated(template)
+                raise
+            if into is not None and isinstance(template, TrainState):
+                _mark_donated(template)
+            return state
+
+    def _restore(self, template: Any, step: StepSpec, fallback: bool, into: Optional[_ReadInto]) -> Any:
+        """:meth:`restore` once its arguments are checked (under the lock)."""
+        if not fallback:
+            return self._restore_step(template, self._resolve(step), into)
+        skipped = []
+        for candidate in reversed(self._scan()):
+            try:
+                state = self._restore_step(template, candidate, into)
+            except CorruptCheckpointError as e:
+                moved = self._quarantine(candidate)
+                msg = (
+                    f"CheckpointManager.restore: checkpoint step {candidate} in {self.directory} is corrupt and was "
+                    f"skipped{f' (moved to {moved.name})' if moved else ''}: {e}"
+                )
+                logger.error(msg)
+                warnings.warn(msg, CheckpointFallbackWarning, stacklevel=3)
+                skipped.append(str(e))
+                continue
             if skipped:
-                raise CorruptCheckpointError(f"no valid checkpoint in {self.directory}; every one is corrupt: " + "; ".join(skipped))
-            raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
+                msg = f"CheckpointManager.restore: fell back to step {candidate} after skipping {len(skipped)} corrupt checkpoint(s)"
+                logger.error(msg)
+                warnings.warn(msg, CheckpointFallbackWarning, stacklevel=3)
+            return state
+        if skipped:
+            raise CorruptCheckpointError(f"no valid checkpoint in {self.directory}; every one is corrupt: " + "; ".join(skipped))
+        raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
 
     def metadata(self, step: StepSpec = "latest") -> dict[str, Any]:
         """The verified contents of a step's meta.json (``step``, ``metrics``, ``extra``, ``files``, versions, time).
@@ -924,7 +961,7 @@ class CheckpointManager:
         self._metric_cache.pop(step, None)
         return target
 
-    def _restore_step(self, template: Any, step: int) -> Any:
+    def _restore_step(self, template: Any, step: int, into: Optional[_ReadInto] = None) -> Any:
         path = self._step_path(step)
         meta = _read_meta(path / META_FILE)
         info = meta.get("files", {}).get(STATE_FILE, {})
@@ -935,12 +972,32 @@ class CheckpointManager:
             raise ValueError(
                 f"checkpoint {path} has format version {meta['format_version']}; this craftfn reads up to {FORMAT_VERSION}"
             )
-        loaded = _read_safetensors(path / STATE_FILE, info[algorithm], info.get("bytes"), algorithm)
-        return _fill_template(template, loaded, meta.get("scalars", {}), f"restore(step={step}) from {path}")
+        scalars = meta.get("scalars", {})
+        reader = None if into is None else (lambda header: into(header, scalars))
+        loaded = _read_safetensors(path / STATE_FILE, info[algorithm], info.get("bytes"), algorithm, into=reader)
+        return _fill_template(template, loaded, scalars, f"restore(step={step}) from {path}")
 
 
 def _fill_template(template: Any, tensors: dict[str, torch.Tensor], scalars: Mapping[str, Any], where: str) -> Any:
     pairs, treedef = tree.flatten_with_path(template)
+    _check_template(pairs, tensors, scalars, where)
+    leaves = []
+    for name, leaf in pairs:
+        if name not in tensors:
+            leaves.append(scalars[name])
+            continue
+        t = tensors[name]
+        if leaf.device.type not in ("cpu", "meta"):
+            t = t.to(leaf.device)
+        if leaf.requires_grad:
+            t.requires_grad_(True)
+        leaves.append(t)
+    return tree.unflatten(treedef, leaves)
+
+
+def _check_template(pairs: list[tuple[str, Any]], tensors: Mapping[str, torch.Tensor], scalars: Mapping[str, Any], where: str) -> None:
+    """Raise :class:`CheckpointMismatchError` listing every key, shape and dtype that differs between
+    the checkpoint (``tensors``, ``scalars``) and the template's ``(path, leaf)`` pairs."""
     names = [n for n, _ in pairs]
     saved = set(tensors) | set(scalars)
     missing = [n for n in names if n not in saved]
@@ -974,18 +1031,50 @@ def _fill_template(template: Any, tensors: dict[str, torch.Tensor], scalars: Map
         if differs:
             parts.append(f"shape/dtype differ: {show(differs)}")
         raise CheckpointMismatchError(f"{where}: the checkpoint does not match the template; " + "; ".join(parts))
-    leaves = []
-    for name, leaf in pairs:
-        if name not in tensors:
-            leaves.append(scalars[name])
-            continue
-        t = tensors[name]
-        if leaf.device.type not in ("cpu", "meta"):
-            t = t.to(leaf.device)
-        if leaf.requires_grad:
-            t.requires_grad_(True)
-        leaves.append(t)
-    return tree.unflatten(treedef, leaves)
+
+
+class _ReadInto:
+    """A donated restore's destinations: the template's tensors the file's bytes are read into.
+
+    Only contiguous CPU tensors (``torch.Tensor``/``nn.Parameter``) whose memory no other leaf of the
+    template shares are used (two tied leaves must not be filled from two saved tensors); the other
+    leaves get new tensors as in a plain restore. Nothing is written unless the whole header matches
+    the template (keys, shapes, dtypes): otherwise the plain path reads the file, so a damaged file
+    is still reported as corrupt and a mismatch as a mismatch, with the template untouched.
+    ``written`` tells whether any of the template's memory was overwritten.
+    """
+
+    def __init__(self, template: Any) -> None:
+        self.pairs = tree.flatten_with_path(template)[0]
+        self.written = False
+        # Plain strided CPU tensors only (not DTensors, sparse or other subclasses, whose memory is not one buffer).
+        tensors = [
+            (n, t)
+            for n, t in self.pairs
+            if type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.layout == torch.strided
+        ]
+        owners: dict[int, int] = {}
+        for _, t in tensors:
+            ptr = t.untyped_storage().data_ptr()
+            owners[ptr] = owners.get(ptr, 0) + 1
+        self.targets = {
+            n: t
+            for n, t in tensors
+            if t.is_contiguous()
+            and not (t.is_conj() or t.is_neg())
+            and t.numel() > 0
+            and owners[t.untyped_storage().data_ptr()] == 1
+        }
+
+    def __call__(self, header: dict[str, tuple[torch.dtype, list[int]]], scalars: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
+        stand_ins = {n: torch.empty(shape, dtype=dtype, device="meta") for n, (dtype, shape) in header.items()}
+        try:
+            _check_template(self.pairs, stand_ins, scalars, "")
+        except CheckpointMismatchError:
+            return {}
+        targets = {n: t for n, t in self.targets.items() if n in header}
+        self.written = self.written or bool(targets)
+        return targets
 
 
 def _craftfn_version() -> str:

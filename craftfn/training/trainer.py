@@ -46,7 +46,9 @@ import torch
 
 from craftfn import host_memory, precision, random, tree
 from craftfn.optim import tree_get
+from craftfn.state import TrainState, _mark_donated
 from craftfn.training.callbacks import Callback, CallbackList
+from craftfn.training.checkpointing import CheckpointManager
 from craftfn.training.evaluation import Evaluator
 from craftfn.training.events import Event
 from craftfn.training.progress import ProgressTracker
@@ -429,10 +431,17 @@ class Trainer:
             return state
         # A step with loss scaling keeps the scale in the state (precision.LossScaledTrainState), so
         # the checkpoint holds it: give the template that field, with the step's static settings.
+        given = state
         initial_scale = getattr(self.train_step, "loss_scale", None)
         if isinstance(initial_scale, precision.DynamicLossScale) and getattr(state, "loss_scale", None) is None:
             state = precision.with_loss_scale(state, tree.clone(initial_scale))
-        state = manager.restore(state, step="latest", fallback=True)
+        # A donating step would use up the state it is given anyway: the checkpoint is read into that
+        # state's memory (already mapped; new memory's page faults were most of a restore's time).
+        donate = bool(getattr(self.train_step, "donate", False)) and isinstance(manager, CheckpointManager)
+        template = state
+        state = manager.restore(template, step="latest", fallback=True, **({"donate": True} if donate else {}))
+        if donate and given is not template and isinstance(given, TrainState):
+            _mark_donated(given)  # with_loss_scale's copy shared its tensors, which now hold the checkpoint
         restored_step = int(state.step)
         try:
             meta = manager.metadata(restored_step) or {}

@@ -65,6 +65,19 @@ def test_shards_and_text_give_the_experiment_the_same_batches(tmp_path):
     assert torch.equal(on_disk.token_counts, in_memory.token_counts)
 
 
+def test_lm_task_verify_data_hashes_the_corpus_again(tmp_path, monkeypatch):
+    from craftfn.data import shards
+
+    (tmp_path / "input.txt").write_text(data.stdlib_corpus(max_bytes=5_000), encoding="utf-8")
+    common = dict(data=str(tmp_path / "input.txt"), cache_dir=str(tmp_path / "cache"), block_size=16, batch_size=4, eval_windows=4)
+    _task(**common)
+    hashed = []
+    real_hash = shards._hash_file
+    monkeypatch.setattr(shards, "_hash_file", lambda p: hashed.append(p) or real_hash(p))
+    _task(verify_data=True, **common)
+    assert any(p.endswith(".bin") for p in hashed)  # without it the shard the build wrote is trusted by its stat
+
+
 def test_text_file_job_trains_from_shards_and_resumes_exactly(tmp_path, capsys):
     src = tmp_path / "corpus"
     src.mkdir()

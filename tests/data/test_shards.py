@@ -5,6 +5,8 @@ import fcntl
 import json
 import os
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,14 +87,30 @@ def test_many_files_and_jsonl_are_documents_with_separators(tmp_path, small_chun
     assert torch.equal(listed.tokens.to_tensor(), corpus.tokens.to_tensor())
 
 
-def test_second_call_reuses_the_verified_shards(tmp_path):
+def _hash_calls(monkeypatch):
+    """The paths ``shards`` hashes in full, in order."""
+    hashed = []
+    real_hash = shards._hash_file
+    monkeypatch.setattr(shards, "_hash_file", lambda p: hashed.append(os.path.basename(p)) or real_hash(p))
+    return hashed
+
+
+def _older_than_a_tick():
+    """Let a file just written age past a timestamp tick: a stamp taken within the tick is not trusted."""
+    time.sleep(shards.TICK_NS / 1e9 + 0.01)
+
+
+def test_second_call_reuses_the_verified_shards(tmp_path, monkeypatch):
     path = tmp_path / "input.txt"
     path.write_text(CORPUS)
+    _older_than_a_tick()
     first = _prepare(path, tmp_path / "cache")
     files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.suffix != ".lock"}
     logs = []
+    hashed = _hash_calls(monkeypatch)
     second = _prepare(path, tmp_path / "cache", logs=logs)
     assert any("reusing" in line and "verified" in line for line in logs), logs
+    assert hashed == []  # the source and the shards the build wrote are trusted by their stat: nothing is read
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.suffix != ".lock"} == files
     assert torch.equal(first.tokens.to_tensor(), second.tokens.to_tensor()) and first.tokenizer == second.tokenizer
 
@@ -256,17 +274,88 @@ def test_bpe_vocabulary_larger_than_the_text_allows_is_reported(tmp_path):
 def test_source_edited_with_size_and_mtime_restored_is_rehashed_and_rebuilt(tmp_path, monkeypatch):
     path = tmp_path / "input.txt"
     path.write_text(CORPUS[:30_000])
+    _older_than_a_tick()
     first = _prepare(path, tmp_path / "cache")
-    hashed = []
-    real_hash = shards._hash_file
-    monkeypatch.setattr(shards, "_hash_file", lambda p: hashed.append(p) or real_hash(p))
+    hashed = _hash_calls(monkeypatch)
     _prepare(path, tmp_path / "cache")
-    assert str(path) not in hashed  # size, mtime and ctime unchanged: the recorded hash is kept
+    assert path.name not in hashed  # size, mtime, ctime and inode unchanged: the recorded hash is kept
     st = path.stat()
     path.write_text(CORPUS[1:30_000] + "x")  # same size and characters, different text
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime restored; ctime moves regardless
     logs = []
     after = _prepare(path, tmp_path / "cache", logs=logs)
-    assert str(path) in hashed and any("changed" in line for line in logs), logs
+    assert path.name in hashed and any("changed" in line for line in logs), logs
     assert after.manifest["shards"][0]["xxh3_128"] != first.manifest["shards"][0]["xxh3_128"]
     assert after.tokens.to_tensor().tolist() == after.tokenizer.encode(CORPUS[1:30_000] + "x")
+
+
+def _flip_byte_in_place(path, offset=100):
+    """Alter one byte of ``path`` in place (same inode and size) and put its mtime back: only ctime moves."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    return st
+
+
+def _built(tmp_path):
+    """A source older than a tick and its shards: ``(source, its tokens, the token shard's path)``."""
+    path = tmp_path / "input.txt"
+    path.write_text(CORPUS[:30_000])
+    _older_than_a_tick()
+    good = _prepare(path, tmp_path / "cache")
+    return path, good.tokens.to_tensor().tolist(), Path(good.path) / good.manifest["shards"][0]["file"]
+
+
+def test_shard_altered_in_place_with_mtime_restored_is_caught(tmp_path, monkeypatch):
+    path, expected, shard = _built(tmp_path)
+    hashed = _hash_calls(monkeypatch)
+    _prepare(path, tmp_path / "cache")
+    assert hashed == []  # trusted by its stat, so what follows is the stat catching the edit
+    before = _flip_byte_in_place(shard)
+    assert shard.stat().st_ctime_ns != before.st_ctime_ns  # the kernel moved ctime
+    logs = []
+    again = _prepare(path, tmp_path / "cache", logs=logs)
+    assert hashed == [shard.name]  # the stamp no longer matches: hashed in full, found altered
+    assert any("does not match the hash" in line and "rebuilding" in line for line in logs), logs
+    assert again.tokens.to_tensor().tolist() == expected
+
+
+def test_verify_hashes_every_file_and_catches_what_a_stat_cannot(tmp_path, monkeypatch):
+    path, expected, shard = _built(tmp_path)
+    folder = shard.parent
+    # Damage below the filesystem (a failing disk) changes bytes, not the stat: simulated by recording the
+    # altered file's stamp in the manifest, as if it had passed its last check.
+    _flip_byte_in_place(shard)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"][0]["stat"]["file"] = {**shards._stamp(shard), "checked_ns": time.time_ns() + 10**9}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    hashed = _hash_calls(monkeypatch)
+    assert _prepare(path, tmp_path / "cache").tokens.to_tensor().tolist() != expected  # the trade-off: trusted
+    assert hashed == []
+    logs = []
+    checked = _prepare(path, tmp_path / "cache", logs=logs, verify=True)
+    assert hashed[0] == path.name and shard.name in hashed  # the source and the shard read in full
+    assert any("does not match the hash" in line and "rebuilding" in line for line in logs), logs
+    assert checked.tokens.to_tensor().tolist() == expected
+    hashed.clear()
+    _prepare(path, tmp_path / "cache", verify=True)  # rebuilt and unchanged: verify still reads everything
+    assert sorted(hashed) == sorted([path.name] + [s[k] for s in checked.manifest["shards"] for k in ("file", "documents_file", "counts_file")])
+    with pytest.raises(TypeError, match="verify must be a bool"):
+        _prepare(path, tmp_path / "cache", verify="yes")
+
+
+def test_a_stamp_taken_within_a_timestamp_tick_is_not_trusted(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("abc")
+    stamp = shards._stamp(path)  # within a tick of the write: a same-tick write could keep this stat
+    assert shards._racy(stamp) and not shards._trusted(shards._stamp(path), stamp)
+    shards._settle([(path, stamp)])  # waits out the tick; nothing changed, so the stamp now holds
+    assert not shards._racy(stamp) and shards._trusted(shards._stamp(path), stamp)
+    path.write_text("abd")
+    assert not shards._trusted(shards._stamp(path), stamp)

@@ -167,6 +167,30 @@ def test_fully_sharded_state_saves_and_restores_in_one_process(tmp_path):
     assert back.opt_state.inner.last_finite.dtype == torch.bool and torch.equal(back.rng, state.rng)
 
 
+def test_sharded_checkpoint_files_are_the_safetensors_torch_writes_streamed(tmp_path):
+    """The streaming writer's file holds what torch's HuggingFaceStorageWriter would write (tensors and header metadata)."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from craftfn.distributed.sharded_checkpoint import _single_process_form, _to_state_dict
+
+    tx = optim.apply_if_finite(optim.adamw(1e-2), 2)  # a bool tensor (as uint8), int counts, float moments
+    state = _train(distributed.fully_shard(TrainState.create(model=_model(), tx=tx, seed=1)), distributed.make_data_parallel_step(_loss))
+    with distributed.ShardedCheckpointManager(tmp_path / "ours") as ckpt:
+        ckpt.save(1, state)
+    (ours,) = (tmp_path / "ours" / "step_00000001").glob("*.safetensors")
+    tensors, _, _ = _to_state_dict(_single_process_form(state))
+    dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp_path / "torch"), save_distributed=True), no_dist=True)
+    (theirs,) = (tmp_path / "torch").glob("*.safetensors")
+    assert ours.name == theirs.name
+    a, b = load_file(ours), load_file(theirs)
+    assert sorted(a) == sorted(b) == sorted(tensors)
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    with safe_open(ours, "pt") as f, safe_open(theirs, "pt") as g:
+        assert f.metadata() == g.metadata()
+
+
 def test_sharded_checkpoint_detects_an_altered_file_and_falls_back(tmp_path):
     state = distributed.fully_shard(TrainState.create(model=_model(), tx=optim.sgd(0.1, momentum=0.9), seed=1))
     ckpt = distributed.ShardedCheckpointManager(tmp_path, keep_last=None)

@@ -125,6 +125,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "restore never compares the file's checksum with meta.json (an altered file loads silently)",
     ),
     Mutant(
+        "donated_restore_fills_tied_leaves", "checkpoint verification", "craftfn/training/checkpointing.py",
+        "and owners[t.untyped_storage().data_ptr()] == 1",
+        "and owners[t.untyped_storage().data_ptr()] >= 1",
+        ("tests/training/test_checkpointing.py",),
+        "restore(donate=True) reads two saved tensors into one shared template tensor (the first one's values are lost)",
+    ),
+    Mutant(
         "save_error_not_explained", "checkpoint verification", "craftfn/training/checkpointing.py",
         "            if not isinstance(e, OSError):\n                raise\n",
         "            if True:\n                raise\n",

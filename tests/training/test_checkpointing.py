@@ -28,6 +28,7 @@ import craftfn
 from craftfn import TrainState, make_train_step, optim, tree
 from craftfn.data import random_window_batch
 from craftfn.models import GPT, GPTConfig, lm_loss
+from craftfn.state import DonatedStateError, check_live
 from craftfn.training import checkpointing
 from craftfn.training.checkpointing import (
     CheckpointFallbackWarning,
@@ -179,6 +180,7 @@ def test_format_1_sha256_checkpoints_are_still_read_and_verified(tmp_path, monke
     assert meta["files"]["state.safetensors"] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     with CheckpointManager(tmp_path) as ckpt:
         assert same_leaves(ckpt.restore(gpt_state(seed=1)), state)
+        assert same_leaves(ckpt.restore(gpt_state(seed=1), donate=True), state)
     corrupted = bytearray(data)
     corrupted[len(data) // 2] ^= 0x04
     (step_dir / "state.safetensors").write_bytes(bytes(corrupted))
@@ -637,7 +639,8 @@ def test_any_flipped_byte_or_truncation_is_detected(tmp_path_factory, filename, 
         ckpt.restore(numbered_state(0))
 
 
-def test_corruption_at_chosen_places(tmp_path):
+@pytest.mark.parametrize("donate", [False, True])
+def test_corruption_at_chosen_places(tmp_path, donate):
     step_dir = _saved_once(tmp_path / "a")
     state_file = step_dir / "state.safetensors"
     n = len(state_file.read_bytes())
@@ -648,13 +651,13 @@ def test_corruption_at_chosen_places(tmp_path):
         corrupted[pos] ^= 0x01
         state_file.write_bytes(bytes(corrupted))
         with CheckpointManager(tmp_path / "a") as ckpt, pytest.raises(CorruptCheckpointError, match="state.safetensors"):
-            ckpt.restore(numbered_state(0))
+            ckpt.restore(numbered_state(0), donate=donate)
         state_file.write_bytes(original)
     for cut in [0, 4, 8, n - 1]:
         original = state_file.read_bytes()
         state_file.write_bytes(original[:cut])
         with CheckpointManager(tmp_path / "a") as ckpt, pytest.raises(CorruptCheckpointError, match="state.safetensors"):
-            ckpt.restore(numbered_state(0))
+            ckpt.restore(numbered_state(0), donate=donate)
         state_file.write_bytes(original)
     meta_file = step_dir / "meta.json"
     text = meta_file.read_text()
@@ -665,7 +668,7 @@ def test_corruption_at_chosen_places(tmp_path):
     meta_file.write_text(text)
     (step_dir / "state.safetensors").unlink()
     with CheckpointManager(tmp_path / "a") as ckpt, pytest.raises(CorruptCheckpointError, match="missing"):
-        ckpt.restore(numbered_state(0))
+        ckpt.restore(numbered_state(0), donate=donate)
 
 
 def test_fallback_skips_corrupt_latest_loudly(tmp_path, caplog):
@@ -694,6 +697,82 @@ def test_fallback_skips_corrupt_latest_loudly(tmp_path, caplog):
     with warnings.catch_warnings(), pytest.raises(CorruptCheckpointError, match="every one is corrupt"):
         warnings.simplefilter("ignore")
         ckpt.restore({"w": torch.zeros(4)}, fallback=True)
+    ckpt.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Donated restore: restore(..., donate=True) reads into the template's own memory
+# --------------------------------------------------------------------------------------------
+
+
+def _identity(params, x):
+    return x
+
+
+def w_state(value: float, n: int = 4) -> TrainState:
+    return TrainState.create(apply_fn=_identity, params={"w": torch.full((n,), float(value))}, tx=optim.sgd(0.1))
+
+
+def test_donated_restore_reads_into_the_template_and_uses_it_up(tmp_path):
+    step = make_train_step(lm_loss, donate=True)
+    state, _ = step(gpt_state(), batch_at(0))
+    expected = tree.clone(state)
+    with CheckpointManager(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, state)
+        template = gpt_state(seed=5)
+        memory = [x.data_ptr() for x in tree.leaves(template)]
+        restored = ckpt.restore(template, donate=True)
+        plain = ckpt.restore(restored)
+    assert same_leaves(restored, expected)
+    assert [x.data_ptr() for x in tree.leaves(restored)] == memory  # read into the template: no new tensors
+    with pytest.raises(DonatedStateError):
+        check_live(template, "template")
+    # Without donate, nothing is shared with the template or between leaves.
+    ptrs = [x.untyped_storage().data_ptr() for x in tree.leaves(plain)]
+    assert len(set(ptrs)) == len(ptrs) and not set(ptrs) & set(memory)
+    # The restored state is a live state like any other: a donated step reuses its memory in turn.
+    continued, _ = step(restored, batch_at(1))
+    reference, _ = step(expected, batch_at(1))
+    assert same_leaves(continued, reference)
+
+
+def test_donated_restore_gives_tied_and_strided_leaves_their_own_tensors(tmp_path):
+    with CheckpointManager(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, {"a": torch.full((3,), 1.0), "b": torch.full((3,), 2.0), "c": torch.arange(6.0).reshape(2, 3)})
+        shared, base = torch.zeros(3), torch.zeros(3, 2)
+        restored = ckpt.restore({"a": shared, "b": shared, "c": base.t()}, donate=True)
+    assert restored["a"].tolist() == [1.0] * 3 and restored["b"].tolist() == [2.0] * 3
+    assert torch.equal(restored["c"], torch.arange(6.0).reshape(2, 3))
+    assert not shared.any() and not base.any()  # tied or non-contiguous: never read into
+
+
+def test_donated_restore_of_damaged_mismatched_or_missing_checkpoints(tmp_path):
+    with CheckpointManager(tmp_path / "none") as ckpt, pytest.raises(FileNotFoundError):
+        ckpt.restore(template := w_state(0), donate=True)
+    check_live(template, "template")  # nothing read: still usable
+    ckpt = CheckpointManager(tmp_path / "run", async_save=False, keep_last=None)
+    for s in [1, 2]:
+        ckpt.save(s, w_state(s))
+    with pytest.raises(CheckpointMismatchError, match="params.w"):
+        ckpt.restore(template := w_state(0, n=5), donate=True)
+    check_live(template, "template")  # a mismatch is found before anything is written
+    assert not template.params["w"].any()
+    state_file = tmp_path / "run" / "step_00000002" / "state.safetensors"
+    data = bytearray(state_file.read_bytes())
+    data[-1] ^= 0x10  # the last byte of w's data: read into the template before the checksum fails
+    state_file.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="step_00000002"):
+        ckpt.restore(template := w_state(0), donate=True)
+    with pytest.raises(DonatedStateError):  # its memory holds the damaged bytes now
+        check_live(template, "template")
+    template = w_state(0)
+    memory = template.params["w"].data_ptr()
+    with pytest.warns(CheckpointFallbackWarning) as record:
+        restored = ckpt.restore(template, fallback=True, donate=True)
+    assert any("fell back to step 1" in str(w.message) for w in record)
+    assert restored.params["w"].tolist() == [1.0] * 4 and restored.params["w"].data_ptr() == memory
+    with pytest.raises(TypeError, match="donate must be a bool"):
+        ckpt.restore(restored, donate="yes")
     ckpt.close()
 
 

@@ -82,8 +82,12 @@ def test_trainer_resume_is_bit_exact(tmp_path, data):
     with CheckpointManager(tmp_path / "split", keep_last=2) as manager:
         assert manager.latest_step() == n
         trainer, second_log, second_stop = make_trainer(manager, 2 * n, train_data, save_every=n)
-        resumed = trainer.fit(fresh_state(seed=99), resume=True)
+        template = fresh_state(seed=99)
+        memory = [x.data_ptr() for x in tree.leaves(template.params)]
+        resumed = trainer.fit(template, resume=True)
         assert manager.all_steps() == [n, 2 * n]
+    # The step donates, so the checkpoint was read into the given state's memory (restore(donate=True)).
+    assert [x.data_ptr() for x in tree.leaves(resumed.params)] == memory
 
     assert int(resumed.step) == 2 * n
     assert tree.equal(tree.leaves(resumed.params), tree.leaves(straight.params))
