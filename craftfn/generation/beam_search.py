@@ -12,11 +12,14 @@ prompts of any length are scored alike. ``length_penalty > 0`` favours longer ou
 shorter ones, ``0`` scores by total log-probability. With ``num_beams >= V ** (L - 1)`` and no EOS
 the search is exhaustive over continuations of length ``L``; with ``num_beams == 1`` it is greedy.
 
-The whole search runs on tensors of fixed shapes, one step per token: the model's decode step on
-the static KV cache (rows reordered by beam), then the bookkeeping (best extensions, finished
-hypotheses kept as the ``num_beams`` best per prompt, which prompts are done) without reading
-anything to the host. ``compile=True`` compiles that step once per (batch, beams, length) shape;
-a prompt's completion is checked on the host every ``sync_every`` tokens only, to stop early.
+The whole search runs on tensors of fixed shapes, one step per token: the bookkeeping (best
+extensions, finished hypotheses kept as the ``num_beams`` best per prompt, which prompts are done),
+then the model's decode step on the static KV cache, without reading anything to the host. With a
+craftfn GPT the cache is never copied by beam: its row table is reordered (``KVCache.select_rows``)
+and attention reads each slot from the row that wrote it, over the filled prefix only
+(``KVCache.prefix``). ``compile=True`` compiles that step once per (batch, beams, length) shape (the
+prefix length is a dynamic size of the graph); a prompt's completion is checked on the host every
+``sync_every`` tokens only, to stop early.
 
 Example:
     >>> import torch
@@ -30,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Mapping, NamedTuple, Optional, Union
 
@@ -37,6 +41,7 @@ import torch
 
 from craftfn.generation import kv_cache as kvc
 from craftfn.generation.sampling import _compile_options, _memo_jit, check_max_new_tokens
+from craftfn.models.gpt import GPT
 
 __all__ = ["BeamSearchOutput", "beam_search_generate"]
 
@@ -115,10 +120,12 @@ def _select(
     extending = active & ~ends
     slot = torch.cumsum(extending.long(), dim=1) - 1
     slot = torch.where(extending & (slot < k), slot, k)  # k: a discarded column
-    # contiguous: the state keeps one layout from step to step (a compiled step guards on strides)
-    origin = torch.zeros(batch, k + 1, dtype=torch.int64, device=beam.device).scatter(1, slot, beam)[:, :k].contiguous()
-    new_token = torch.full((batch, k + 1), pad, dtype=torch.int64, device=tok.device).scatter(1, slot, tok)[:, :k].contiguous()
-    new_score = torch.full((batch, k + 1), -math.inf, dtype=torch.float64, device=tok.device).scatter(1, slot, top_scores)[:, :k].contiguous()
+    # Fresh row-major copies: the state keeps one layout from step to step (a compiled step guards on
+    # strides; .contiguous() would keep the slice's row stride k + 1 when batch is 1)
+    dense = torch.contiguous_format
+    origin = torch.zeros(batch, k + 1, dtype=torch.int64, device=beam.device).scatter(1, slot, beam)[:, :k].clone(memory_format=dense)
+    new_token = torch.full((batch, k + 1), pad, dtype=torch.int64, device=tok.device).scatter(1, slot, tok)[:, :k].clone(memory_format=dense)
+    new_score = torch.full((batch, k + 1), -math.inf, dtype=torch.float64, device=tok.device).scatter(1, slot, top_scores)[:, :k].clone(memory_format=dense)
     row_base = (torch.arange(batch, device=beam.device) * k)[:, None]
     at_t = torch.arange(n_new, device=tok.device) == t  # the column of generated position t
 
@@ -148,13 +155,30 @@ def _beam_step(
     input_pos: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
     k: int, eos: int, pad: int, early_stopping: bool,
 ) -> tuple[_Beams, Any, torch.Tensor]:
-    """Bookkeeping for position ``t``, then the decode step of its tokens: the unit ``compile=True`` compiles."""
+    """Bookkeeping for position ``t``, then the decode step of its tokens: the unit ``compile=True`` compiles.
+
+    A cache with a row table (a craftfn GPT's, see ``KVCache.select_rows``) is reordered through
+    the table, written back into the given one, so the caller keeps its cache (views of it, here
+    the filled prefix); any other cache is reordered by copying its rows and returned.
+    """
     beams, origin, new_token = _select(logits, beams, t, norms, k, eos, pad, early_stopping)
-    logits, cache = kvc.call_model(
-        module, params, new_token[:, None], kv_cache=cache.index_select(origin), input_pos=input_pos,
-        attention_mask=attention_mask, position_ids=position_ids[:, None],
+    rows = getattr(cache, "rows", None)
+    logits, stepped = kvc.call_model(
+        module, params, new_token[:, None], kv_cache=cache.index_select(origin) if rows is None else cache.select_rows(origin),
+        input_pos=input_pos, attention_mask=attention_mask, position_ids=position_ids[:, None],
     )
-    return beams, cache, logits[:, -1]
+    if rows is not None:
+        rows.copy_(stepped.rows)  # in place, as the model writes keys and values: the caller's cache follows
+    return beams, stepped, logits[:, -1]
+
+
+def _mark_length_dynamic(view: Any, mask: torch.Tensor) -> None:
+    """The prefix grows by one slot per token: its length is a dynamic size of the one compiled graph
+    (marked before the first call, which compiles; later calls reuse the graph whatever the length)."""
+    for tensor in (*view.k, *view.v):
+        torch._dynamo.mark_dynamic(tensor, 2)
+    torch._dynamo.mark_dynamic(view.rows, 1)
+    torch._dynamo.mark_dynamic(mask, 1)
 
 
 def _compiled_beam_step(compile_options: dict[str, Any]) -> Any:
@@ -217,7 +241,9 @@ def beam_search_generate(
         use_cache: default: when the model has a KV cache.
         compile: ``True`` or ``torch.compile`` options: compile the search step (bookkeeping and
             decode, one graph) with :func:`craftfn.jit` once per (batch, beams, length); needs the KV cache. Same tokens
-            as ``compile=False``.
+            as ``compile=False``. After the first step of a search, the later ones run under
+            ``torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)`` (their arguments
+            differ from the first's only in values and the prefix length, a dynamic size).
         sync_every: with an EOS, check every this many tokens whether every prompt is done (the
             only host read of the loop); the tokens are the same whatever its value.
 
@@ -253,7 +279,7 @@ def beam_search_generate(
     device = prompt_ids.device
     length_penalty = float(length_penalty)
 
-    with decoder.inference():
+    with decoder.inference(), contextlib.ExitStack() as later_steps:
         beam_mask = attention_mask.repeat_interleave(k, dim=0)
         if use_cache:
             decoder.check_length(prompt_len + n_new, "max_new_tokens", max_new_tokens)
@@ -261,6 +287,11 @@ def beam_search_generate(
             cache = decoder.init_cache(batch, prompt_len + n_new)
             logits, cache = kvc.prefill(decoder, prompt_ids, attention_mask, full_mask[::k], cache)
             cache = cache.index_select(torch.arange(batch, device=device).repeat_interleave(k))
+            # A craftfn GPT reads its cache through a row table: the search reorders the table, not
+            # the keys and values, and each step attends over the filled prefix only.
+            through_rows = isinstance(decoder.module, GPT)
+            if through_rows:
+                cache = cache.select_rows(torch.arange(batch * k, device=device))
             logits = logits.repeat_interleave(k, dim=0)
             next_pos = beam_mask.sum(dim=1)
             step = _beam_step if compile_options is None else _compiled_beam_step(compile_options)
@@ -280,10 +311,20 @@ def beam_search_generate(
                 beams, _, _ = _select(logits, beams, t_, norms, k, eos, pad, early_stopping)
                 break
             if use_cache:
-                beams, cache, logits = step(
-                    decoder.module, decoder.params, cache, logits, beams, t_, norms,
-                    input_pos, position_ids, full_mask, k, eos, pad, early_stopping,
+                filled = prompt_len + t + 1
+                view, mask = (cache.prefix(filled), full_mask[:, :filled]) if through_rows else (cache, full_mask)
+                if through_rows and t == 0 and compile_options is not None:
+                    _mark_length_dynamic(view, mask)
+                beams, stepped, logits = step(
+                    decoder.module, decoder.params, view, logits, beams, t_, norms,
+                    input_pos, position_ids, mask, k, eos, pad, early_stopping,
                 )
+                if t == 0 and compile_options is not None:
+                    # The first call checked every guard (and compiled if needed). The later ones pass the
+                    # same structure, dtypes, devices and shapes, but the prefix length, a dynamic size of
+                    # the graph: dynamo's guard check per token (~0.1-0.3 ms here) would only repeat it.
+                    later_steps.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
+                cache = cache if through_rows else stepped  # through rows, the step wrote into cache's views
                 input_pos, position_ids = input_pos + 1, position_ids + 1
             else:
                 beams, _, _ = _select(logits, beams, t_, norms, k, eos, pad, early_stopping)

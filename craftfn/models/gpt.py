@@ -112,6 +112,9 @@ class KVCache:
 
     k: tuple[torch.Tensor, ...]
     v: tuple[torch.Tensor, ...]
+    # (B, max_len) int64 or None: row i's slot j holds the keys/values stored in batch row rows[i, j]
+    # (see select_rows); None: every row reads its own.
+    rows: Optional[torch.Tensor] = None
 
     @property
     def max_len(self) -> int:
@@ -122,8 +125,51 @@ class KVCache:
         return self.k[0].shape[0]
 
     def index_select(self, indices: torch.Tensor) -> KVCache:
-        """A new cache whose batch row ``i`` is this cache's row ``indices[i]`` (beam reordering)."""
+        """A new cache whose batch row ``i`` is a copy of this cache's row ``indices[i]`` (copies every layer)."""
+        if self.rows is not None:
+            raise ValueError("index_select: this cache reads through rows (select_rows); keep reordering it with select_rows")
         return KVCache(tuple(t.index_select(0, indices) for t in self.k), tuple(t.index_select(0, indices) for t in self.v))
+
+    def prefix(self, length: int) -> KVCache:
+        """The first ``length`` slots as views: the model writes through them into this cache and attends no further.
+
+        A decode step at slot ``p`` needs slots ``0..p`` only; passing ``cache.prefix(p + 1)``
+        spares attention the empty rest of a static cache. Compiled, mark the slot dimension
+        dynamic (``torch._dynamo.mark_dynamic(t, 2)`` on the views) so one graph serves every length.
+
+        Example:
+            >>> model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
+            >>> cache = model.init_kv_cache(batch_size=1, max_len=8)
+            >>> logits, _ = model(torch.tensor([[1, 2, 3]]), kv_cache=cache.prefix(3), input_pos=torch.arange(3))
+            >>> bool(cache.k[0][:, :, :3].any()), bool(cache.k[0][:, :, 3:].any())
+            (True, False)
+        """
+        if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= self.max_len:
+            raise ValueError(f"length must be an int in [1, max_len={self.max_len}], got {length!r}")
+        rows = None if self.rows is None else self.rows[:, :length]
+        return KVCache(tuple(t[:, :, :length] for t in self.k), tuple(t[:, :, :length] for t in self.v), rows)
+
+    def select_rows(self, indices: torch.Tensor) -> KVCache:
+        """The cache whose row ``i`` reads as this cache's row ``indices[i]``, without copying keys or values.
+
+        Beam search reorders rows every token; copying the whole cache for it costs more than the
+        model's step. Here only the ``(B, max_len)`` table ``rows`` is reordered: attention reads
+        slot ``j`` of row ``i`` from batch row ``rows[i, j]``, and the model's next write into slot
+        ``p`` (row ``i`` into row ``i``, as always) sets ``rows[:, p]`` back to each row itself.
+        The keys and values tensors are shared with this cache, which must not be used afterwards.
+
+        Example:
+            >>> model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
+            >>> cache = model.init_kv_cache(batch_size=2, max_len=4).select_rows(torch.tensor([1, 1]))
+            >>> cache.rows
+            tensor([[1, 1, 1, 1],
+                    [1, 1, 1, 1]])
+        """
+        if self.rows is None:
+            rows = torch.arange(self.batch_size, device=indices.device)[:, None].expand(-1, self.max_len)
+        else:
+            rows = self.rows
+        return KVCache(self.k, self.v, rows.index_select(0, indices))
 
 
 class CausalSelfAttention(nn.Module):
@@ -152,9 +198,12 @@ class CausalSelfAttention(nn.Module):
             # cache; the mask hides empty, future and padding slots. index_put_ (as gpt-fast) stays in
             # place when compiled, and casts happen only when dtypes differ: compiled, even a
             # same-dtype .to() would copy the whole cache every token.
-            k_cache, v_cache = layer_cache
+            k_cache, v_cache, rows = layer_cache
             k_cache[:, :, input_pos] = k if k.dtype == k_cache.dtype else k.to(k_cache.dtype)
             v_cache[:, :, input_pos] = v if v.dtype == v_cache.dtype else v.to(v_cache.dtype)
+            if rows is not None:
+                y = _attend_through_rows(q, k_cache, v_cache, rows, mask)
+                return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
             k, v = (k_cache, v_cache) if k_cache.dtype == q.dtype else (k_cache.to(q.dtype), v_cache.to(q.dtype))
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -326,9 +375,12 @@ class GPT(nn.Module):
             else:
                 mask = _padded_causal_mask(attention_mask, input_pos)
 
+            if kv_cache.rows is not None:
+                # This call writes slots input_pos of every row into that row: from now on they read themselves.
+                kv_cache.rows[:, input_pos] = torch.arange(B, device=idx.device)[:, None]
         x = self.transformer.drop(self._embed_tokens(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            layer_cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
+            layer_cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i], kv_cache.rows)
             x = block(x, mask, layer_cache, input_pos)
         logits = self.lm_head(self.transformer.ln_f(x))
         return logits if kv_cache is None else (logits, kv_cache)
@@ -345,6 +397,23 @@ class GPT(nn.Module):
                 f"idx holds token ids from {int(idx.min())} to {int(idx.max())}, outside the model's vocabulary: "
                 f"ids must be in [0, {self.config.vocab_size}) (GPTConfig.vocab_size); check the tokenizer and the data"
             ) from None
+
+
+def _attend_through_rows(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Attention of ``q`` ``(B, H, T, D)`` over the cache slots, slot ``j`` of row ``i`` read from row ``rows[i, j]``.
+
+    Written as products and sums (not ``scaled_dot_product_attention`` on gathered tensors) so a
+    compiled step fuses the gather into the reductions and never materialises a reordered cache;
+    eagerly it is as exact as SDPA's math path (same softmax over the same masked scores).
+    """
+    slots = torch.arange(k_cache.shape[2], device=rows.device)
+    k = k_cache[rows, :, slots].to(q.dtype).permute(0, 2, 1, 3)  # (B, H, S, D)
+    v = v_cache[rows, :, slots].to(q.dtype).permute(0, 2, 1, 3)
+    scores = (q.unsqueeze(3) * k.unsqueeze(2)).sum(-1) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, T, S)
+    weights = torch.softmax(scores.masked_fill(~mask, -math.inf), dim=-1)
+    return (weights.unsqueeze(-1) * v.unsqueeze(2)).sum(-2)  # (B, H, T, D)
 
 
 def _padded_causal_mask(attention_mask: torch.Tensor, query_slots: torch.Tensor) -> torch.Tensor:

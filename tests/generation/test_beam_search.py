@@ -229,5 +229,35 @@ def test_compiled_search_is_one_graph_per_shape_with_the_same_tokens(wide_model)
     assert counter.frame_count == 1  # every position reused the one graph (fullgraph: no breaks)
     beam_search_generate(wide_model, ids, compile={"backend": counter}, **kwargs)
     assert counter.frame_count == 1
+    # Batch 1 (a new shape: one more graph, no more): the beam state keeps its strides from step to
+    # step and the attended prefix grows as a dynamic size, so no position recompiles.
+    one = dict(kwargs, attention_mask=None)
+    compiled = beam_search_generate(wide_model, ids[:1], compile={"backend": counter}, **one)
+    assert counter.frame_count == 2
+    assert torch.equal(compiled.sequences, beam_search_generate(wide_model, ids[:1], **one).sequences)
     with pytest.raises(ValueError, match="needs use_cache"):
         beam_search_generate(wide_model, ids, compile=True, use_cache=False, **kwargs)
+
+
+def test_decode_through_the_row_table_equals_decode_on_copied_rows(wide_model):
+    """KVCache.select_rows + prefix (beam search's cache) give the logits of a cache whose rows are
+    copied (index_select) and attended in full, over two reorders, without copying keys or values."""
+    ids = torch.tensor([[1, 2, 0], [3, 3, 1], [6, 5, 4]])
+    full = wide_model.init_kv_cache(3, 8)
+    with torch.no_grad():
+        _, full = wide_model(ids, kv_cache=full, input_pos=torch.arange(3))
+        table = full.index_select(torch.arange(3))  # an independent copy, read through rows
+        table = table.select_rows(torch.arange(3))
+        k_storage = table.k[0].data_ptr()
+        for pos, (origin, tok) in enumerate([([2, 2, 0], [1, 4, 5]), ([1, 0, 0], [0, 2, 6])], start=3):
+            origin, tok = torch.tensor(origin), torch.tensor(tok)[:, None]
+            want, full = wide_model(tok, kv_cache=full.index_select(origin), input_pos=torch.tensor([pos]))
+            view = table.select_rows(origin).prefix(pos + 1)
+            got, view = wide_model(tok, kv_cache=view, input_pos=torch.tensor([pos]))
+            table.rows[:, : pos + 1] = view.rows
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert table.k[0].data_ptr() == k_storage
+    with pytest.raises(ValueError, match="select_rows"):
+        table.index_select(torch.arange(3))
+    with pytest.raises(ValueError, match="length must be an int in"):
+        table.prefix(9)
