@@ -433,8 +433,14 @@ def lm_loss(state: Any, params: Any, batch: dict[str, torch.Tensor], rng: torch.
     :func:`craftfn.data.random_window_batch` makes them.
 
     Example:
+        >>> import craftfn
+        >>> model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
+        >>> state = craftfn.TrainState.create(model=model, tx=craftfn.optim.adamw(1e-3))
+        >>> x = torch.randint(0, 11, (2, 8))
         >>> step = craftfn.make_train_step(lm_loss)
-        >>> state, metrics = step(state, {"input_ids": x, "labels": y})
+        >>> state, metrics = step(state, {"input_ids": x, "labels": x.roll(-1, 1)})
+        >>> int(state.step)
+        1
     """
     logits = state.apply(params, batch["input_ids"])
     return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
