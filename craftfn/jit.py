@@ -19,6 +19,10 @@ what a functional step needs and a plain ``torch.compile`` does not give:
 ``make_train_step(compile=...)``, ``make_eval_step(compile=...)`` and the compiled generation loops
 all compile through this function: there is one way to compile in craftfn.
 
+The default backend is inductor (generated kernels; the first call takes tens of seconds on a
+CPU). The examples pass ``backend="eager"``, which traces and checks the graph but runs it
+as is, so they run in a moment.
+
 Example:
     >>> import torch, craftfn
     >>> from craftfn import TrainState, optim, random, value_and_grad
@@ -265,7 +269,8 @@ def jit(
             traced once per distinct value (compared with ``==``), and the value is a constant
             in the graph.
         compile_options: passed to ``torch.compile`` (``backend=``, ``mode=``, ``dynamic=``,
-            ``options=``); ``fullgraph`` defaults to ``True``.
+            ``options=``); ``fullgraph`` defaults to ``True``; ``backend`` to inductor (the
+            example uses ``"eager"``, which traces without generating kernels, to run fast).
 
     Returns:
         A :class:`Jitted` callable with the signature of ``fn``; ``.explain(*args)`` reports its

@@ -320,8 +320,18 @@ def make_train_step(
         clipping the optimizer does) and the entries of ``aux`` (averaged over microbatches).
 
     Example:
+        >>> from craftfn import TrainState, optim
+        >>> def loss_fn(state, params, batch, rng):
+        ...     return torch.mean((state.apply(params, batch["x"]) - batch["y"]) ** 2)
+        >>> state = TrainState.create(model=torch.nn.Linear(3, 1), tx=optim.sgd(0.1))
+        >>> batch = {"x": torch.ones(4, 3), "y": torch.zeros(4, 1)}
         >>> step = make_train_step(loss_fn, accum_steps=2)
         >>> state, metrics = step(state, batch)
+        >>> sorted(metrics), int(state.step)
+        (['grad_norm', 'loss'], 1)
+
+        The options for a transformer on an accelerator (nothing compiles until the first call):
+
         >>> fast = make_train_step(loss_fn, policy="bf16", remat="transformer.h.*", donate=True, compile=True)
     """
     if not callable(loss_fn):
@@ -480,6 +490,8 @@ def make_eval_step(
             autocast and floating metrics come out in its ``output_dtype``.
 
     Example:
+        >>> state = TrainState.create(model=torch.nn.Linear(3, 1), tx=None)
+        >>> batch = {"x": torch.ones(4, 3), "y": torch.zeros(4, 1)}
         >>> eval_step = make_eval_step(lambda s, p, b, rng: {"mse": torch.mean((s.apply(p, b["x"]) - b["y"]) ** 2)})
         >>> sorted(eval_step(state, batch))
         ['mse']

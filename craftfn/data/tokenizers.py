@@ -92,7 +92,7 @@ def safe_cut(text: Union[str, bytes], start: int, stop: int) -> Optional[int]:
     every craftfn tokenizer (and any byte-level BPE with GPT-2's pre-tokenizer).
 
     Example:
-        >>> safe_cut("ab\ncd", 0, 5)
+        >>> safe_cut("ab\\ncd", 0, 5)
         3
         >>> safe_cut("ab cd", 0, 5), safe_cut("ab  ", 0, 4)
         (2, None)
@@ -576,8 +576,8 @@ class BPETokenizer(_Base):
 
     Example:
         >>> tok = BPETokenizer.train(["def f(x):\\n    return x\\n" * 50], vocab_size=300)
-        >>> tok.vocab_size, tok.decode(tok.encode("def f(x):"))
-        (300, 'def f(x):')
+        >>> tok.vocab_size <= 300, tok.decode(tok.encode("def f(x):"))
+        (True, 'def f(x):')
     """
 
     kind = "bpe"

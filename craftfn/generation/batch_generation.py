@@ -57,6 +57,8 @@ def batch_generate(
         One 1-d tensor per result, unpadded on the left: the prompt then ``max_new_tokens`` tokens.
 
     Example:
+        >>> from craftfn.models import GPT, GPTConfig
+        >>> model = GPT(GPTConfig(vocab_size=11, block_size=32, n_layer=1, n_head=2, n_embd=8))
         >>> batch_generate(model, [[1, 2], [3]], max_new_tokens=2, temperature=0.0)[1].shape
         torch.Size([3])
     """

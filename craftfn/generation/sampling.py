@@ -389,6 +389,8 @@ def generate_text_sampling(
         ``(B, P + max_new_tokens)`` int64: the prompts followed by the generated tokens.
 
     Example:
+        >>> from craftfn.models import GPT, GPTConfig
+        >>> model = GPT(GPTConfig(vocab_size=11, block_size=32, n_layer=1, n_head=2, n_embd=8))
         >>> out = generate_text_sampling(model, torch.tensor([[1, 2]]), max_new_tokens=5, top_k=10, seed=0)
         >>> out.shape
         torch.Size([1, 7])

@@ -58,6 +58,9 @@ class TextGenerator:
             the context); default: use the KV cache when the model has one.
 
     Example:
+        >>> from craftfn.data import ByteTokenizer
+        >>> from craftfn.models import GPT, GPTConfig
+        >>> model = GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=1, n_head=2, n_embd=16))
         >>> gen = TextGenerator(model, ByteTokenizer())
         >>> gen.generate("ab", max_new_tokens=3, temperature=0.8, top_k=20, seed=1)[0].startswith("ab")
         True

@@ -186,8 +186,8 @@ def scale_by_yogi(
 
     Example:
         >>> tx = optim.scale_by_yogi()
-        >>> float(tx.init({"w": torch.zeros(1)}).nu["w"][0])
-        1e-06
+        >>> tx.init({"w": torch.zeros(1)}).nu["w"][0]
+        tensor(1.0000e-06)
     """
     from craftfn.optim.adaptive import ScaleByAdamState
 
@@ -408,8 +408,8 @@ def scale_by_rprop(
 
     Example:
         >>> tx = optim.scale_by_rprop(0.1)
-        >>> float(tx.init({"w": torch.zeros(1)}).step_sizes["w"][0])
-        0.1
+        >>> tx.init({"w": torch.zeros(1)}).step_sizes["w"][0]
+        tensor(0.1000)
     """
     check_hyperparameter("learning_rate", learning_rate)
     check_hyperparameter("eta_minus", eta_minus)

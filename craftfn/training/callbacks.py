@@ -578,7 +578,13 @@ def generate_tokens(
         ``(B, T + max_new_tokens)`` token ids.
 
     Example:
+        >>> from craftfn import TrainState
+        >>> from craftfn.models import GPT, GPTConfig
+        >>> model = GPT(GPTConfig(vocab_size=11, block_size=32, n_layer=1, n_head=2, n_embd=8))
+        >>> state = TrainState.create(model=model, tx=None)
         >>> ids = generate_tokens(state, torch.tensor([[1, 2]]), 10, temperature=0.8, key=random.key(0))
+        >>> ids.shape
+        torch.Size([1, 12])
     """
     _check_sampling("generate_tokens", max_new_tokens, temperature, top_k, block_size)
     if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.is_floating_point() or prompt.shape[1] == 0:
@@ -629,6 +635,8 @@ class SampleText(Callback):
     The samples are kept in ``samples`` (a list of ``(step, text)``).
 
     Example:
+        >>> from craftfn.data import ByteTokenizer
+        >>> tok = ByteTokenizer()
         >>> sampler = SampleText(tok.encode, tok.decode, prompt="def ", every=500)
     """
 

@@ -75,8 +75,14 @@ class Evaluator:
     or ``num_samples``) and ``perplexity`` when there is a ``loss``.
 
     Example:
+        >>> from craftfn import TrainState, make_eval_step
+        >>> state = TrainState.create(model=torch.nn.Linear(2, 1), tx=None)
+        >>> eval_step = make_eval_step(lambda s, p, b, rng: torch.mean((s.apply(p, b["x"]) - b["y"]) ** 2))
+        >>> val_batches = [{"x": torch.ones(4, 2), "y": torch.zeros(4, 1)}]
         >>> evaluator = Evaluator(eval_step, val_batches)
         >>> metrics = evaluator.evaluate(state)
+        >>> metrics["num_samples"]
+        4.0
     """
 
     def __init__(

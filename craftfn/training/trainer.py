@@ -193,8 +193,17 @@ class Trainer:
     ``stop_reason``, ``last_eval`` (metrics of the latest evaluation).
 
     Example:
-        >>> trainer = Trainer(step, data, eval_step=eval_step, eval_data=val, max_steps=1000, eval_every=100)
+        >>> from craftfn import TrainState, make_eval_step, make_train_step, optim
+        >>> def loss_fn(state, params, batch, rng):
+        ...     return torch.mean((state.apply(params, batch["x"]) - batch["y"]) ** 2)
+        >>> data = lambda step: {"x": torch.ones(4, 2) * (step % 3), "y": torch.zeros(4, 1)}
+        >>> val = [{"x": torch.ones(4, 2), "y": torch.zeros(4, 1)}]
+        >>> state = TrainState.create(model=torch.nn.Linear(2, 1), tx=optim.sgd(0.1))
+        >>> trainer = Trainer(make_train_step(loss_fn), data, eval_step=make_eval_step(loss_fn), eval_data=val,
+        ...                   max_steps=20, eval_every=10)
         >>> state = trainer.fit(state)
+        >>> int(state.step), sorted(trainer.last_eval)
+        (20, ['loss', 'num_samples', 'perplexity'])
     """
 
     def __init__(

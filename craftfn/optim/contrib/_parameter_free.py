@@ -158,8 +158,8 @@ def scale_by_dog(init_step: tuple[str, float], eps: float = 1e-8) -> GradientTra
 
     Example:
         >>> tx = scale_by_dog(("heuristic", 1e-6))
-        >>> float(tx.init({"w": torch.zeros(1)}).max_dist)
-        1e-06
+        >>> tx.init({"w": torch.zeros(1)}).max_dist
+        tensor(1.0000e-06)
     """
     kind, value = init_step
     if kind not in ("distance", "learning_rate", "heuristic"):
@@ -225,8 +225,8 @@ def scale_by_dowg(init_estim_sq_dist: Optional[float] = None, eps: float = 1e-4)
 
     Example:
         >>> tx = scale_by_dowg()
-        >>> float(tx.init({"w": torch.zeros(1)}).estim_sq_dist)
-        0.0001
+        >>> tx.init({"w": torch.zeros(1)}).estim_sq_dist
+        tensor(1.0000e-04)
     """
     check_hyperparameter("eps", eps)
     if init_estim_sq_dist is not None:
@@ -298,8 +298,8 @@ def prodigy(
 
     Example:
         >>> tx = prodigy()
-        >>> float(tx.init({"w": torch.zeros(1)}).estim_lr)
-        1e-06
+        >>> tx.init({"w": torch.zeros(1)}).estim_lr
+        tensor(1.0000e-06)
     """
     check_hyperparameter("learning_rate", learning_rate)
     beta1, beta2 = betas
@@ -363,8 +363,8 @@ def dadapt_adamw(
 
     Example:
         >>> tx = dadapt_adamw()
-        >>> float(tx.init({"w": torch.zeros(1)}).estim_lr)
-        1e-06
+        >>> tx.init({"w": torch.zeros(1)}).estim_lr
+        tensor(1.0000e-06)
     """
     check_hyperparameter("learning_rate", learning_rate)
     beta1, beta2 = betas
