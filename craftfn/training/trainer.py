@@ -531,6 +531,11 @@ class Trainer:
             restore()
 
     def _fit(self, state: Any, resume: bool) -> Any:
+        policy = getattr(self.train_step, "policy", None)
+        if policy is not None:
+            device = next((x.device for x in tree.leaves(getattr(state, "params", None)) if isinstance(x, torch.Tensor)), None)
+            if device is not None:
+                precision.warn_if_slow(policy, device)
         if resume:
             state = self._restore(state)
         # One host read at the start; the loop keeps its own count afterwards.
