@@ -37,6 +37,7 @@ Run:
     .venv/bin/python benchmarks/optim_bench.py           # ~51M parameters, about 2-4 minutes on 2 cores
     .venv/bin/python benchmarks/optim_bench.py --small   # ~5M parameters, well under a minute
     .venv/bin/python benchmarks/optim_bench.py --keep-freed-memory   # as inside craftfn's Trainer
+    .venv/bin/python benchmarks/optim_bench.py --keep-freed-memory --no-torchopt --only "craftfn adamw pure"  # issue 16f's rows
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -239,7 +241,12 @@ def main() -> None:
     parser.add_argument("--no-torchopt", action="store_true", help="skip TorchOpt even if installed")
     parser.add_argument("--only", action="append", default=[], help="run only the variants whose name contains this (repeatable)")
     parser.add_argument("--keep-freed-memory", action="store_true", help="craftfn.host_memory.keep_freed_memory() first (as the Trainer)")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="keep inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR); default: a fresh one, so the jit row's compile seconds are cold")
     args = parser.parse_args()
+    if not args.warm_cache:
+        cache = tempfile.TemporaryDirectory(prefix="optim_bench_inductor_")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name  # read by inductor at its first compile
     kept = host_memory.keep_freed_memory() if args.keep_freed_memory else False
 
     torch.manual_seed(0)
@@ -297,7 +304,8 @@ def main() -> None:
     print(f"optim_bench: {n_params / 1e6:.1f}M parameters in {len(shapes)} tensors; each variant runs {args.warmup} warm-up "
           f"+ {steps} timed steps alternating with its reference built beside it")
     print(f"machine: {info['nproc']} cores, {info['cpu']}; torch {info['torch']} ({torch.get_num_threads()} threads); load: {info['uptime']}")
-    print(f"host memory: {'freed memory kept (craftfn.host_memory.keep_freed_memory)' if kept else 'glibc default'}")
+    print(f"host memory: {'freed memory kept (craftfn.host_memory.keep_freed_memory)' if kept else 'glibc default'}; "
+          f"inductor cache: {'warm (--warm-cache)' if args.warm_cache else 'fresh (compile seconds are cold)'}")
     if not has_torchopt:
         print("TorchOpt: not installed (pip install 'craftfn[bench]') or --no-torchopt; its rows are omitted")
     rows, notes = [], []
