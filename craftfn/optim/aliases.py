@@ -170,6 +170,8 @@ def with_fused_adam(
 
     - ``update`` (pure): copies the moments, starts the updates at ``-lr * wd * p`` (or 0) and
       lets the kernel add the Adam step to them, all in fresh buffers; the inputs are never written.
+      Traced (``craftfn.jit``), it is :func:`~craftfn.optim.fused.adam_update_out_of_place`'s
+      pointwise ops instead, which inductor fuses into one out-of-place pass per leaf.
     - ``donated_update``: the kernel steps params and moments in place.
 
     Anything the kernel cannot take (other dtypes or devices, a state from elsewhere) runs ``tx``.
