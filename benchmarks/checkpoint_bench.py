@@ -74,11 +74,10 @@ def state_dict_of(state: TrainState) -> dict[str, torch.Tensor]:
 
 
 def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Flush a file or folder (torch.save's files get what craftfn's writer does)."""
+    from craftfn._files import fsync_dir  # opens read-only and fsyncs: works for files too
+
+    fsync_dir(path)
 
 
 class WritingFormat1:

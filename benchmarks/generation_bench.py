@@ -14,7 +14,8 @@
 * **beam search, host loop**: craftfn's beam search before the tensor search (its Python
   bookkeeping and one host read per token, kept below as ``host_loop_beam_search``) on the KV cache;
 * **beam search eager**: ``beam_search_generate`` (bookkeeping on tensors, no host read per token);
-* **beam search compiled**: the same with ``compile=True`` (decode step and bookkeeping in one graph);
+* **beam search compiled**: the same with ``compile=True`` (bookkeeping and decode in one graph, 8 search
+  steps unrolled per call: ``steps_per_call``'s default);
 * **HF generate**: ``generate(num_beams=K)`` on the GPT-2 copy.
 
 Greedy decoding, batch 1, a 32-token prompt. Each method runs once to warm up, then the methods take

@@ -6,6 +6,10 @@ same fixed gradients and hyperparameters (lr 1e-3, betas (0.9, 0.999), eps 1e-8,
 decay 0.01) and only the optimizer step is timed:
 
 * craftfn adamw pure:      ``updates, s = tx.update(g, s, p); p = apply_updates(p, updates)``
+* craftfn adamw pure, craftfn.jit: the same two calls compiled together by ``craftfn.jit`` (inductor):
+  the pointwise rule fuses into kernels that read g, mu, nu, p once and write mu', nu', p' (the
+  updates are never materialised). Its compile seconds (first call) are reported apart from the
+  step times, and its first step is checked against the eager pure update on the same inputs
 * craftfn adamw pure step: the update of a non-donated ``make_train_step``: copies of the params and
   optimizer state updated in place by the fused kernel (the input state stays intact)
 * craftfn adamw donated:   ``state = state.apply_gradients(g, donate=True)`` (fused kernel)
@@ -33,6 +37,7 @@ Run:
     .venv/bin/python benchmarks/optim_bench.py           # ~51M parameters, about 2-4 minutes on 2 cores
     .venv/bin/python benchmarks/optim_bench.py --small   # ~5M parameters, well under a minute
     .venv/bin/python benchmarks/optim_bench.py --keep-freed-memory   # as inside craftfn's Trainer
+    .venv/bin/python benchmarks/optim_bench.py --keep-freed-memory --no-torchopt --only "craftfn adamw pure"  # issue 16f's rows
 """
 
 from __future__ import annotations
@@ -44,11 +49,13 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from typing import Any, Callable
 
 import torch
 
+import craftfn
 from craftfn import TrainState, host_memory, optim, tree
 
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 0.01
@@ -91,6 +98,7 @@ class Variant:
         self.name, self.step, self.params = name, step, params
         self.private_grads, self.master = private_grads, master
         self.times: list[float] = []
+        self.notes: list[str] = []  # printed under the table (compile time, checks)
 
     def prepare(self) -> None:
         if self.private_grads is not None and self.master is not None:
@@ -108,6 +116,46 @@ def craftfn_pure(params0: dict, grads: dict) -> Variant:
         box["p"] = optim.apply_updates(box["p"], updates)
 
     return Variant("craftfn adamw pure", step, lambda: box["p"])
+
+
+def craftfn_pure_jit(params0: dict, grads: dict) -> Variant:
+    """The pure update and ``apply_updates`` as one ``craftfn.jit`` function (inductor).
+
+    Compiled here, untimed: the first call's wall time is the compile time. That first step is
+    compared with the eager pure update on the same inputs (params and both moments); the timed
+    steps then start again from ``params0``.
+    """
+    import torch._inductor.metrics as inductor_metrics
+
+    tx = optim.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WD)
+
+    def pure_update(grads: dict, opt_state: Any, params: dict) -> tuple[dict, Any]:
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optim.apply_updates(params, updates), opt_state
+
+    update = craftfn.jit(pure_update)
+    box = {"p": tree.clone(params0)}
+    box["s"] = tx.init(box["p"])
+    kernels0 = inductor_metrics.generated_kernel_count
+    jit_out = update(grads, box["s"], box["p"])
+    kernels = inductor_metrics.generated_kernel_count - kernels0
+    eager_out = pure_update(grads, box["s"], box["p"])
+    checks = []
+    for part, pick in (("params", lambda out: out[0]), ("mu", lambda out: out[1][0].mu), ("nu", lambda out: out[1][0].nu)):
+        pairs = list(zip(tree.leaves(pick(jit_out)), tree.leaves(pick(eager_out))))
+        # Relative to each tensor's largest magnitude (a near-zero element alone says little).
+        rel = max(float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)) for a, b in pairs)
+        same = sum(torch.equal(a, b) for a, b in pairs)
+        checks.append(f"{part}: max |diff| / max |value| {rel:.1e}, {same}/{len(pairs)} tensors bitwise identical")
+    del jit_out, eager_out, pairs
+
+    def step() -> None:
+        box["p"], box["s"] = update(grads, box["s"], box["p"])
+
+    v = Variant("craftfn adamw pure, craftfn.jit", step, lambda: box["p"])
+    v.notes.append(f"compile (first call, inductor): {update.compile_seconds:.1f} s; {kernels} generated kernels")
+    v.notes.append("first step vs the eager pure update (torch's kernel) on the same inputs: " + "; ".join(checks))
+    return v
 
 
 def craftfn_pure_step(params0: dict, master: dict) -> Variant:
@@ -193,7 +241,12 @@ def main() -> None:
     parser.add_argument("--no-torchopt", action="store_true", help="skip TorchOpt even if installed")
     parser.add_argument("--only", action="append", default=[], help="run only the variants whose name contains this (repeatable)")
     parser.add_argument("--keep-freed-memory", action="store_true", help="craftfn.host_memory.keep_freed_memory() first (as the Trainer)")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="keep inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR); default: a fresh one, so the jit row's compile seconds are cold")
     args = parser.parse_args()
+    if not args.warm_cache:
+        cache = tempfile.TemporaryDirectory(prefix="optim_bench_inductor_")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name  # read by inductor at its first compile
     kept = host_memory.keep_freed_memory() if args.keep_freed_memory else False
 
     torch.manual_seed(0)
@@ -220,6 +273,7 @@ def main() -> None:
     }
     factories: list[tuple[str, Callable[[], Variant]]] = [
         ("craftfn adamw pure", lambda: craftfn_pure(params0, grads)),
+        ("craftfn adamw pure, craftfn.jit", lambda: craftfn_pure_jit(params0, grads)),
         ("craftfn adamw pure step", lambda: craftfn_pure_step(params0, grads)),
         ("craftfn adamw donated", lambda: craftfn_donated("craftfn adamw donated", adamw(), params0, grads)),
         ("craftfn clip+adamw donated", lambda: craftfn_donated(
@@ -250,10 +304,11 @@ def main() -> None:
     print(f"optim_bench: {n_params / 1e6:.1f}M parameters in {len(shapes)} tensors; each variant runs {args.warmup} warm-up "
           f"+ {steps} timed steps alternating with its reference built beside it")
     print(f"machine: {info['nproc']} cores, {info['cpu']}; torch {info['torch']} ({torch.get_num_threads()} threads); load: {info['uptime']}")
-    print(f"host memory: {'freed memory kept (craftfn.host_memory.keep_freed_memory)' if kept else 'glibc default'}")
+    print(f"host memory: {'freed memory kept (craftfn.host_memory.keep_freed_memory)' if kept else 'glibc default'}; "
+          f"inductor cache: {'warm (--warm-cache)' if args.warm_cache else 'fresh (compile seconds are cold)'}")
     if not has_torchopt:
         print("TorchOpt: not installed (pip install 'craftfn[bench]') or --no-torchopt; its rows are omitted")
-    rows = []
+    rows, notes = [], []
     for name, factory in factories:
         # One variant and its own fused reference at a time: they see the same load (steps
         # alternate) and the working set stays ~2 models' worth of memory.
@@ -271,6 +326,7 @@ def main() -> None:
         ps, rs = variant.params(), ref.params()
         diff = max(float((ps[n].double() - rs[n].double()).abs().max()) for n in rs)
         rows.append((name, ref_name, variant.times, ref.times, diff))
+        notes += [f"{name}: {note}" for note in variant.notes]
         del variant, ref, ps, rs
         gc.collect()
 
@@ -284,6 +340,8 @@ def main() -> None:
         t, m = statistics.median(times), min(times)
         rt, rm = statistics.median(ref_times), min(ref_times)
         print(f"| {name} | {1e3 * t:.1f} | {1e3 * m:.1f} | {ref_name} | {1e3 * rt:.1f} | {t / rt:.2f}x | {rt / t:.2f}x | {rm / m:.2f}x | {diff:.1e} |")
+    for note in notes:
+        print(f"- {note}")
     print()
     print("throughput vs reference = (paired reference time) / (variant time); > 1 means faster than the reference.")
     print("Every row computes the same AdamW steps as its reference (clip+adamw: both clip the gradient to norm 1).")

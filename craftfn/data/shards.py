@@ -34,13 +34,13 @@ import os
 import re
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import xxhash
 
+from craftfn._files import atomic_write
 from craftfn.data.corpora import corpus_files
 from craftfn.data.streams import TokenStream, split_documents
 from craftfn.data.tokenizers import (
@@ -473,24 +473,18 @@ def _verify_shard(folder: Path, shard: dict[str, Any], itemsize: int, vocab_size
 
 
 def _write_atomic(path: Path, chunks: Callable[[Any], None]) -> str:
-    """Write a file via a temp name (fsync, rename); ``chunks(write)`` produces the bytes. Returns their xxh3-128."""
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    """Write a file atomically (:func:`craftfn._files.atomic_write`); ``chunks(write)`` produces the
+    bytes. Returns their xxh3-128."""
     h = xxhash.xxh3_128()
-    try:
-        with open(tmp, "wb") as f:
 
-            def write(b: bytes) -> None:
-                f.write(b)
-                h.update(b)
+    def produce(write: Callable[[bytes], object]) -> None:
+        def hashed_write(b: bytes) -> None:
+            write(b)
+            h.update(b)
 
-            chunks(write)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+        chunks(hashed_write)
+
+    atomic_write(path, produce)
     return h.hexdigest()
 
 

@@ -23,11 +23,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from craftfn._files import atomic_write
 
 __all__ = [
     "EOT",
@@ -49,23 +50,19 @@ EOT = "<|endoftext|>"
 
 
 def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a temp file in the same folder, fsync, rename."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    # Created like open(path, "w") creates a file: mode 0o666 less the umask (mkstemp would make it 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``text`` (UTF-8) to ``path`` atomically: a temp file in the same folder, fsync, rename,
+    fsync of the folder; the folder is created if missing.
+
+    Example:
+        >>> import tempfile, os
+        >>> target = os.path.join(tempfile.mkdtemp(), "vocab", "notes.txt")
+        >>> atomic_write_text(target, "héllo")
+        >>> open(target, encoding="utf-8").read()
+        'héllo'
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    data = text.encode("utf-8")
+    atomic_write(path, lambda write: write(data))
 
 
 # ----------------------------------------------------------------------------- safe cuts

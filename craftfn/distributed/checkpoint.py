@@ -14,7 +14,7 @@ from craftfn.distributed.fully_sharded import full_tree, is_fully_sharded
 from craftfn.distributed.process import _check_rank_world, barrier, is_main, rank
 from craftfn.distributed.zero1 import _gather_params_dict, _is_params_dict, _slice_params_dict
 from craftfn.optim.base import GradientTransformation
-from craftfn.state import TrainState, check_live
+from craftfn.state import DonatedStateError, TrainState, _mark_donated, check_live
 
 _ZERO3_CHECKPOINTS = (
     "a fully sharded (ZeRO-3) state is saved by every rank, each its own shards: use "
@@ -148,7 +148,9 @@ def restore_checkpoint(manager: Any, template: Any, *args: Any, **kwargs: Any) -
     Args:
         manager: anything with ``restore(template, ...) -> state`` (main rank only; others may pass None).
         template: a state of the run (e.g. the freshly created one), data-parallel or not.
-        args, kwargs: passed on to ``manager.restore`` (step, fallback, ...).
+        args, kwargs: passed on to ``manager.restore`` (step, fallback, ...). With ``donate=True``
+            the main rank reads into the template's memory and the template is used up on every
+            rank (marked donated) once the restore succeeds.
 
     Returns:
         The restored state, under ``template.tx``.
@@ -160,18 +162,36 @@ def restore_checkpoint(manager: Any, template: Any, *args: Any, **kwargs: Any) -
         check_live(template, "template")
     if is_fully_sharded(template):
         raise ValueError(_ZERO3_CHECKPOINTS)
+    donate = kwargs.get("donate", False)
     plain = _plain_template(template)
     box: dict[str, Any] = {}
 
     def read() -> None:
         box["state"] = manager.restore(plain, *args, **kwargs)
 
-    _on_main("checkpoint restore", read)
+    try:
+        _on_main("checkpoint restore", read)
+    except BaseException:
+        if donate is True and is_main() and isinstance(template, TrainState) and _used_up(plain):
+            _mark_donated(template)  # the failed restore had written into memory the template shares
+        raise
     # Tensors travel by one broadcast per (device, dtype), not through pickle.
     restored = broadcast_tree(box["state"] if is_main() else plain, 0)
+    if donate is True and isinstance(template, TrainState):
+        # Used up on every rank alike (the main rank's memory holds the checkpoint now), so code after
+        # a restore behaves the same everywhere.
+        _mark_donated(template)
     if plain is template:
         return restored
     return shard_state(restored.replace(tx=plain.tx), template.tx)
+
+
+def _used_up(state: Any) -> bool:
+    try:
+        check_live(state, "state")
+    except DonatedStateError:
+        return True
+    return False
 
 
 class CheckpointCoordinator:
@@ -202,9 +222,13 @@ class CheckpointCoordinator:
         """Save (collective); see :func:`save_checkpoint`."""
         return save_checkpoint(self.manager, step, state, metrics=metrics, extra=extra)
 
-    def restore(self, template: Any, step: Any = "latest", fallback: bool = False) -> Any:
-        """Restore (collective); see :func:`restore_checkpoint`."""
-        return restore_checkpoint(self.manager, template, step=step, fallback=fallback)
+    def restore(self, template: Any, step: Any = "latest", fallback: bool = False, donate: bool = False) -> Any:
+        """Restore (collective); see :func:`restore_checkpoint`. ``donate=True`` lets the main rank's
+        manager read into the template's memory (``CheckpointManager.restore(donate=True)``); the
+        template is used up on every rank."""
+        if not isinstance(donate, bool):
+            raise TypeError(f"restore: donate must be a bool, got {donate!r}")
+        return restore_checkpoint(self.manager, template, step=step, fallback=fallback, **({"donate": True} if donate else {}))
 
     def latest_step(self) -> Optional[int]:
         """The main rank's newest step (collective)."""

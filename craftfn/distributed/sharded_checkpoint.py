@@ -58,7 +58,7 @@ from craftfn import tree
 from craftfn.distributed.collectives import _on_main, broadcast_object
 from craftfn.distributed.dp_state import DataParallelState, _config_or_none
 from craftfn.distributed.process import _guard, barrier, is_main, rank, world_size
-from craftfn.state import TrainState, check_live
+from craftfn.state import TrainState, _mark_donated, check_live
 from craftfn.training.checkpointing import (
     META_FILE,
     CheckpointFallbackWarning,
@@ -148,6 +148,19 @@ def _describe(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     return {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()}
 
 
+def _donated_targets(wanted: Mapping[str, torch.Tensor], bools: set[str]) -> dict[str, torch.Tensor]:
+    """The template's tensors a donated restore loads into: not bool (those were converted) and not
+    sharing memory with another leaf (two tied leaves must not be filled from two saved tensors)."""
+    def memory(t: torch.Tensor) -> int:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        return local.untyped_storage().data_ptr()
+
+    owners: dict[int, int] = {}
+    for v in wanted.values():
+        owners[memory(v)] = owners.get(memory(v), 0) + 1
+    return {k: v for k, v in wanted.items() if k not in bools and v.numel() > 0 and owners[memory(v)] == 1}
+
+
 class ShardedCheckpointManager:
     """Save and restore (fully sharded) TrainStates, each rank writing and reading its own shards.
 
@@ -234,19 +247,27 @@ class ShardedCheckpointManager:
 
         _on_main("checkpoint save", commit)
 
-    def restore(self, template: Any, step: Union[int, str] = "latest", fallback: bool = False) -> Any:
+    def restore(self, template: Any, step: Union[int, str] = "latest", fallback: bool = False, donate: bool = False) -> Any:
         """Load a step into the structure and sharding of ``template`` (collective; works in one process too).
 
         Args:
             template: a state with the wanted structure: fully sharded (any number of ranks) or plain
-                (one process). Its values are not touched.
+                (one process). Its values are not touched unless ``donate``.
             step: ``"latest"``, ``"best"`` or a step number.
             fallback: with ``"latest"``: skip (and move aside) corrupt steps, warning loudly.
+            donate: load into the template's own tensors (each rank's shards) instead of new ones, as
+                ``CheckpointManager.restore(donate=True)`` does: the restore then needs no second copy
+                of the state in memory. The template is used up (a ``TrainState`` is marked donated)
+                once loading begins; a missing, corrupt or mismatched checkpoint leaves it intact
+                (those are found before anything is written). Bool leaves and leaves sharing memory
+                with another leaf get new tensors.
 
         Raises:
             FileNotFoundError, CorruptCheckpointError, CheckpointMismatchError: as ``CheckpointManager.restore``.
         """
         self._check_open()
+        if not isinstance(donate, bool):
+            raise TypeError(f"restore: donate must be a bool, got {donate!r}")
         if isinstance(template, TrainState):
             check_live(template, "template")
         if fallback and step != "latest":
@@ -263,7 +284,7 @@ class ShardedCheckpointManager:
                     msg = f"ShardedCheckpointManager.restore: fell back to step {candidate} after skipping {len(skipped)} corrupt checkpoint(s)"
                     logger.error(msg)
                     warnings.warn(msg, CheckpointFallbackWarning, stacklevel=2)
-                return self._load(template, candidate, meta)
+                return self._load(template, candidate, meta, donate)
             if not fallback:
                 raise CorruptCheckpointError(problem)
             moved = _on_main("checkpoint quarantine", lambda c=candidate: self._quarantine(c))
@@ -427,7 +448,7 @@ class ShardedCheckpointManager:
                 mine = f"corrupt checkpoint file {path / name}: sha256 {sha} differs from {info.get('sha256')} recorded in meta.json (the file was altered)"
         return next((p for p in self._all_gather(mine) if p), None)
 
-    def _load(self, template: Any, step: int, meta: Mapping[str, Any]) -> Any:
+    def _load(self, template: Any, step: int, meta: Mapping[str, Any], donate: bool = False) -> Any:
         import torch.distributed.checkpoint as dcp
 
         plain = _single_process_form(template)
@@ -445,11 +466,18 @@ class ShardedCheckpointManager:
             parts = [f"{label}: {', '.join(items[:20])}" for label, items in
                      (("missing from the checkpoint", missing), ("in the checkpoint but not the template", unexpected), ("shape/dtype differ", differs)) if items]
             raise CheckpointMismatchError(f"{where}: the checkpoint does not match the template; " + "; ".join(parts))
-        # Fresh tensors laid out like the template's (DTensors stay sharded as the template is), loaded in place.
-        fresh = {k: torch.empty_like(v) for k, v in wanted.items()}
+        # Tensors laid out like the template's (DTensors stay sharded as the template is), loaded in place:
+        # new ones, or with donate the template's own (bool leaves were converted, so theirs are new anyway).
+        targets = _donated_targets(wanted, set(meta.get("bool_tensors", []))) if donate else {}
+        fresh = {k: targets[k] if k in targets else torch.empty_like(v) for k, v in wanted.items()}
         reader = dcp.HuggingFaceStorageReader(str(self.directory / _step_dirname(step)))
-        with _one_process_is_intended():
-            dcp.load(fresh, storage_reader=reader, no_dist=world_size() == 1)
+        try:
+            with _one_process_is_intended():
+                dcp.load(fresh, storage_reader=reader, no_dist=world_size() == 1)
+        except BaseException:
+            if donate and isinstance(template, TrainState):
+                _mark_donated(template)  # partly overwritten
+            raise
         bools = set(meta.get("bool_tensors", []))
         scalars = meta.get("scalars", {})
         pairs, treedef = tree.flatten_with_path(plain)
@@ -462,7 +490,9 @@ class ShardedCheckpointManager:
                 leaves.append(scalars.get(name, leaf))
         restored = tree.unflatten(treedef, leaves)
         cfg = _config_or_none(getattr(template, "tx", None))
-        if cfg is None:
-            return restored
-        # Back under the template's data-parallel tx; the last update's norm is not part of a checkpoint.
-        return restored.replace(tx=template.tx, opt_state=DataParallelState(restored.opt_state, torch.zeros_like(template.opt_state.grad_norm)))
+        if cfg is not None:
+            # Back under the template's data-parallel tx; the last update's norm is not part of a checkpoint.
+            restored = restored.replace(tx=template.tx, opt_state=DataParallelState(restored.opt_state, torch.zeros_like(template.opt_state.grad_norm)))
+        if donate and isinstance(template, TrainState):
+            _mark_donated(template)
+        return restored

@@ -17,9 +17,10 @@ extensions, finished hypotheses kept as the ``num_beams`` best per prompt, which
 then the model's decode step on the static KV cache, without reading anything to the host. With a
 craftfn GPT the cache is never copied by beam: its row table is reordered (``KVCache.select_rows``)
 and attention reads each slot from the row that wrote it, over the filled prefix only
-(``KVCache.prefix``). ``compile=True`` compiles that step once per (batch, beams, length) shape (the
-prefix length is a dynamic size of the graph); a prompt's completion is checked on the host every
-``sync_every`` tokens only, to stop early.
+(``KVCache.prefix``). With the cache the search runs ``steps_per_call`` steps per call;
+``compile=True`` compiles those steps, unrolled, once per (batch, beams, length) shape (the prefix
+length is a dynamic size of the graph; a search's last call drops the steps past its length on the
+device); a prompt's completion is checked on the host every ``sync_every`` tokens only, to stop early.
 
 Example:
     >>> import torch
@@ -150,45 +151,62 @@ def _select(
     return new, origin, new_token
 
 
-def _beam_step(
+def _beam_steps(
     module: Any, params: Any, cache: Any, logits: torch.Tensor, beams: _Beams, t: torch.Tensor, norms: torch.Tensor,
     input_pos: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-    k: int, eos: int, pad: int, early_stopping: bool,
-) -> tuple[_Beams, Any, torch.Tensor]:
-    """Bookkeeping for position ``t``, then the decode step of its tokens: the unit ``compile=True`` compiles.
+    k: int, eos: int, pad: int, early_stopping: bool, steps: int,
+) -> tuple[_Beams, Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``steps`` search steps from generated position ``t``: the unit ``compile=True`` compiles.
+
+    A step is the bookkeeping for position ``t`` (:func:`_select`), then the decode of its tokens
+    into cache slot ``input_pos``, whose logits the next step's bookkeeping reads. A step past the
+    last position (``t >= max_new_tokens``, in a search's last call) changes nothing: its beams are
+    dropped on the device (``torch.where``). The decodes from the last position on are never read:
+    their slot is clamped to the given cache's last one, so one graph serves a search of any length.
 
     A cache with a row table (a craftfn GPT's, see ``KVCache.select_rows``) is reordered through
     the table, written back into the given one, so the caller keeps its cache (views of it, here
-    the filled prefix); any other cache is reordered by copying its rows and returned.
+    the filled prefix); any other cache is reordered by copying its rows and returned. Returns the
+    beams, the cache, the last logits and the advanced ``t``, ``input_pos`` and ``position_ids``.
     """
-    beams, origin, new_token = _select(logits, beams, t, norms, k, eos, pad, early_stopping)
+    n_new = norms.shape[0]
     rows = getattr(cache, "rows", None)
-    logits, stepped = kvc.call_model(
-        module, params, new_token[:, None], kv_cache=cache.index_select(origin) if rows is None else cache.select_rows(origin),
-        input_pos=input_pos, attention_mask=attention_mask, position_ids=position_ids[:, None],
-    )
+    last_slot = cache.max_len - 1
+    stepped = cache
+    for _ in range(steps):
+        active = t < n_new
+        selected, origin, new_token = _select(logits, beams, t.clamp(max=n_new - 1), norms, k, eos, pad, early_stopping)
+        step_logits, stepped = kvc.call_model(
+            module, params, new_token[:, None],
+            kv_cache=stepped.index_select(origin) if rows is None else stepped.select_rows(origin),
+            input_pos=input_pos.clamp(max=last_slot), attention_mask=attention_mask,
+            position_ids=torch.where(active, position_ids, 0)[:, None],
+        )
+        beams = _Beams(*(torch.where(active, new, old) for new, old in zip(selected, beams)))
+        logits = step_logits[:, -1]  # after the last position's bookkeeping, only dropped steps read them
+        t, input_pos, position_ids = t + 1, input_pos + 1, position_ids + 1
     if rows is not None:
         rows.copy_(stepped.rows)  # in place, as the model writes keys and values: the caller's cache follows
-    return beams, stepped, logits[:, -1]
+    return beams, stepped, logits, t, input_pos, position_ids
 
 
 def _mark_length_dynamic(view: Any, mask: torch.Tensor) -> None:
-    """The prefix grows by one slot per token: its length is a dynamic size of the one compiled graph
-    (marked before the first call, which compiles; later calls reuse the graph whatever the length)."""
+    """The prefix grows by ``steps_per_call`` slots per call: its length is a dynamic size of the one
+    compiled graph (marked before the first call, which compiles; later calls reuse the graph whatever the length)."""
     for tensor in (*view.k, *view.v):
         torch._dynamo.mark_dynamic(tensor, 2)
     torch._dynamo.mark_dynamic(view.rows, 1)
     torch._dynamo.mark_dynamic(mask, 1)
 
 
-def _compiled_beam_step(compile_options: dict[str, Any]) -> Any:
-    """``craftfn.jit(_beam_step)`` with ``dynamic=False``, built once per compile options.
+def _compiled_beam_steps(compile_options: dict[str, Any]) -> Any:
+    """``craftfn.jit(_beam_steps)`` with ``dynamic=False``, built once per compile options.
 
-    ``k``, ``eos``, ``pad`` and ``early_stopping`` are static; positions, scores and masks are
-    tensors, so dynamo keeps one graph per (model, batch, beams, length) and reuses it for every
-    token. The cache is not donated: the step reorders it by beam into a new one.
+    ``k``, ``eos``, ``pad``, ``early_stopping`` and ``steps`` are static; positions, scores and
+    masks are tensors, so dynamo keeps one graph per (model, batch, beams, length) and reuses it
+    for every call. The cache is not donated: the step reorders it by beam into a new one.
     """
-    return _memo_jit(_beam_step, compile_options, static_argnums=(10, 11, 12, 13))
+    return _memo_jit(_beam_steps, compile_options, static_argnums=(10, 11, 12, 13, 14))
 
 
 def _results(
@@ -222,6 +240,7 @@ def beam_search_generate(
     use_cache: Optional[bool] = None,
     compile: Union[bool, Mapping[str, Any]] = False,
     sync_every: int = 16,
+    steps_per_call: int = 8,
 ) -> BeamSearchOutput:
     """Beam search for each prompt row.
 
@@ -245,7 +264,15 @@ def beam_search_generate(
             ``torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)`` (their arguments
             differ from the first's only in values and the prefix length, a dynamic size).
         sync_every: with an EOS, check every this many tokens whether every prompt is done (the
-            only host read of the loop); the tokens are the same whatever its value.
+            only host read of the loop; at the end of the call that reaches a multiple of it);
+            the tokens are the same whatever its value.
+        steps_per_call: search steps (tokens) per call of the search step, with the KV cache.
+            Compiled, the graph is that many steps unrolled: the per-call cost (dynamo's and
+            craftfn.jit's Python, the graph's input checks) is paid once per that many tokens,
+            and the first compile takes longer (8 against 1, 4 beams of a 4x128 GPT on a CPU:
+            ~1.5x the tokens/s for ~4x the compile time). Every call runs all its steps (steps
+            past ``max_new_tokens`` change nothing), so one graph serves any length. Same
+            tokens whatever its value.
 
     Returns:
         :class:`BeamSearchOutput`.
@@ -256,6 +283,7 @@ def beam_search_generate(
     _positive_int("num_beams", num_beams)
     _positive_int("num_return_sequences", num_return_sequences)
     _positive_int("sync_every", sync_every)
+    _positive_int("steps_per_call", steps_per_call)
     check_max_new_tokens(max_new_tokens)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1 for beam search, got {max_new_tokens!r}")
@@ -274,64 +302,94 @@ def beam_search_generate(
         raise ValueError("use_cache=True needs a model with a KV cache (init_kv_cache)")
     if compile_options is not None and not use_cache:
         raise ValueError("compile=True compiles the KV-cache search step; it needs use_cache (a craftfn GPT)")
-    batch, prompt_len = prompt_ids.shape
+    batch, device = prompt_ids.shape[0], prompt_ids.device
     k, n_new = num_beams, max_new_tokens
-    device = prompt_ids.device
     length_penalty = float(length_penalty)
 
-    with decoder.inference(), contextlib.ExitStack() as later_steps:
+    with decoder.inference():
+        beams = _init_beams(batch, k, n_new, pad, device)
+        # The score normalisers (as the host computes them) go to the device once: between syncs the
+        # loop only launches work, no copy to or from the host.
+        norms = torch.tensor([float((t + 1) ** length_penalty) for t in range(n_new)], dtype=torch.float64, device=device)
         beam_mask = attention_mask.repeat_interleave(k, dim=0)
         if use_cache:
-            decoder.check_length(prompt_len + n_new, "max_new_tokens", max_new_tokens)
-            full_mask = torch.cat([beam_mask, beam_mask.new_ones(batch * k, n_new)], dim=1)
-            cache = decoder.init_cache(batch, prompt_len + n_new)
-            logits, cache = kvc.prefill(decoder, prompt_ids, attention_mask, full_mask[::k], cache)
-            cache = cache.index_select(torch.arange(batch, device=device).repeat_interleave(k))
-            # A craftfn GPT reads its cache through a row table: the search reorders the table, not
-            # the keys and values, and each step attends over the filled prefix only.
-            through_rows = isinstance(decoder.module, GPT)
-            if through_rows:
-                cache = cache.select_rows(torch.arange(batch * k, device=device))
-            logits = logits.repeat_interleave(k, dim=0)
-            next_pos = beam_mask.sum(dim=1)
-            step = _beam_step if compile_options is None else _compiled_beam_step(compile_options)
+            beams = _search_cached(decoder, prompt_ids, beam_mask, beams, norms, k, eos, pad, early_stopping, compile_options, sync_every, steps_per_call)
         else:
-            logits = decoder.forward_window(prompt_ids, attention_mask).repeat_interleave(k, dim=0)
-            beam_prompts = prompt_ids.repeat_interleave(k, dim=0)
-        beams = _init_beams(batch, k, n_new, pad, device)
-        # The score normalisers (as the host computes them) and the counters go to the device once:
-        # between syncs the loop only launches work, no copy to or from the host.
-        norms = torch.tensor([float((t + 1) ** length_penalty) for t in range(n_new)], dtype=torch.float64, device=device)
-        t_ = torch.zeros((), dtype=torch.int64, device=device)
-        if use_cache:
-            input_pos, position_ids = torch.full((1,), prompt_len, dtype=torch.int64, device=device), next_pos
-        gen_len = n_new
-        for t in range(n_new):
-            if t == n_new - 1:
-                beams, _, _ = _select(logits, beams, t_, norms, k, eos, pad, early_stopping)
+            beams = _search_window(decoder, prompt_ids, beam_mask, beams, norms, k, eos, pad, early_stopping, sync_every)
+    return _results(beams, prompt_ids, k, num_return_sequences, n_new, length_penalty, pad)
+
+
+def _all_done(beams: _Beams, eos: int, before: int, after: int, sync_every: int) -> bool:
+    """With an EOS, once every ``sync_every`` positions (between ``before`` and ``after``): is every
+    prompt done? The loop's only host read; a done prompt changes no more, so stopping changes nothing."""
+    return eos >= 0 and after // sync_every > before // sync_every and bool(beams.done.all())
+
+
+def _search_cached(
+    decoder: kvc.Decoder, prompt_ids: torch.Tensor, beam_mask: torch.Tensor, beams: _Beams, norms: torch.Tensor,
+    k: int, eos: int, pad: int, early_stopping: bool, compile_options: Optional[dict[str, Any]], sync_every: int,
+    steps_per_call: int,
+) -> _Beams:
+    """The search on the KV cache, ``steps_per_call`` steps per call of :func:`_beam_steps`."""
+    batch, prompt_len = prompt_ids.shape
+    n_new = norms.shape[0]
+    device = prompt_ids.device
+    decoder.check_length(prompt_len + n_new, "max_new_tokens", n_new)
+    full_mask = torch.cat([beam_mask, beam_mask.new_ones(batch * k, n_new)], dim=1)
+    cache = decoder.init_cache(batch, prompt_len + n_new)
+    logits, cache = kvc.prefill(decoder, prompt_ids, beam_mask[::k], full_mask[::k], cache)
+    cache = cache.index_select(torch.arange(batch, device=device).repeat_interleave(k))
+    # A craftfn GPT reads its cache through a row table: the search reorders the table, not the keys
+    # and values, and each call attends over the prefix its steps fill only.
+    through_rows = isinstance(decoder.module, GPT)
+    if through_rows:
+        cache = cache.select_rows(torch.arange(batch * k, device=device))
+    logits = logits.repeat_interleave(k, dim=0)
+    t = torch.zeros((), dtype=torch.int64, device=device)
+    input_pos = torch.full((1,), prompt_len, dtype=torch.int64, device=device)
+    position_ids = beam_mask.sum(dim=1)
+    compiled = compile_options is not None
+    step = _compiled_beam_steps(compile_options) if compiled else _beam_steps
+    with contextlib.ExitStack() as later_calls:
+        for start in range(0, n_new, steps_per_call):
+            # Compiled, every call runs steps_per_call steps (one graph; the last call's extra steps
+            # change nothing); eagerly, only the steps left.
+            steps = steps_per_call if compiled else min(steps_per_call, n_new - start)
+            # The slots these steps' kept decodes write (the last position's decode is never read):
+            # always short of the whole cache, so every call's views have the same strides.
+            filled = prompt_len + min(start + steps, n_new - 1)
+            view, mask = (cache.prefix(filled), full_mask[:, :filled]) if through_rows else (cache, full_mask)
+            if through_rows and compiled and start == 0 and filled > 1:  # a size-1 length would be specialised
+                _mark_length_dynamic(view, mask)
+            beams, stepped, logits, t, input_pos, position_ids = step(
+                decoder.module, decoder.params, view, logits, beams, t, norms,
+                input_pos, position_ids, mask, k, eos, pad, early_stopping, steps,
+            )
+            if compiled and start == 0:
+                # The first call checked every guard (and compiled if needed). The later ones pass the
+                # same structure, dtypes, devices and shapes, but the prefix length, a dynamic size of
+                # the graph: dynamo's guard check per call would only repeat it.
+                later_calls.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
+            cache = cache if through_rows else stepped  # through rows, the steps wrote into cache's views
+            if _all_done(beams, eos, start, start + steps, sync_every):
                 break
-            if use_cache:
-                filled = prompt_len + t + 1
-                view, mask = (cache.prefix(filled), full_mask[:, :filled]) if through_rows else (cache, full_mask)
-                if through_rows and t == 0 and compile_options is not None:
-                    _mark_length_dynamic(view, mask)
-                beams, stepped, logits = step(
-                    decoder.module, decoder.params, view, logits, beams, t_, norms,
-                    input_pos, position_ids, mask, k, eos, pad, early_stopping,
-                )
-                if t == 0 and compile_options is not None:
-                    # The first call checked every guard (and compiled if needed). The later ones pass the
-                    # same structure, dtypes, devices and shapes, but the prefix length, a dynamic size of
-                    # the graph: dynamo's guard check per token (~0.1-0.3 ms here) would only repeat it.
-                    later_steps.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
-                cache = cache if through_rows else stepped  # through rows, the step wrote into cache's views
-                input_pos, position_ids = input_pos + 1, position_ids + 1
-            else:
-                beams, _, _ = _select(logits, beams, t_, norms, k, eos, pad, early_stopping)
-                ids = torch.cat([beam_prompts, beams.tokens[:, : t + 1]], dim=1)
-                logits = decoder.forward_window(ids, torch.cat([beam_mask, beam_mask.new_ones(batch * k, t + 1)], dim=1))
-            t_ = t_ + 1
-            if eos >= 0 and (t + 1) % sync_every == 0 and bool(beams.done.all()):
-                gen_len = t + 1
-                break  # every prompt is done: the remaining steps would change nothing
-    return _results(beams, prompt_ids, k, num_return_sequences, gen_len, length_penalty, pad)
+    return beams
+
+
+def _search_window(
+    decoder: kvc.Decoder, prompt_ids: torch.Tensor, beam_mask: torch.Tensor, beams: _Beams, norms: torch.Tensor,
+    k: int, eos: int, pad: int, early_stopping: bool, sync_every: int,
+) -> _Beams:
+    """The search without a cache: every step recomputes the window (any model mapping ids to logits)."""
+    n_new = norms.shape[0]
+    logits = decoder.forward_window(prompt_ids, beam_mask[::k]).repeat_interleave(k, dim=0)
+    beam_prompts = prompt_ids.repeat_interleave(k, dim=0)
+    t_ = torch.zeros((), dtype=torch.int64, device=prompt_ids.device)
+    for t in range(n_new):
+        beams, _, _ = _select(logits, beams, t_, norms, k, eos, pad, early_stopping)
+        if t == n_new - 1 or _all_done(beams, eos, t, t + 1, sync_every):
+            break
+        ids = torch.cat([beam_prompts, beams.tokens[:, : t + 1]], dim=1)
+        logits = decoder.forward_window(ids, torch.cat([beam_mask, beam_mask.new_ones(beam_mask.shape[0], t + 1)], dim=1))
+        t_ = t_ + 1
+    return beams

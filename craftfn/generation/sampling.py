@@ -313,18 +313,25 @@ def _memo_jit(fn: Callable[..., Any], compile_options: dict[str, Any], **jit_kwa
     """``craftfn.jit(fn, dynamic=False, **jit_kwargs, **compile_options)``, built once per (fn, options):
     the generation loops share one compiled step per configuration (and so dynamo's graph cache)."""
     options = {"dynamic": False, **compile_options}
-    cache_key = (fn, tuple(sorted((k, v if _hashable(v) else id(v)) for k, v in options.items())))
+    cache_key = (fn, _option_key(options))
     if cache_key not in _COMPILED:
         _COMPILED[cache_key] = jit(fn, **jit_kwargs, **options)
     return _COMPILED[cache_key]
 
 
-def _hashable(value: Any) -> bool:
+def _option_key(value: Any) -> Any:
+    """A hashable key, equal for equal options: ``compile={"options": {...}}`` written anew at every
+    call (a new dict each time) must find the step compiled before, not compile (and keep) another.
+    An unhashable value of another kind is keyed by identity (the cached jit keeps it alive)."""
+    if isinstance(value, Mapping):
+        return ("mapping", tuple(sorted(((repr(k), _option_key(v)) for k, v in value.items()), key=lambda kv: kv[0])))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_option_key(v) for v in value))
     try:
         hash(value)
     except TypeError:
-        return False
-    return True
+        return ("id", id(value))
+    return value
 
 
 def _compile_options(compile: Union[bool, Mapping[str, Any]]) -> Optional[dict[str, Any]]:

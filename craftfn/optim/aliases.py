@@ -51,7 +51,7 @@ from craftfn.optim.base import (
     identity,
 )
 from craftfn.optim.clipping import clip_by_block_rms
-from craftfn.optim.fused import _fused_adam_step, fused_supported
+from craftfn.optim.fused import _fused_adam_step, adam_update_out_of_place, fused_supported
 from craftfn.optim.rules import (
     scale_by_adan,
     scale_by_belief,
@@ -170,6 +170,8 @@ def with_fused_adam(
 
     - ``update`` (pure): copies the moments, starts the updates at ``-lr * wd * p`` (or 0) and
       lets the kernel add the Adam step to them, all in fresh buffers; the inputs are never written.
+      Traced (``craftfn.jit``), it is :func:`~craftfn.optim.fused.adam_update_out_of_place`'s
+      pointwise ops instead, which inductor fuses into one out-of-place pass per leaf.
     - ``donated_update``: the kernel steps params and moments in place.
 
     Anything the kernel cannot take (other dtypes or devices, a state from elsewhere) runs ``tx``.
@@ -247,6 +249,15 @@ def with_fused_adam(
         if planned is None:
             return tx.update(updates, state, params, **extra)
         treedef, g, p, moments, lr, adam_state, new_lr_state, decay = planned
+        if torch.compiler.is_compiling():
+            # Traced (craftfn.jit): pointwise ops that inductor fuses into one out-of-place kernel
+            # per leaf; the kernel is an opaque op there and would need the copies below.
+            wd = weight_decay if weight_decay is not None else 0.0
+            u, *new_moments = adam_update_out_of_place(
+                p, g, moments[0], moments[1], moments[2] if amsgrad else None, adam_state.count + 1,
+                lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=[wd if d else 0.0 for d in decay],
+            )
+            return tree.unflatten(treedef, u), new_state(state, adam_state, new_lr_state, new_moments[: len(moments)], treedef)
         fresh = [[torch.empty_like(x) for x in ms] for ms in moments]
         for dst, src in zip(fresh, moments):
             foreach_groups(torch._foreach_copy_, dst, src)

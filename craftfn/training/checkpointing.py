@@ -72,6 +72,7 @@ import xxhash
 from torch import nn
 
 from craftfn import tree
+from craftfn._files import fsync_dir
 from craftfn.state import TrainState, _mark_donated, check_live
 
 __all__ = [
@@ -150,12 +151,7 @@ class CheckpointFallbackWarning(RuntimeWarning):
 # --------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Union[str, Path]) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir  # one folder-sync helper for every writer (craftfn._files)
 
 
 def _byte_view(t: torch.Tensor) -> memoryview:

@@ -261,3 +261,31 @@ def test_decode_through_the_row_table_equals_decode_on_copied_rows(wide_model):
         table.index_select(torch.arange(3))
     with pytest.raises(ValueError, match="length must be an int in"):
         table.prefix(9)
+
+
+def test_search_in_calls_of_several_steps_is_one_graph_with_the_same_tokens(wide_model):
+    """steps_per_call > 1: each call runs several steps, the last call drops the steps past
+    max_new_tokens on the device, the attended prefix grows by several slots per call, and the early
+    stop is checked between calls; the tokens are those of the host loop whatever steps_per_call, and
+    the compiled calls reuse one graph (a call whose views changed strides would recompile)."""
+    from torch._dynamo.testing import CompileCounter
+
+    ids, mask = left_pad([[1, 2, 0, 5, 1], [3]])
+    k, n, eos, pad = 3, 7, 2, 4
+    kwargs = dict(attention_mask=mask, num_beams=k, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad, num_return_sequences=2, sync_every=2)
+    seqs, scores = host_loop_beam_search(wide_model, ids, mask, k, n, 1.0, False, 2, eos, pad)
+    assert beam_search_generate(wide_model, ids, steps_per_call=3, **kwargs).sequences.tolist() == seqs
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    # 7 tokens in calls of 2 steps: four calls, the last with one step past the end.
+    compiled = beam_search_generate(wide_model, ids, compile={"backend": counter}, steps_per_call=2, **kwargs)
+    assert compiled.sequences.tolist() == seqs
+    torch.testing.assert_close(compiled.scores, torch.tensor(scores, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+    assert counter.frame_count == 1
+    # Without EOS every hypothesis runs to the end; calls of 3 steps: the last with two dropped steps.
+    seqs, _ = host_loop_beam_search(wide_model, ids, mask, k, n, 1.0, False, 2, -1, pad)
+    no_eos = dict(kwargs, eos_token_id=None)
+    assert beam_search_generate(wide_model, ids, compile={"backend": counter}, steps_per_call=3, **no_eos).sequences.tolist() == seqs
+    assert counter.frame_count == 2  # another steps_per_call: one more graph, no more
+    with pytest.raises(ValueError, match="steps_per_call must be a positive int"):
+        beam_search_generate(wide_model, ids, steps_per_call=0, **kwargs)

@@ -81,6 +81,23 @@ def test_compiled_tokens_equal_eager_and_one_compilation_per_generation():
     assert backend.graphs == 2
 
 
+def test_compile_options_written_anew_per_call_reuse_the_compiled_step():
+    """compile={"options": {...}} with a new (equal) dict at every call reuses the compiled step:
+    keyed by identity, every call made another jit, so dynamo compiled the step again each time."""
+    model = tiny_gpt()
+    compiles = []
+
+    def backend(gm, example_inputs, options=None):
+        compiles.append(options)
+        return gm.forward
+
+    for _ in range(2):
+        generate_text_sampling(model, PROMPTS[:1], max_new_tokens=3, temperature=0.0, compile={"backend": backend, "options": {"a": [1]}})
+    assert compiles == [{"a": [1]}]
+    generate_text_sampling(model, PROMPTS[:1], max_new_tokens=3, temperature=0.0, compile={"backend": backend, "options": {"a": [2]}})
+    assert compiles == [{"a": [1]}, {"a": [2]}]  # other options: their own compiled step
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_eos_rows_keep_emitting_pad(temperature):
     model = tiny_gpt()

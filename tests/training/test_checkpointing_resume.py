@@ -266,3 +266,51 @@ def test_trainer_resume_with_dynamic_loss_scale_is_bit_exact(tmp_path):
     assert resumed.loss_scale.scale.item() == straight.loss_scale.scale.item() > 2.0**4
     assert resumed.loss_scale.growth_interval == 2
     assert tree.equal(tree.leaves(resumed), tree.leaves(straight))
+
+
+def _managers(directory, kind: str):
+    from craftfn import distributed
+
+    if kind == "sharded":
+        return distributed.ShardedCheckpointManager(directory, keep_last=2)
+    return distributed.CheckpointCoordinator(CheckpointManager(directory, keep_last=2))
+
+
+@pytest.mark.parametrize("kind", ["sharded", "coordinator"])
+def test_every_manager_restores_donated_into_the_given_state(tmp_path, kind):
+    from craftfn.state import DonatedStateError, check_live
+
+    saved = fresh_state(seed=1)
+    manager = _managers(tmp_path / kind, kind)
+    manager.save(3, saved)
+    manager.wait()
+    template = fresh_state(seed=99)
+    plain = manager.restore(fresh_state(seed=99))
+    memory = [x.data_ptr() for x in tree.leaves(template.params)]
+    restored = manager.restore(template, donate=True)
+    assert tree.equal(tree.leaves(restored), tree.leaves(plain)) and tree.equal(tree.leaves(restored.params), tree.leaves(saved.params))
+    assert [x.data_ptr() for x in tree.leaves(restored.params)] == memory
+    with pytest.raises(DonatedStateError):
+        check_live(template)  # used up, as a donated step's input
+    # A missing checkpoint leaves the template intact.
+    intact = fresh_state(seed=5)
+    with pytest.raises(FileNotFoundError):
+        _managers(tmp_path / "empty", kind).restore(intact, donate=True)
+    assert tree.equal(tree.leaves(intact.params), tree.leaves(fresh_state(seed=5).params))
+    with pytest.raises(TypeError, match="donate must be a bool"):
+        manager.restore(fresh_state(), donate="yes")
+
+
+def test_trainer_resume_donates_into_a_sharded_managers_restore(tmp_path):
+    from craftfn import distributed
+
+    with distributed.ShardedCheckpointManager(tmp_path) as manager:
+        trainer, _, _ = make_trainer(manager, 2, batch_fn, save_every=2)
+        done = trainer.fit(fresh_state())
+    with distributed.ShardedCheckpointManager(tmp_path) as manager:
+        trainer, _, _ = make_trainer(manager, 2, batch_fn, save_every=2)
+        template = fresh_state(seed=99)
+        memory = [x.data_ptr() for x in tree.leaves(template.params)]
+        resumed = trainer.fit(template, resume=True)
+    assert [x.data_ptr() for x in tree.leaves(resumed.params)] == memory
+    assert tree.equal(tree.leaves(resumed.params), tree.leaves(done.params))
