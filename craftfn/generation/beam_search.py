@@ -20,7 +20,7 @@ and attention reads each slot from the row that wrote it, over the filled prefix
 (``KVCache.prefix``). With the cache the search runs ``steps_per_call`` steps per call;
 ``compile=True`` compiles those steps, unrolled, once per (batch, beams, length) shape (the prefix
 length is a dynamic size of the graph; a search's last call drops the steps past its length on the
-device); a prompt's completion is checked on the host every ``sync_every`` tokens only, to stop early.
+device, and a search shorter than ``steps_per_call`` is one call of that many steps); a prompt's completion is checked on the host every ``sync_every`` tokens only, to stop early.
 
 Example:
     >>> import torch
@@ -154,7 +154,7 @@ def _select(
 def _beam_steps(
     module: Any, params: Any, cache: Any, logits: torch.Tensor, beams: _Beams, t: torch.Tensor, norms: torch.Tensor,
     input_pos: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-    k: int, eos: int, pad: int, early_stopping: bool, steps: int,
+    k: int, eos: int, pad: int, early_stopping: bool, steps: int, decode_last: bool,
 ) -> tuple[_Beams, Any, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``steps`` search steps from generated position ``t``: the unit ``compile=True`` compiles.
 
@@ -163,6 +163,8 @@ def _beam_steps(
     last position (``t >= max_new_tokens``, in a search's last call) changes nothing: its beams are
     dropped on the device (``torch.where``). The decodes from the last position on are never read:
     their slot is clamped to the given cache's last one, so one graph serves a search of any length.
+    ``decode_last=False`` skips the decode of the call's last step, for a caller that knows that
+    step is the last position (then the returned logits are the previous step's, read by nobody).
 
     A cache with a row table (a craftfn GPT's, see ``KVCache.select_rows``) is reordered through
     the table, written back into the given one, so the caller keeps its cache (views of it, here
@@ -173,19 +175,20 @@ def _beam_steps(
     rows = getattr(cache, "rows", None)
     last_slot = cache.max_len - 1
     stepped = cache
-    for _ in range(steps):
+    for i in range(steps):
         active = t < n_new
         selected, origin, new_token = _select(logits, beams, t.clamp(max=n_new - 1), norms, k, eos, pad, early_stopping)
-        step_logits, stepped = kvc.call_model(
-            module, params, new_token[:, None],
-            kv_cache=stepped.index_select(origin) if rows is None else stepped.select_rows(origin),
-            input_pos=input_pos.clamp(max=last_slot), attention_mask=attention_mask,
-            position_ids=torch.where(active, position_ids, 0)[:, None],
-        )
+        if decode_last or i < steps - 1:
+            step_logits, stepped = kvc.call_model(
+                module, params, new_token[:, None],
+                kv_cache=stepped.index_select(origin) if rows is None else stepped.select_rows(origin),
+                input_pos=input_pos.clamp(max=last_slot), attention_mask=attention_mask,
+                position_ids=torch.where(active, position_ids, 0)[:, None],
+            )
+            logits = step_logits[:, -1]  # after the last position's bookkeeping, only dropped steps read them
         beams = _Beams(*(torch.where(active, new, old) for new, old in zip(selected, beams)))
-        logits = step_logits[:, -1]  # after the last position's bookkeeping, only dropped steps read them
         t, input_pos, position_ids = t + 1, input_pos + 1, position_ids + 1
-    if rows is not None:
+    if rows is not None and stepped is not cache:
         rows.copy_(stepped.rows)  # in place, as the model writes keys and values: the caller's cache follows
     return beams, stepped, logits, t, input_pos, position_ids
 
@@ -202,11 +205,11 @@ def _mark_length_dynamic(view: Any, mask: torch.Tensor) -> None:
 def _compiled_beam_steps(compile_options: dict[str, Any]) -> Any:
     """``craftfn.jit(_beam_steps)`` with ``dynamic=False``, built once per compile options.
 
-    ``k``, ``eos``, ``pad``, ``early_stopping`` and ``steps`` are static; positions, scores and
+    ``k``, ``eos``, ``pad``, ``early_stopping``, ``steps`` and ``decode_last`` are static; positions, scores and
     masks are tensors, so dynamo keeps one graph per (model, batch, beams, length) and reuses it
     for every call. The cache is not donated: the step reorders it by beam into a new one.
     """
-    return _memo_jit(_beam_steps, compile_options, static_argnums=(10, 11, 12, 13, 14))
+    return _memo_jit(_beam_steps, compile_options, static_argnums=(10, 11, 12, 13, 14, 15))
 
 
 def _results(
@@ -270,9 +273,9 @@ def beam_search_generate(
             Compiled, the graph is that many steps unrolled: the per-call cost (dynamo's and
             craftfn.jit's Python, the graph's input checks) is paid once per that many tokens,
             and the first compile takes longer (8 against 1, 4 beams of a 4x128 GPT on a CPU:
-            ~1.5x the tokens/s for ~4x the compile time). Every call runs all its steps (steps
-            past ``max_new_tokens`` change nothing), so one graph serves any length. Same
-            tokens whatever its value.
+            ~1.5x the tokens/s for ~4x the compile time). Compiled, every call runs
+            ``min(steps_per_call, max_new_tokens)`` steps (steps past ``max_new_tokens`` change
+            nothing), so one graph serves every call of a search. Same tokens whatever its value.
 
     Returns:
         :class:`BeamSearchOutput`.
@@ -352,9 +355,13 @@ def _search_cached(
     step = _compiled_beam_steps(compile_options) if compiled else _beam_steps
     with contextlib.ExitStack() as later_calls:
         for start in range(0, n_new, steps_per_call):
-            # Compiled, every call runs steps_per_call steps (one graph; the last call's extra steps
-            # change nothing); eagerly, only the steps left.
-            steps = steps_per_call if compiled else min(steps_per_call, n_new - start)
+            # Compiled, every call runs the same number of steps (one graph; the last call's extra steps
+            # change nothing), at most n_new: a shorter search is one call; eagerly, only the steps left.
+            steps = min(steps_per_call, n_new) if compiled else min(steps_per_call, n_new - start)
+            # The last position's decode is never read: skipped in a call that ends there, eagerly, and
+            # compiled when the search is that one call (its graph serves no other call; a longer
+            # search's calls all keep the decode: one graph).
+            decode_last = start + steps != n_new or (compiled and start > 0)
             # The slots these steps' kept decodes write (the last position's decode is never read):
             # always short of the whole cache, so every call's views have the same strides.
             filled = prompt_len + min(start + steps, n_new - 1)
@@ -363,7 +370,7 @@ def _search_cached(
                 _mark_length_dynamic(view, mask)
             beams, stepped, logits, t, input_pos, position_ids = step(
                 decoder.module, decoder.params, view, logits, beams, t, norms,
-                input_pos, position_ids, mask, k, eos, pad, early_stopping, steps,
+                input_pos, position_ids, mask, k, eos, pad, early_stopping, steps, decode_last,
             )
             if compiled and start == 0:
                 # The first call checked every guard (and compiled if needed). The later ones pass the

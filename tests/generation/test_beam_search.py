@@ -289,3 +289,51 @@ def test_search_in_calls_of_several_steps_is_one_graph_with_the_same_tokens(wide
     assert counter.frame_count == 2  # another steps_per_call: one more graph, no more
     with pytest.raises(ValueError, match="steps_per_call must be a positive int"):
         beam_search_generate(wide_model, ids, steps_per_call=0, **kwargs)
+
+
+class _CallRecordingGPT(GPT):
+    """A GPT that records the shape of every ids batch it is called on, compiled too (dynamo replays
+    the list's appends after the graph; beam search checks guards, so replays, in a search's first call)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.calls = []
+
+    def forward(self, idx, *args, **kwargs):
+        self.calls.append(tuple(idx.shape))
+        return super().forward(idx, *args, **kwargs)
+
+
+def test_short_searches_decode_only_the_positions_read(wide_model):
+    """max_new_tokens <= steps_per_call: the compiled search is one call of max_new_tokens steps (not
+    steps_per_call), and no search decodes the last position's tokens, whose logits nobody reads:
+    max_new_tokens - 1 decodes after the prefill, compiled and eager, with the host loop's tokens,
+    one graph per length."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = _CallRecordingGPT(wide_model.config).double().eval()
+    model.load_state_dict(wide_model.state_dict())
+    ids, mask = left_pad([[1, 2, 0, 5, 1], [3]])
+    k, eos, pad = 3, 2, 4
+    decode = (ids.shape[0] * k, 1)
+
+    def search(n, eos=eos, **kw):
+        model.calls.clear()
+        out = beam_search_generate(
+            model, ids, attention_mask=mask, num_beams=k, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad, **kw
+        )
+        assert model.calls[0] == tuple(ids.shape) and set(model.calls[1:]) <= {decode}  # the prefill, then decodes
+        return out.sequences.tolist(), len(model.calls) - 1
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    for n, graphs in [(1, 1), (3, 2)]:  # the default steps_per_call is 8
+        seqs, _ = host_loop_beam_search(wide_model, ids, mask, k, n, 1.0, False, 1, eos, pad)
+        assert search(n) == (seqs, n - 1)
+        assert search(n, compile={"backend": counter}) == (seqs, n - 1)
+        assert counter.frame_count == graphs
+    assert search(3, compile={"backend": counter}) == (seqs, 2)
+    assert counter.frame_count == 2  # the length seen before: its graph
+    # Eagerly, calls of 3 steps for 7 tokens: the last call (one step) skips its decode too.
+    seqs, _ = host_loop_beam_search(wide_model, ids, mask, k, 7, 1.0, False, 1, -1, pad)
+    assert search(7, eos=None, steps_per_call=3) == (seqs, 6)
