@@ -75,9 +75,9 @@ def state_dict_of(state: TrainState) -> dict[str, torch.Tensor]:
 
 def fsync_path(path: Path) -> None:
     """Flush a file or folder (torch.save's files get what craftfn's writer does)."""
-    from craftfn._files import fsync_dir  # opens read-only and fsyncs: works for files too
+    from craftfn._files import fsync_path
 
-    fsync_dir(path)
+    fsync_path(path)
 
 
 class WritingFormat1:

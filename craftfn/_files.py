@@ -16,8 +16,8 @@ from typing import Callable, Union
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def fsync_dir(path: PathLike) -> None:
-    """Flush a folder's entries (new names, renames) to disk."""
+def fsync_path(path: PathLike) -> None:
+    """Flush a file's bytes, or a folder's entries (new names, renames), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -50,4 +50,20 @@ def atomic_write(path: PathLike, produce: Callable[[Callable[[bytes], object]], 
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    fsync_dir(folder)
+    fsync_path(folder)
+
+
+def make_dirs(path: PathLike) -> None:
+    """``os.makedirs(path, exist_ok=True)``, with each folder it creates made durable (its parent fsynced)."""
+    path = os.path.abspath(os.fspath(path))
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder)
+        fsync_path(os.path.dirname(folder))

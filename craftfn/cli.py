@@ -525,6 +525,8 @@ def _save_pretrained_atomically(hf_model: object, out: Path, tokenizer: object =
     import shutil
     import uuid
 
+    from craftfn._files import fsync_path
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex}"
     tmp.mkdir()  # mode 0o777 less the umask, like any directory the user makes
@@ -536,12 +538,15 @@ def _save_pretrained_atomically(hf_model: object, out: Path, tokenizer: object =
         os.umask(mask)
         for f in tmp.iterdir():  # the safetensors writer makes its file 0600; the others follow the umask
             f.chmod(0o666 & ~mask)
+            fsync_path(f)  # on disk before the rename makes them visible (as every craftfn writer does)
+        fsync_path(tmp)
         if out.is_dir():
             out.rmdir()  # empty (checked above)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_path(out.parent)
 
 
 def _configs(args: argparse.Namespace, bindings: Sequence[str]) -> int:

@@ -24,8 +24,8 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
 
 def test_write_replaces_whole_with_umask_mode_and_syncs_the_folder(tmp_path, monkeypatch):
     synced = []
-    real = _files.fsync_dir
-    monkeypatch.setattr(_files, "fsync_dir", lambda p: (synced.append(os.fspath(p)), real(p)))
+    real = _files.fsync_path
+    monkeypatch.setattr(_files, "fsync_path", lambda p: (synced.append(os.fspath(p)), real(p)))
     target = tmp_path / "sub" / "notes.txt"
     atomic_write_text(target, "première\n")
     atomic_write_text(target, "second\n")
@@ -34,5 +34,6 @@ def test_write_replaces_whole_with_umask_mode_and_syncs_the_folder(tmp_path, mon
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
-    # The rename is made durable: the folder holding the new name is fsynced after each write.
-    assert synced == [str(target.parent)] * 2
+    # The new folder and each rename are made durable: the parent of the folder it created, then the
+    # folder holding the new name after each write.
+    assert synced == [str(tmp_path), str(target.parent), str(target.parent)]

@@ -236,6 +236,44 @@ def _check_inside_trusted_scope(p, other):
     return g
 
 
+def _flatten_again_in_memo_scope(p):
+    memo = tree._begin_treedef_memo()
+    try:
+        leaves, treedef = tree.flatten(p)  # a full flatten
+        g = tree.unflatten(treedef, [x * 2 for x in leaves])  # its treedef is remembered
+        first = tree.flatten(g)[0]  # read with the remembered treedef
+        g["fc"]["bias"] = g["fc"]["bias"] + 1  # a leaf replaced: still read right
+        second = tree.flatten(g)[0]
+        g["fc"]["extra"] = torch.ones(1)  # the structure changed: flattened anew
+        third, third_def = tree.flatten(g)
+        fourth = tree.flatten({"w": leaves[0]})[0]  # another object: flattened anew
+    finally:
+        tree._end_treedef_memo(memo)
+    return first, second, third, third_def.num_leaves, fourth
+
+
+def test_traced_flatten_reuses_the_treedef_of_a_tree_seen_before(monkeypatch):
+    # Each traced flatten that builds a treedef costs about a second of compile time at a 52-leaf
+    # model: inside the memo scope a tree flattened or built earlier in the trace is read with
+    # its treedef instead; changed trees still flatten to what an eager flatten gives.
+    import optree
+    from torch._dynamo.testing import CompileCounter
+
+    full = []
+    real = optree.tree_flatten
+    monkeypatch.setattr(optree, "tree_flatten", lambda t, *a, **k: (full.append(1), real(t, *a, **k))[1])
+    p = {"fc": {"weight": torch.ones(2, 3), "bias": torch.ones(3)}}
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    traced = torch.compile(_flatten_again_in_memo_scope, backend=counter, fullgraph=True)(p)
+    assert len(full) == 3 and counter.frame_count == 1  # p, the changed g, the new dict
+    eager = _flatten_again_in_memo_scope(p)
+    assert traced[3] == eager[3] == 3
+    for a, b in zip(traced[:3] + (traced[4],), eager[:3] + (eager[4],)):
+        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert tree._TRACE_TREEDEFS == [] and tree._TRACE_TREEDEFS_ON == []
+
+
 def test_docstring_examples_run():
     import doctest
 

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from craftfn._files import atomic_write
+from craftfn._files import atomic_write, make_dirs
 
 __all__ = [
     "EOT",
@@ -60,7 +60,7 @@ def atomic_write_text(path: Union[str, os.PathLike], text: str) -> None:
         >>> open(target, encoding="utf-8").read()
         'héllo'
     """
-    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    make_dirs(os.path.dirname(os.path.abspath(os.fspath(path))))
     data = text.encode("utf-8")
     atomic_write(path, lambda write: write(data))
 

@@ -15,6 +15,7 @@ from craftfn.distributed.process import _check_rank_world, barrier, is_main, ran
 from craftfn.distributed.zero1 import _gather_params_dict, _is_params_dict, _slice_params_dict
 from craftfn.optim.base import GradientTransformation
 from craftfn.state import DonatedStateError, TrainState, _mark_donated, check_live
+from craftfn.training.checkpointing import takes_donate
 
 _ZERO3_CHECKPOINTS = (
     "a fully sharded (ZeRO-3) state is saved by every rank, each its own shards: use "
@@ -138,7 +139,7 @@ def _plain_template(template: Any) -> Any:
     return template.replace(tx=cfg.inner, opt_state=cfg.inner.init(template.params))
 
 
-def restore_checkpoint(manager: Any, template: Any, *args: Any, **kwargs: Any) -> Any:
+def restore_checkpoint(manager: Any, template: Any, *args: Any, donate: bool = False, **kwargs: Any) -> Any:
     """Restore a checkpoint written by :func:`save_checkpoint` (by any number of ranks) into ``template``.
 
     The main rank reads it (so only it needs the files) and broadcasts the state; with
@@ -148,9 +149,10 @@ def restore_checkpoint(manager: Any, template: Any, *args: Any, **kwargs: Any) -
     Args:
         manager: anything with ``restore(template, ...) -> state`` (main rank only; others may pass None).
         template: a state of the run (e.g. the freshly created one), data-parallel or not.
-        args, kwargs: passed on to ``manager.restore`` (step, fallback, ...). With ``donate=True``
-            the main rank reads into the template's memory and the template is used up on every
-            rank (marked donated) once the restore succeeds.
+        args, kwargs: passed on to ``manager.restore`` (step, fallback, ...).
+        donate: the template is used up (as a donated step's input): the main rank's manager
+            reads into its memory when its ``restore`` takes ``donate=`` (``CheckpointManager``
+            does), and every rank's template is marked donated once the restore succeeds.
 
     Returns:
         The restored state, under ``template.tx``.
@@ -160,26 +162,28 @@ def restore_checkpoint(manager: Any, template: Any, *args: Any, **kwargs: Any) -
     """
     if isinstance(template, TrainState):
         check_live(template, "template")
+    if not isinstance(donate, bool):
+        raise TypeError(f"restore_checkpoint: donate must be a bool, got {donate!r}")
     if is_fully_sharded(template):
         raise ValueError(_ZERO3_CHECKPOINTS)
-    donate = kwargs.get("donate", False)
     plain = _plain_template(template)
     box: dict[str, Any] = {}
 
     def read() -> None:
-        box["state"] = manager.restore(plain, *args, **kwargs)
+        forward = {"donate": True} if donate and takes_donate(manager.restore) else {}
+        box["state"] = manager.restore(plain, *args, **kwargs, **forward)
 
     try:
         _on_main("checkpoint restore", read)
+        # Tensors travel by one broadcast per (device, dtype), not through pickle.
+        restored = broadcast_tree(box["state"] if is_main() else plain, 0)
     except BaseException:
-        if donate is True and is_main() and isinstance(template, TrainState) and _used_up(plain):
-            _mark_donated(template)  # the failed restore had written into memory the template shares
+        if isinstance(template, TrainState) and _used_up(plain):
+            _mark_donated(template)  # the main rank's restore wrote into memory the template shares
         raise
-    # Tensors travel by one broadcast per (device, dtype), not through pickle.
-    restored = broadcast_tree(box["state"] if is_main() else plain, 0)
-    if donate is True and isinstance(template, TrainState):
-        # Used up on every rank alike (the main rank's memory holds the checkpoint now), so code after
-        # a restore behaves the same everywhere.
+    if isinstance(template, TrainState) and (donate or _used_up(plain)):
+        # Used up on every rank alike (the main rank's memory holds the checkpoint now), so code
+        # after a restore behaves the same everywhere.
         _mark_donated(template)
     if plain is template:
         return restored
@@ -223,12 +227,12 @@ class CheckpointCoordinator:
         return save_checkpoint(self.manager, step, state, metrics=metrics, extra=extra)
 
     def restore(self, template: Any, step: Any = "latest", fallback: bool = False, donate: bool = False) -> Any:
-        """Restore (collective); see :func:`restore_checkpoint`. ``donate=True`` lets the main rank's
-        manager read into the template's memory (``CheckpointManager.restore(donate=True)``); the
-        template is used up on every rank."""
+        """Restore (collective); see :func:`restore_checkpoint`. With ``donate=True`` the template is
+        used up on every rank, and the main rank's manager reads into its memory if its ``restore``
+        takes ``donate=`` (``CheckpointManager.restore(donate=True)``)."""
         if not isinstance(donate, bool):
             raise TypeError(f"restore: donate must be a bool, got {donate!r}")
-        return restore_checkpoint(self.manager, template, step=step, fallback=fallback, **({"donate": True} if donate else {}))
+        return restore_checkpoint(self.manager, template, step=step, fallback=fallback, donate=donate)
 
     def latest_step(self) -> Optional[int]:
         """The main rank's newest step (collective)."""

@@ -53,6 +53,7 @@ import concurrent.futures
 import contextlib
 import datetime
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -72,7 +73,7 @@ import xxhash
 from torch import nn
 
 from craftfn import tree
-from craftfn._files import fsync_dir
+from craftfn._files import fsync_path
 from craftfn.state import TrainState, _mark_donated, check_live
 
 __all__ = [
@@ -151,7 +152,20 @@ class CheckpointFallbackWarning(RuntimeWarning):
 # --------------------------------------------------------------------------------------------
 
 
-_fsync_dir = fsync_dir  # one folder-sync helper for every writer (craftfn._files)
+_fsync_dir = fsync_path  # one sync helper for every writer (craftfn._files)
+
+
+def takes_donate(restore: Callable[..., Any]) -> bool:
+    """Whether a checkpoint manager's ``restore`` takes ``donate=`` (craftfn's do; a user's may not).
+
+    Example:
+        >>> takes_donate(CheckpointManager.restore), takes_donate(lambda template, step="latest": template)
+        (True, False)
+    """
+    try:
+        return "donate" in inspect.signature(restore).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _byte_view(t: torch.Tensor) -> memoryview:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import math
 import signal
 import sys
@@ -49,6 +48,7 @@ from craftfn import host_memory, precision, random, tree
 from craftfn.optim import tree_get
 from craftfn.state import TrainState, _mark_donated
 from craftfn.training.callbacks import Callback, CallbackList
+from craftfn.training.checkpointing import takes_donate
 from craftfn.training.evaluation import Evaluator
 from craftfn.training.events import Event
 from craftfn.training.progress import ProgressTracker
@@ -138,14 +138,6 @@ def _check_positive(name: str, value: Any, allow_none: bool = True) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-
-
-def _takes_donate(restore: Callable[..., Any]) -> bool:
-    """Whether a checkpoint manager's ``restore`` takes ``donate=`` (craftfn's do; a user's may not)."""
-    try:
-        return "donate" in inspect.signature(restore).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class Trainer:
@@ -454,7 +446,7 @@ class Trainer:
             state = precision.with_loss_scale(state, tree.clone(initial_scale))
         # A donating step would use up the state it is given anyway: the checkpoint is read into that
         # state's memory (already mapped; new memory's page faults were most of a restore's time).
-        donate = bool(getattr(self.train_step, "donate", False)) and _takes_donate(manager.restore)
+        donate = bool(getattr(self.train_step, "donate", False)) and takes_donate(manager.restore)
         template = state
         state = manager.restore(template, step="latest", fallback=True, **({"donate": True} if donate else {}))
         if donate and given is not template and isinstance(given, TrainState):

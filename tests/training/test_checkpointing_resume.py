@@ -314,3 +314,67 @@ def test_trainer_resume_donates_into_a_sharded_managers_restore(tmp_path):
         resumed = trainer.fit(template, resume=True)
     assert [x.data_ptr() for x in tree.leaves(resumed.params)] == memory
     assert tree.equal(tree.leaves(resumed.params), tree.leaves(done.params))
+
+
+class _ManagerWithoutDonate:
+    """A user's manager: restore(template, step, fallback) and nothing more (no donate=)."""
+
+    def __init__(self, directory) -> None:
+        self.inner = CheckpointManager(directory)
+
+    def save(self, step, state, metrics=None, extra=None):
+        return self.inner.save(step, state, metrics=metrics, extra=extra)
+
+    def restore(self, template, step="latest", fallback=False):
+        return self.inner.restore(template, step=step, fallback=fallback)
+
+    def latest_step(self):
+        return self.inner.latest_step()
+
+    def metadata(self, step="latest"):
+        return self.inner.metadata(step)
+
+    def wait(self):
+        self.inner.wait()
+
+    def close(self):
+        self.inner.close()
+
+
+def test_trainer_resumes_through_a_coordinator_around_a_manager_without_donate(tmp_path):
+    from craftfn import distributed
+
+    with distributed.CheckpointCoordinator(_ManagerWithoutDonate(tmp_path)) as manager:
+        trainer, _, _ = make_trainer(manager, 2, batch_fn, save_every=2)
+        done = trainer.fit(fresh_state())
+    with distributed.CheckpointCoordinator(_ManagerWithoutDonate(tmp_path)) as manager:
+        trainer, _, _ = make_trainer(manager, 2, batch_fn, save_every=2)
+        resumed = trainer.fit(fresh_state(seed=99), resume=True)  # the step donates; this manager cannot
+    assert tree.equal(tree.leaves(resumed.params), tree.leaves(done.params))
+
+
+def test_a_failed_donated_restore_marks_the_template_it_wrote_into(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    from craftfn import distributed
+    from craftfn.state import DonatedStateError, check_live
+
+    manager = distributed.ShardedCheckpointManager(tmp_path)
+    manager.save(1, fresh_state(seed=1))
+
+    def failing_load(state_dict, **kwargs):
+        next(iter(state_dict.values())).fill_(7.0)  # some bytes landed before a disk error
+        raise OSError("read error")
+
+    monkeypatch.setattr(dcp, "load", failing_load)
+    template = fresh_state(seed=2)
+    with pytest.raises(OSError, match="read error"):
+        manager.restore(template, donate=True)
+    with pytest.raises(DonatedStateError):
+        check_live(template)
+    # The same failure without donate wrote into new tensors: the template stays usable and unchanged.
+    intact = fresh_state(seed=2)
+    with pytest.raises(OSError, match="read error"):
+        manager.restore(intact)
+    check_live(intact)
+    assert tree.equal(tree.leaves(intact.params), tree.leaves(fresh_state(seed=2).params))
