@@ -228,18 +228,41 @@ def _fused_adam_step(
             _foreach_adam_step_(gp.tensors, gg.tensors, gm.tensors, gv.tensors, gmax, step, group_lr, b1, b2, eps, weight_decay, amsgrad)
 
 
+def _check_0d(where: str, **scalars: torch.Tensor) -> None:
+    """Raise naming the first input that is not a 0-d tensor, or the dtypes when they differ."""
+    for name, x in scalars.items():
+        if not isinstance(x, torch.Tensor) or x.dim() != 0:
+            got = f"a tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else repr(x)
+            raise ValueError(f"{where}: {name} must be a number or a 0-d tensor, got {got}")
+    dtypes = {name: x.dtype for name, x in scalars.items()}
+    if len(set(dtypes.values())) > 1:
+        raise ValueError(f"{where}: inputs must share one dtype, got {dtypes}")
+
+
+def _step_scalars(t: torch.Tensor, lr: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """``[lr / (1 - b1^t), sqrt(1 - b2^t), lr]`` as a 1-d tensor: the op's body, differentiable."""
+    return torch.stack([lr / (1.0 - torch.pow(b1, t)), torch.sqrt(1.0 - torch.pow(b2, t)), lr])
+
+
 # The per-step scalars of the out-of-place rule, as one op inductor treats as opaque: its output is
 # a buffer computed once per step. Written as plain tensor ops, inductor inlines a 0-d computation
 # into every consumer, i.e. recomputes pow (and a schedule's ops) in every vector of every leaf.
 @torch.library.custom_op("craftfn::adam_step_scalars", mutates_args=())
 def _adam_step_scalars(t: torch.Tensor, lr: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-    """``[lr / (1 - b1^t), sqrt(1 - b2^t), lr]`` (0-d inputs of one dtype) as a 1-d tensor."""
-    return torch.stack([lr / (1.0 - torch.pow(b1, t)), torch.sqrt(1.0 - torch.pow(b2, t)), lr])
+    """:func:`_step_scalars` (0-d inputs of one dtype), opaque to compilers; it has no autograd formula."""
+    _check_0d("craftfn::adam_step_scalars", t=t, lr=lr, b1=b1, b2=b2)
+    return _step_scalars(t, lr, b1, b2)
 
 
 @_adam_step_scalars.register_fake
 def _adam_step_scalars_fake(t: torch.Tensor, lr: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    _check_0d("craftfn::adam_step_scalars", t=t, lr=lr, b1=b1, b2=b2)  # so the real op's dtype is t's
     return t.new_empty(3)
+
+
+# fp16/bf16 leaves are computed in float32 and rounded once, as torch's fused kernel does: in the
+# leaf's own dtype eps=1e-8 is 0 in fp16 (0/0 for a zero gradient) and b2=0.999 is 1.0 in bf16.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def adam_update_out_of_place(
@@ -266,6 +289,9 @@ def adam_update_out_of_place(
     inductor repeats them in every vector of every leaf (51.5M parameters, the two ``pow``:
     167 ms/step, slower than eager, instead of 72).
     Eagerly it runs too, as plain tensor ops (slower than the fused kernel).
+    float16/bfloat16 leaves are computed in float32 (as the kernel does) and the new moments and
+    updates rounded to their dtypes once. With an ``lr``, ``b1`` or ``b2`` that requires grad the
+    scalars are plain tensor ops, so gradients reach them (the opaque op has no derivative).
 
     Args:
         params, grads, mu, nu: parallel lists (same shapes; grads are cast to the params' dtype).
@@ -273,6 +299,10 @@ def adam_update_out_of_place(
         count: the step number ``t >= 1`` of this update, a 0-d tensor.
         lr, b1, b2, eps: numbers or 0-d tensors.
         weight_decay: per leaf, the decoupled decay (0 for none).
+
+    Raises:
+        ValueError: lists of other lengths or shapes than ``params`` (``tree.check_match``'s
+            message), a ``weight_decay`` not one per leaf, a hyperparameter that is not 0-d.
 
     Returns:
         ``(updates, mu, nu, max_nu)``: lists of new tensors (``max_nu`` empty without AMSGrad);
@@ -285,34 +315,55 @@ def adam_update_out_of_place(
         tensor([-0.5000, -0.5000])
     """
     params, grads, mu, nu = list(params), list(grads), list(mu), list(nu)
+    max_list = list(max_nu) if max_nu is not None else None
+    weight_decay = list(weight_decay)
+    where = "adam_update_out_of_place"
+    # fused_adam_step_'s checks (the one tree check): without them zip truncates and shapes broadcast.
+    tree.check_match(grads, params, name=f"{where}: grads")
+    moments = {"mu": mu, "nu": nu, **({"max_nu": max_list} if max_list is not None else {})}
+    tree.check_match(moments, {k: params for k in moments}, name=f"{where}: moments")
+    if len(weight_decay) != len(params):
+        raise ValueError(f"{where}: weight_decay needs one entry per param ({len(params)}), got {len(weight_decay)}: {weight_decay!r}")
     if not params:
         return [], [], [], []
     device = params[0].device
     f64 = torch.float32 if device.type == "mps" else torch.float64
     lr_t, b1_t, b2_t, eps_t = (torch.as_tensor(x, dtype=f64, device=device) for x in (lr, b1, b2, eps))
-    # lr comes back out of the op too: a schedule's ops then run once, not per vector.
-    step_size, bc2_sqrt, lr_t = _adam_step_scalars(count.to(device=device, dtype=f64), lr_t, b1_t, b2_t).unbind()
+    _check_0d(where, lr=lr_t, b1=b1_t, b2=b2_t, eps=eps_t)
+    t = count.to(device=device, dtype=f64)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (lr_t, b1_t, b2_t)):
+        scalars = _step_scalars(t, lr_t, b1_t, b2_t)  # the op has no autograd formula: plain ops
+    else:
+        # lr comes back out of the op too: a schedule's ops then run once, not per vector.
+        scalars = _adam_step_scalars(t, lr_t, b1_t, b2_t)
+    step_size, bc2_sqrt, lr_t = scalars.unbind()
     updates, new_mu, new_nu, new_max = [], [], [], []
     for i, (p, g, m, v) in enumerate(zip(params, grads, mu, nu)):
         dt = p.dtype
+        cd = torch.float32 if dt in _LOW_PRECISION else dt  # the compute dtype
 
-        def cast(x: torch.Tensor, p: torch.Tensor = p) -> torch.Tensor:
-            return x.to(device=p.device, dtype=p.dtype)
+        def cast(x: torch.Tensor, p: torch.Tensor = p, cd: torch.dtype = cd) -> torch.Tensor:
+            return x.to(device=p.device, dtype=cd)
 
-        g = g.to(dt)
+        # For float32/float64 leaves every cast below is skipped: their graph is what it was.
+        g = g.to(cd)
+        m0, v0 = m, v
+        if cd != dt:
+            m, v = m.to(cd), v.to(cd)
         m = torch.lerp(m, g, cast(1.0 - b1_t))
         v = v * cast(b2_t) + g * g * cast(1.0 - b2_t)
-        new_mu.append(m)
-        new_nu.append(v)
-        if max_nu is not None:
-            v = torch.maximum(max_nu[i], v)
-            new_max.append(v)
+        new_mu.append(m.to(m0.dtype) if cd != dt else m)
+        new_nu.append(v.to(v0.dtype) if cd != dt else v)
+        if max_list is not None:
+            old_max = max_list[i]
+            v = torch.maximum(old_max.to(cd) if cd != dt else old_max, v)
+            new_max.append(v.to(old_max.dtype) if cd != dt else v)
         denom = torch.sqrt(v) / cast(bc2_sqrt) + cast(eps_t)
         u = -(m * cast(step_size)) / denom
         wd = weight_decay[i]
         if not (isinstance(wd, (int, float)) and wd == 0):
-            u = p * cast(-lr_t * torch.as_tensor(wd, dtype=f64, device=device)) + u
-        updates.append(u)
+            u = (p.to(cd) if cd != dt else p) * cast(-lr_t * torch.as_tensor(wd, dtype=f64, device=device)) + u
+        updates.append(u.to(dt) if cd != dt else u)
     return updates, new_mu, new_nu, new_max
 
 
