@@ -76,6 +76,7 @@ from craftfn.training.checkpointing import (
     _resolve_step,
     _step_dirname,
     _to_json_number,
+    _unshared,
     select_steps_to_keep,
 )
 
@@ -146,19 +147,6 @@ def _to_state_dict(state: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any],
 
 def _describe(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     return {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()}
-
-
-def _donated_targets(wanted: Mapping[str, torch.Tensor], bools: set[str]) -> dict[str, torch.Tensor]:
-    """The template's tensors a donated restore loads into: not bool (those were converted) and not
-    sharing memory with another leaf (two tied leaves must not be filled from two saved tensors)."""
-    def memory(t: torch.Tensor) -> int:
-        local = t.to_local() if hasattr(t, "to_local") else t
-        return local.untyped_storage().data_ptr()
-
-    owners: dict[int, int] = {}
-    for v in wanted.values():
-        owners[memory(v)] = owners.get(memory(v), 0) + 1
-    return {k: v for k, v in wanted.items() if k not in bools and v.numel() > 0 and owners[memory(v)] == 1}
 
 
 class ShardedCheckpointManager:
@@ -468,7 +456,9 @@ class ShardedCheckpointManager:
             raise CheckpointMismatchError(f"{where}: the checkpoint does not match the template; " + "; ".join(parts))
         # Tensors laid out like the template's (DTensors stay sharded as the template is), loaded in place:
         # new ones, or with donate the template's own (bool leaves were converted, so theirs are new anyway).
-        targets = _donated_targets(wanted, set(meta.get("bool_tensors", []))) if donate else {}
+        # With donate: the template's own tensors, but bool leaves (converted: new anyway) and tied ones.
+        bools = set(meta.get("bool_tensors", []))
+        targets = {k: v for k, v in _unshared(wanted).items() if k not in bools} if donate else {}
         fresh = {k: targets[k] if k in targets else torch.empty_like(v) for k, v in wanted.items()}
         reader = dcp.HuggingFaceStorageReader(str(self.directory / _step_dirname(step)))
         try:

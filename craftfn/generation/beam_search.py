@@ -42,7 +42,6 @@ import torch
 
 from craftfn.generation import kv_cache as kvc
 from craftfn.generation.sampling import _compile_options, _memo_jit, check_max_new_tokens
-from craftfn.models.gpt import GPT
 
 __all__ = ["BeamSearchOutput", "beam_search_generate"]
 
@@ -196,9 +195,7 @@ def _beam_steps(
 def _mark_length_dynamic(view: Any, mask: torch.Tensor) -> None:
     """The prefix grows by ``steps_per_call`` slots per call: its length is a dynamic size of the one
     compiled graph (marked before the first call, which compiles; later calls reuse the graph whatever the length)."""
-    for tensor in (*view.k, *view.v):
-        torch._dynamo.mark_dynamic(tensor, 2)
-    torch._dynamo.mark_dynamic(view.rows, 1)
+    view.mark_length_dynamic()
     torch._dynamo.mark_dynamic(mask, 1)
 
 
@@ -342,9 +339,9 @@ def _search_cached(
     cache = decoder.init_cache(batch, prompt_len + n_new)
     logits, cache = kvc.prefill(decoder, prompt_ids, beam_mask[::k], full_mask[::k], cache)
     cache = cache.index_select(torch.arange(batch, device=device).repeat_interleave(k))
-    # A craftfn GPT reads its cache through a row table: the search reorders the table, not the keys
-    # and values, and each call attends over the prefix its steps fill only.
-    through_rows = isinstance(decoder.module, GPT)
+    # A craftfn GPT (any model declaring it) reads its cache through a row table: the search reorders
+    # the table, not the keys and values, and each call attends over the prefix its steps fill only.
+    through_rows = getattr(decoder.module, "attends_through_kv_rows", False) is True
     if through_rows:
         cache = cache.select_rows(torch.arange(batch * k, device=device))
     logits = logits.repeat_interleave(k, dim=0)

@@ -134,8 +134,8 @@ class KVCache:
         """The first ``length`` slots as views: the model writes through them into this cache and attends no further.
 
         A decode step at slot ``p`` needs slots ``0..p`` only; passing ``cache.prefix(p + 1)``
-        spares attention the empty rest of a static cache. Compiled, mark the slot dimension
-        dynamic (``torch._dynamo.mark_dynamic(t, 2)`` on the views) so one graph serves every length.
+        spares attention the empty rest of a static cache. Compiled, call
+        :meth:`mark_length_dynamic` on the first prefix so one graph serves every length.
 
         Example:
             >>> model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
@@ -148,6 +148,21 @@ class KVCache:
             raise ValueError(f"length must be an int in [1, max_len={self.max_len}], got {length!r}")
         rows = None if self.rows is None else self.rows[:, :length]
         return KVCache(tuple(t[:, :, :length] for t in self.k), tuple(t[:, :, :length] for t in self.v), rows)
+
+    def mark_length_dynamic(self) -> KVCache:
+        """Mark the slot dimension of this cache's tensors (and row table) as a dynamic size for
+        ``torch.compile``/``craftfn.jit``, so the prefixes of a growing length share one graph; returns self.
+
+        Example:
+            >>> cache = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)).init_kv_cache(1, 8)
+            >>> cache.prefix(3).mark_length_dynamic().max_len
+            3
+        """
+        for tensor in (*self.k, *self.v):
+            torch._dynamo.mark_dynamic(tensor, 2)
+        if self.rows is not None:
+            torch._dynamo.mark_dynamic(self.rows, 1)
+        return self
 
     def select_rows(self, indices: torch.Tensor) -> KVCache:
         """The cache whose row ``i`` reads as this cache's row ``indices[i]``, without copying keys or values.
@@ -250,6 +265,11 @@ class GPT(nn.Module):
         >>> logits.shape
         torch.Size([1, 3, 11])
     """
+
+    #: Its attention reads a KV cache through the cache's row table (``KVCache.select_rows``), so
+    #: beam search reorders the table instead of copying the cache. A model of one's own that does
+    #: the same sets this to True.
+    attends_through_kv_rows: bool = True
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()

@@ -327,10 +327,10 @@ def adam_update_out_of_place(
     if not params:
         return [], [], [], []
     device = params[0].device
-    f64 = torch.float32 if device.type == "mps" else torch.float64
-    lr_t, b1_t, b2_t, eps_t = (torch.as_tensor(x, dtype=f64, device=device) for x in (lr, b1, b2, eps))
+    # float64 (float32 on mps) on the parameters' device, as the kernel's scalars.
+    lr_t, b1_t, b2_t, eps_t = (_as_tensor(x, device) for x in (lr, b1, b2, eps))
     _check_0d(where, lr=lr_t, b1=b1_t, b2=b2_t, eps=eps_t)
-    t = count.to(device=device, dtype=f64)
+    t = _as_tensor(count, device)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (lr_t, b1_t, b2_t)):
         scalars = _step_scalars(t, lr_t, b1_t, b2_t)  # the op has no autograd formula: plain ops
     else:
@@ -362,7 +362,7 @@ def adam_update_out_of_place(
         u = -(m * cast(step_size)) / denom
         wd = weight_decay[i]
         if not (isinstance(wd, (int, float)) and wd == 0):
-            u = (p.to(cd) if cd != dt else p) * cast(-lr_t * torch.as_tensor(wd, dtype=f64, device=device)) + u
+            u = (p.to(cd) if cd != dt else p) * cast(-lr_t * _as_tensor(wd, device)) + u
         updates.append(u.to(dt) if cd != dt else u)
     return updates, new_mu, new_nu, new_max
 

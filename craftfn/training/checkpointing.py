@@ -49,6 +49,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import datetime
@@ -1043,6 +1044,18 @@ def _check_template(pairs: list[tuple[str, Any]], tensors: Mapping[str, torch.Te
         raise CheckpointMismatchError(f"{where}: the checkpoint does not match the template; " + "; ".join(parts))
 
 
+def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The non-empty tensors whose memory no other one of ``tensors`` shares (a DTensor: its local
+    shard's): a donated restore reads into these only, as two tied leaves must not be filled from
+    two saved tensors."""
+
+    def memory(t: torch.Tensor) -> int:
+        return (t.to_local() if hasattr(t, "to_local") else t).untyped_storage().data_ptr()
+
+    owners = collections.Counter(memory(t) for t in tensors.values())
+    return {n: t for n, t in tensors.items() if t.numel() > 0 and owners[memory(t)] == 1}
+
+
 class _ReadInto:
     """A donated restore's destinations: the template's tensors the file's bytes are read into.
 
@@ -1063,18 +1076,7 @@ class _ReadInto:
             for n, t in self.pairs
             if type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.layout == torch.strided
         ]
-        owners: dict[int, int] = {}
-        for _, t in tensors:
-            ptr = t.untyped_storage().data_ptr()
-            owners[ptr] = owners.get(ptr, 0) + 1
-        self.targets = {
-            n: t
-            for n, t in tensors
-            if t.is_contiguous()
-            and not (t.is_conj() or t.is_neg())
-            and t.numel() > 0
-            and owners[t.untyped_storage().data_ptr()] == 1
-        }
+        self.targets = {n: t for n, t in _unshared(dict(tensors)).items() if t.is_contiguous() and not (t.is_conj() or t.is_neg())}
 
     def __call__(self, header: dict[str, tuple[torch.dtype, list[int]]], scalars: Mapping[str, Any]) -> Mapping[str, torch.Tensor]:
         stand_ins = {n: torch.empty(shape, dtype=dtype, device="meta") for n, (dtype, shape) in header.items()}
