@@ -41,7 +41,14 @@ from typing import Any, Mapping, NamedTuple, Optional, Union
 import torch
 
 from craftfn.generation import kv_cache as kvc
-from craftfn.generation.sampling import _compile_options, _memo_jit, check_max_new_tokens
+from craftfn.generation.sampling import (
+    _all_done,
+    _compile_options,
+    _mark_length_dynamic,
+    _memo_jit,
+    _positive_int,
+    check_max_new_tokens,
+)
 
 __all__ = ["BeamSearchOutput", "beam_search_generate"]
 
@@ -53,11 +60,6 @@ class BeamSearchOutput(NamedTuple):
 
     sequences: torch.Tensor
     scores: torch.Tensor
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 class _Beams(NamedTuple):
@@ -192,13 +194,6 @@ def _beam_steps(
     return beams, stepped, logits, t, input_pos, position_ids
 
 
-def _mark_length_dynamic(view: Any, mask: torch.Tensor) -> None:
-    """The prefix grows by ``steps_per_call`` slots per call: its length is a dynamic size of the one
-    compiled graph (marked before the first call, which compiles; later calls reuse the graph whatever the length)."""
-    view.mark_length_dynamic()
-    torch._dynamo.mark_dynamic(mask, 1)
-
-
 def _compiled_beam_steps(compile_options: dict[str, Any]) -> Any:
     """``craftfn.jit(_beam_steps)`` with ``dynamic=False``, built once per compile options.
 
@@ -319,12 +314,6 @@ def beam_search_generate(
     return _results(beams, prompt_ids, k, num_return_sequences, n_new, length_penalty, pad)
 
 
-def _all_done(beams: _Beams, eos: int, before: int, after: int, sync_every: int) -> bool:
-    """With an EOS, once every ``sync_every`` positions (between ``before`` and ``after``): is every
-    prompt done? The loop's only host read; a done prompt changes no more, so stopping changes nothing."""
-    return eos >= 0 and after // sync_every > before // sync_every and bool(beams.done.all())
-
-
 def _search_cached(
     decoder: kvc.Decoder, prompt_ids: torch.Tensor, beam_mask: torch.Tensor, beams: _Beams, norms: torch.Tensor,
     k: int, eos: int, pad: int, early_stopping: bool, compile_options: Optional[dict[str, Any]], sync_every: int,
@@ -375,7 +364,7 @@ def _search_cached(
                 # the graph: dynamo's guard check per call would only repeat it.
                 later_calls.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
             cache = cache if through_rows else stepped  # through rows, the steps wrote into cache's views
-            if _all_done(beams, eos, start, start + steps, sync_every):
+            if _all_done(beams.done, eos, start, start + steps, sync_every):
                 break
     return beams
 
@@ -391,7 +380,7 @@ def _search_window(
     t_ = torch.zeros((), dtype=torch.int64, device=prompt_ids.device)
     for t in range(n_new):
         beams, _, _ = _select(logits, beams, t_, norms, k, eos, pad, early_stopping)
-        if t == n_new - 1 or _all_done(beams, eos, t, t + 1, sync_every):
+        if t == n_new - 1 or _all_done(beams.done, eos, t, t + 1, sync_every):
             break
         ids = torch.cat([beam_prompts, beams.tokens[:, : t + 1]], dim=1)
         logits = decoder.forward_window(ids, torch.cat([beam_mask, beam_mask.new_ones(beam_mask.shape[0], t + 1)], dim=1))

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -257,11 +258,11 @@ def sample_token(
 # The sampling loop
 
 
-def _decode_step(
+def _sample_steps(
     module: Any,
     params: Optional[Mapping[str, torch.Tensor]],
     cache: Any,
-    tokens: torch.Tensor,
+    token: torch.Tensor,
     input_pos: torch.Tensor,
     position_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -271,13 +272,29 @@ def _decode_step(
     options: SamplingOptions,
     eos_token_id: int,
     pad_token_id: int,
-) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
-    """One token for every row: the unit ``torch.compile`` compiles (static shapes, no syncs)."""
-    logits, cache = kvc.call_model(
-        module, params, tokens[:, None], kv_cache=cache, input_pos=input_pos,
-        attention_mask=attention_mask, position_ids=position_ids[:, None],
-    )
-    return _choose(logits[:, -1], key, input_pos[0], done, seen, options, eos_token_id, pad_token_id, cache)
+    steps: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``steps`` tokens for every row: the unit ``compile=True`` compiles (static shapes, no syncs).
+
+    A step decodes the last token into cache slot ``input_pos`` and samples the next one from its
+    logits with ``fold_in(key, input_pos)``. A step past the cache's last slot (in a generation's
+    last call, past ``max_new_tokens``) writes that last slot again at position 0 (a valid input,
+    so one graph serves a generation of any length); its tokens are dropped by the caller and
+    nothing reads that slot afterwards. Returns the ``(B, steps)`` tokens, the last of them, and the
+    advanced ``input_pos``, ``position_ids``, ``done`` and ``seen``; the cache is written in place.
+    """
+    last_slot = cache.max_len - 1
+    chosen = []
+    for _ in range(steps):
+        inside = input_pos < cache.max_len
+        logits, cache = kvc.call_model(
+            module, params, token[:, None], kv_cache=cache, input_pos=input_pos.clamp(max=last_slot),
+            attention_mask=attention_mask, position_ids=torch.where(inside, position_ids, 0)[:, None],
+        )
+        token, _, done, seen = _choose(logits[:, -1], key, input_pos[0], done, seen, options, eos_token_id, pad_token_id)
+        chosen.append(token)
+        input_pos, position_ids = input_pos + 1, position_ids + 1
+    return torch.stack(chosen, dim=1), token, input_pos, position_ids, done, seen
 
 
 def _choose(logits, key, position, done, seen, options, eos_token_id, pad_token_id, cache=None):
@@ -294,19 +311,18 @@ def _choose(logits, key, position, done, seen, options, eos_token_id, pad_token_
 _COMPILED: dict[Any, Any] = {}
 
 
-def _compiled_decode_step(compile_options: Mapping[str, Any]) -> Any:
-    """``craftfn.jit(_decode_step)`` with ``dynamic=False``, built once per compile options.
+def _compiled_sample_steps(compile_options: Mapping[str, Any]) -> Any:
+    """``craftfn.jit(_sample_steps)`` with ``dynamic=False``, built once per compile options.
 
-    The sampling options and token ids are static (one graph per value); the KV cache is donated
-    (written in place). Dynamo then caches one graph per (model, batch size, cache length,
-    sampling options) and reuses it for every position: positions, keys and masks are tensors,
-    so they never recompile. A ``TrainState``'s params are inputs of the graph, so new weights
+    The sampling options, token ids and ``steps`` are static (one graph per value); positions,
+    keys and masks are tensors, and the attended cache prefix's length is a dynamic size, so
+    dynamo keeps one graph per (model, batch size, cache length, sampling options, steps) and
+    reuses it for every call. A ``TrainState``'s params are inputs of the graph, so new weights
     (a later training step) reuse it too. Dynamo keeps at most
     ``torch._dynamo.config.recompile_limit`` graphs per compiled function; past that it runs the
-    step eagerly (same tokens, with a warning).
+    steps eagerly (same tokens, with a warning).
     """
-    # options, eos_token_id, pad_token_id: static; cache: donated (its layers are written in place).
-    return _memo_jit(_decode_step, compile_options, static_argnums=(10, 11, 12), donate_argnums=(2,))
+    return _memo_jit(_sample_steps, compile_options, static_argnums=(10, 11, 12, 13))
 
 
 def _memo_jit(fn: Callable[..., Any], compile_options: dict[str, Any], **jit_kwargs: Any) -> Any:
@@ -349,6 +365,24 @@ def check_max_new_tokens(max_new_tokens: Any) -> None:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
 
 
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _mark_length_dynamic(view: Any, mask: torch.Tensor) -> None:
+    """The attended prefix grows by ``steps_per_call`` slots per call: its length is a dynamic size of the one
+    compiled graph (marked before the first call, which compiles; later calls reuse the graph whatever the length)."""
+    view.mark_length_dynamic()
+    torch._dynamo.mark_dynamic(mask, 1)
+
+
+def _all_done(done: torch.Tensor, eos: int, before: int, after: int, sync_every: int) -> bool:
+    """With an EOS, once every ``sync_every`` positions (between ``before`` and ``after``): is every
+    row done? The loops' only host read; a done row changes no more, so stopping changes nothing."""
+    return eos >= 0 and after // sync_every > before // sync_every and bool(done.all())
+
+
 def generate_text_sampling(
     model: Any,
     prompt_ids: torch.Tensor,
@@ -368,12 +402,15 @@ def generate_text_sampling(
     use_cache: Optional[bool] = None,
     compile: Union[bool, Mapping[str, Any]] = False,
     sync_every: int = 16,
+    steps_per_call: int = 8,
 ) -> torch.Tensor:
     """Generate ``max_new_tokens`` tokens after each prompt row by sampling (or greedy with temperature 0).
 
     With a model that has a KV cache (craftfn's GPT), the prompt is prefilled once and each new
-    token costs one decode step on a static cache; ``compile=True`` compiles that step with
-    ``torch.compile(fullgraph=True)`` once per (batch, cache length) and gives the same tokens as
+    token costs one decode step on a static cache, ``steps_per_call`` steps per call; each call
+    attends over the cache slots filled so far only (``KVCache.prefix``). ``compile=True``
+    compiles those steps, unrolled, with ``torch.compile(fullgraph=True)`` once per (batch, cache
+    length) (the prefix length is a dynamic size of the graph) and gives the same tokens as
     ``compile=False``. Other models (any module mapping ids to logits) recompute the whole
     window each token, as nanoGPT does.
 
@@ -390,7 +427,16 @@ def generate_text_sampling(
         seed: used when ``key`` is not given.
         use_cache: default: when the model has ``init_kv_cache``.
         compile: ``True`` or ``torch.compile`` options (e.g. ``{"backend": "aot_eager"}``) for the decode step.
-        sync_every: with an EOS, check every this many tokens whether all rows finished (the only host read).
+        sync_every: with an EOS, check every this many tokens whether all rows finished (the only
+            host read of the loop; at the end of the call that reaches a multiple of it); the tokens
+            are the same whatever its value.
+        steps_per_call: decode steps (tokens) per call of the decode step, with the KV cache.
+            Compiled, the graph is that many steps unrolled: the per-call cost (dynamo's and
+            craftfn.jit's Python, the graph's input checks) is paid once per that many tokens, and
+            the first compile takes longer (8 against 1, greedy, a 4x128 GPT on a CPU: COMPILE_NOTE).
+            Compiled, every call runs ``min(steps_per_call, max_new_tokens - 1)`` steps (the tokens
+            of steps past ``max_new_tokens`` are dropped), so one graph serves every call of a
+            generation. Same tokens whatever its value.
 
     Returns:
         ``(B, P + max_new_tokens)`` int64: the prompts followed by the generated tokens.
@@ -404,8 +450,8 @@ def generate_text_sampling(
     """
     options = SamplingOptions(temperature, top_k, top_p, min_p, repetition_penalty, tuple(suppress_tokens or ()))
     check_max_new_tokens(max_new_tokens)
-    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
-        raise ValueError(f"sync_every must be a positive int, got {sync_every!r}")
+    _positive_int("sync_every", sync_every)
+    _positive_int("steps_per_call", steps_per_call)
     decoder = kvc.as_decoder(model)
     prompt_ids, attention_mask = kvc.check_prompt(prompt_ids, attention_mask, decoder)
     eos, pad = kvc.eos_and_pad(eos_token_id, pad_token_id)
@@ -420,11 +466,14 @@ def generate_text_sampling(
     if max_new_tokens == 0:
         return prompt_ids
     if use_cache:
-        return _generate_cached(decoder, prompt_ids, attention_mask, max_new_tokens, options, eos, pad, key, compile_options, sync_every)
+        return _generate_cached(
+            decoder, prompt_ids, attention_mask, max_new_tokens, options, eos, pad, key, compile_options, sync_every, steps_per_call
+        )
     return _generate_recompute(decoder, prompt_ids, attention_mask, max_new_tokens, options, eos, pad, key)
 
 
-def _generate_cached(decoder, prompt_ids, attention_mask, max_new_tokens, options, eos, pad, key, compile_options, sync_every):
+def _generate_cached(decoder, prompt_ids, attention_mask, max_new_tokens, options, eos, pad, key, compile_options, sync_every, steps_per_call):
+    """Prefill, the first token from its logits, then the others ``steps_per_call`` per call of :func:`_sample_steps`."""
     batch, prompt_len = prompt_ids.shape
     max_len = prompt_len + max_new_tokens
     decoder.check_length(max_len, "max_new_tokens", max_new_tokens)
@@ -439,18 +488,36 @@ def _generate_cached(decoder, prompt_ids, attention_mask, max_new_tokens, option
         token, _, done, seen = _choose(logits, key, position, done, seen, options, eos, pad)
         out = torch.full((batch, max_new_tokens), pad, dtype=torch.int64, device=device)
         out[:, 0] = token
-        step = _decode_step if compile_options is None else _compiled_decode_step(compile_options)
-        next_pos = attention_mask.sum(dim=1)  # each row's position for its first generated token
-        for t in range(1, max_new_tokens):
-            slot = prompt_len + t - 1
-            input_pos = torch.tensor([slot], device=device)
-            token, cache, done, seen = step(
-                decoder.module, decoder.params, cache, token, input_pos, next_pos + (t - 1), full_mask,
-                key, done, seen, options, eos, pad,
-            )
-            out[:, t] = token
-            if eos >= 0 and t % sync_every == 0 and bool(done.all()):
-                break  # the rest of ``out`` is already padding
+        # Decode j writes token j into slot prompt_len + j and samples token j + 1: max_new_tokens - 1
+        # decodes (the last token's decode is never read).
+        n_decodes = max_new_tokens - 1
+        compiled = compile_options is not None
+        step = _compiled_sample_steps(compile_options) if compiled else _sample_steps
+        input_pos = torch.full((1,), prompt_len, dtype=torch.int64, device=device)
+        position_ids = attention_mask.sum(dim=1)  # each row's position for its first generated token
+        with contextlib.ExitStack() as later_calls:
+            for start in range(0, n_decodes, steps_per_call):
+                # Compiled, every call runs the same number of steps (one graph; the last call's extra
+                # steps are dropped), at most n_decodes: a shorter generation is one call; eagerly, only the steps left.
+                steps = min(steps_per_call, n_decodes) if compiled else min(steps_per_call, n_decodes - start)
+                # The slots this call's kept decodes write: always short of the whole cache (the last
+                # token's slot is never written), so every call's views have the same strides.
+                filled = prompt_len + min(start + steps, n_decodes)
+                # The model writes the cache in place (KVCache's contract), here through views of its prefix.
+                view, mask = cache.prefix(filled), full_mask[:, :filled]
+                if compiled and start == 0:
+                    _mark_length_dynamic(view, mask)
+                chosen, token, input_pos, position_ids, done, seen = step(
+                    decoder.module, decoder.params, view, token, input_pos, position_ids, mask,
+                    key, done, seen, options, eos, pad, steps,
+                )
+                if compiled and start == 0:
+                    # The first call checked every guard (and compiled if needed); the later ones differ
+                    # only in values and the prefix length, a dynamic size: dynamo's guard check would repeat it.
+                    later_calls.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
+                out[:, 1 + start : 1 + start + steps] = chosen[:, : n_decodes - start]
+                if _all_done(done, eos, start, start + steps, sync_every):
+                    break  # the rest of ``out`` is already padding
     return torch.cat([prompt_ids, out], dim=1)
 
 

@@ -169,7 +169,9 @@ def test_inductor_compiled_tokens_equal_eager():
         eos_token_id=4, attention_mask=mask, seed=3,
     )
     eager = generate_text_sampling(model, ids, **kwargs)
-    compiled = generate_text_sampling(model, ids, compile=True, **kwargs)
+    # Calls of 2 decode steps (15 decodes: the last call drops one step): an 8-step graph with these
+    # processors takes minutes to compile on 2 cores.
+    compiled = generate_text_sampling(model, ids, compile=True, steps_per_call=2, **kwargs)
     assert torch.equal(compiled, eager)
 
 
