@@ -3,8 +3,11 @@
 * **no-cache eager**: every token recomputes the whole window (nanoGPT's ``generate``), via
   ``generate_text_sampling(use_cache=False)``;
 * **KV-cache eager**: prefill once, then one-token decode steps on the static cache;
-* **KV-cache compiled**: the same decode step under ``torch.compile`` (inductor, ``fullgraph=True``),
-  compiled once (compile time reported separately, not in tokens/s);
+* **KV-cache compiled, 1 step per call**: the decode step under ``torch.compile`` (inductor,
+  ``fullgraph=True``), one token per call (``steps_per_call=1``), compiled once (compile time
+  reported separately, not in tokens/s);
+* **KV-cache compiled, K steps per call**: ``steps_per_call=K`` (``--steps_per_call``, default 8,
+  the default of ``generate_text_sampling``) decode steps unrolled in one graph per call;
 * **HF generate**: ``transformers.GPT2LMHeadModel.generate`` (its own dynamic KV cache) on a GPT-2 of
   the same size and architecture, with the craftfn model's (random) weights copied in, so all four
   produce the same greedy tokens, which the script checks. Skipped when transformers is absent.
@@ -18,7 +21,7 @@
   steps unrolled per call: ``steps_per_call``'s default);
 * **HF generate**: ``generate(num_beams=K)`` on the GPT-2 copy.
 
-Greedy decoding, batch 1, a 32-token prompt. Each method runs once to warm up, then the methods take
+Greedy decoding, batch ``--batch`` (default 1; tokens/s counts every row's tokens), a 32-token prompt. Each method runs once to warm up, then the methods take
 turns ``--repeats`` times and each one's best time is reported (the machine is shared: taking turns
 spreads load swings over all methods, and the minimum is the least noisy statistic).
 
@@ -26,12 +29,14 @@ Run:
     .venv/bin/python benchmarks/generation_bench.py               # the char job's GPT (4x128), ~2-3 min
     .venv/bin/python benchmarks/generation_bench.py --no-compile  # skip the inductor compile
     .venv/bin/python benchmarks/generation_bench.py --beams 4     # beam search, 4 beams, 256 tokens
+    .venv/bin/python benchmarks/generation_bench.py --batch 8     # greedy, 8 prompts at once
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import math
 import os
 import platform
@@ -208,6 +213,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny per-token ops gain nothing from more)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--beams", type=int, default=1, help="> 1: benchmark beam search with this many beams")
+    parser.add_argument("--batch", type=int, default=1, help="prompts generated at once (greedy)")
+    parser.add_argument("--steps_per_call", type=int, default=8, help="decode steps per compiled call (greedy)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -215,7 +222,7 @@ def main() -> None:
     block = args.prompt_len + args.new_tokens
     config = GPTConfig(vocab_size=args.vocab_size, block_size=block, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(config).eval()
-    prompt = torch.randint(0, args.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(0, args.vocab_size, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
     common = dict(max_new_tokens=args.new_tokens, temperature=0.0)
 
     results: dict[str, float] = {}
@@ -227,11 +234,13 @@ def main() -> None:
         "no-cache eager (nanoGPT recompute)": lambda: generate_text_sampling(model, prompt, use_cache=False, **common),
         "KV-cache eager": lambda: generate_text_sampling(model, prompt, **common),
     }
+    compiled_name = f"KV-cache compiled (inductor), {args.steps_per_call} steps per call"
     if not args.no_compile:
-        start = time.perf_counter()
-        generate_text_sampling(model, prompt, compile=True, **common)
-        notes.append(f"inductor compile of the decode step (first generation): {time.perf_counter() - start:.1f} s")
-        runs["KV-cache compiled (inductor)"] = lambda: generate_text_sampling(model, prompt, compile=True, **common)
+        for steps, name in ((1, "KV-cache compiled (inductor), 1 step per call"), (args.steps_per_call, compiled_name)):
+            start = time.perf_counter()
+            generate_text_sampling(model, prompt, compile=True, steps_per_call=steps, **common)
+            notes.append(f"inductor compile of {steps} decode step(s) per call (first generation): {time.perf_counter() - start:.1f} s")
+            runs[name] = functools.partial(generate_text_sampling, model, prompt, compile=True, steps_per_call=steps, **common)
     try:
         hf, hf_version = _hf_copy(model)
 
@@ -248,7 +257,7 @@ def main() -> None:
 
     best, tokens = _time_round_robin(runs, args.repeats)
     for name, seconds in best.items():
-        results[name] = args.new_tokens / seconds
+        results[name] = args.batch * args.new_tokens / seconds
         print(f"{name:55s} {results[name]:9.1f} tokens/s", flush=True)
 
     reference = tokens["KV-cache eager"]
@@ -262,13 +271,16 @@ def main() -> None:
         print(f"| {name} | {tps:.1f} | {tps / base:.2f}x | {'yes' if same[name] else 'NO'} |")
     for note in notes:
         print(f"\n{note}")
-    compiled = results.get("KV-cache compiled (inductor)")
+    compiled = results.get(compiled_name)
     hf_name = next((n for n in results if n.startswith("HF generate")), None)
     if compiled is not None:
         print(f"\nTarget compiled >= 3x no-cache eager: {compiled / base:.2f}x -> {'met' if compiled >= 3 * base else 'NOT met'}")
         if hf_name:
             ratio = compiled / results[hf_name]
             print(f"Target compiled faster than HF generate: {ratio:.2f}x -> {'met' if ratio > 1 else 'NOT met'}")
+        one_step = results.get("KV-cache compiled (inductor), 1 step per call")
+        if one_step is not None and args.steps_per_call != 1:
+            print(f"{args.steps_per_call} steps per call vs 1: {compiled / one_step:.2f}x")
 
 
 def _describe(args: argparse.Namespace, model: GPT, config: GPTConfig, what: str) -> None:
@@ -281,7 +293,7 @@ def _describe(args: argparse.Namespace, model: GPT, config: GPTConfig, what: str
           f"torch {torch.__version__}, {args.threads} thread(s); load average at the end {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}")
     print(f"Model: GPT {config.n_layer} layers x {config.n_embd} wide, {config.n_head} heads, vocab {config.vocab_size}, "
           f"{model.num_params(non_embedding=False) / 1e6:.2f} M parameters; prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, {what}, batch 1, best of {args.repeats}")
+          f"{args.new_tokens} new tokens, {what}, batch {args.batch}, best of {args.repeats}")
     print()
 
 

@@ -278,8 +278,8 @@ def _sample_steps(
 
     A step decodes the last token into cache slot ``input_pos`` and samples the next one from its
     logits with ``fold_in(key, input_pos)``. A step past the cache's last slot (in a generation's
-    last call, past ``max_new_tokens``) writes that last slot again at position 0 (a valid input,
-    so one graph serves a generation of any length); its tokens are dropped by the caller and
+    last call, past ``max_new_tokens``) writes that last slot again, at position 0 (valid inputs,
+    so one graph serves a generation of any length); its tokens are dropped by the caller, and
     nothing reads that slot afterwards. Returns the ``(B, steps)`` tokens, the last of them, and the
     advanced ``input_pos``, ``position_ids``, ``done`` and ``seen``; the cache is written in place.
     """
@@ -291,13 +291,13 @@ def _sample_steps(
             module, params, token[:, None], kv_cache=cache, input_pos=input_pos.clamp(max=last_slot),
             attention_mask=attention_mask, position_ids=torch.where(inside, position_ids, 0)[:, None],
         )
-        token, _, done, seen = _choose(logits[:, -1], key, input_pos[0], done, seen, options, eos_token_id, pad_token_id)
+        token, done, seen = _choose(logits[:, -1], key, input_pos[0], done, seen, options, eos_token_id, pad_token_id)
         chosen.append(token)
         input_pos, position_ids = input_pos + 1, position_ids + 1
     return torch.stack(chosen, dim=1), token, input_pos, position_ids, done, seen
 
 
-def _choose(logits, key, position, done, seen, options, eos_token_id, pad_token_id, cache=None):
+def _choose(logits, key, position, done, seen, options, eos_token_id, pad_token_id):
     """Sample, then apply EOS bookkeeping; shared by the cached, compiled and recompute paths."""
     token = sample_token(logits, random.fold_in(key, position), options=options, seen=seen)
     # Finished rows keep emitting the pad token; eos_token_id < 0 means "no EOS".
@@ -305,7 +305,7 @@ def _choose(logits, key, position, done, seen, options, eos_token_id, pad_token_
     done = done | (token == eos_token_id)
     if options.repetition_penalty != 1.0:
         seen = seen.scatter(1, token[:, None], True)
-    return token, cache, done, seen
+    return token, done, seen
 
 
 _COMPILED: dict[Any, Any] = {}
@@ -485,7 +485,7 @@ def _generate_cached(decoder, prompt_ids, attention_mask, max_new_tokens, option
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         seen = _seen_mask(prompt_ids, attention_mask, logits.shape[-1], options)
         position = torch.tensor(prompt_len - 1, device=device)
-        token, _, done, seen = _choose(logits, key, position, done, seen, options, eos, pad)
+        token, done, seen = _choose(logits, key, position, done, seen, options, eos, pad)
         out = torch.full((batch, max_new_tokens), pad, dtype=torch.int64, device=device)
         out[:, 0] = token
         # Decode j writes token j into slot prompt_len + j and samples token j + 1: max_new_tokens - 1
@@ -533,7 +533,7 @@ def _generate_recompute(decoder, prompt_ids, attention_mask, max_new_tokens, opt
             if seen is None:
                 seen = _seen_mask(prompt_ids, attention_mask, logits.shape[-1], options)
             position = torch.tensor(prompt_len + t - 1, device=device)
-            token, _, done, seen = _choose(logits, key, position, done, seen, options, eos, pad)
+            token, done, seen = _choose(logits, key, position, done, seen, options, eos, pad)
             ids = torch.cat([ids, token[:, None]], dim=1)
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
     return ids

@@ -29,17 +29,18 @@ SAMPLING = dict(temperature=0.9, top_k=8, top_p=0.9, repetition_penalty=1.3, see
 
 @pytest.mark.parametrize(
     "options, max_new_tokens, steps_per_call",
-    [(GREEDY, 12, 3), (SAMPLING, 12, 3), (SAMPLING, 4, 8), (GREEDY, 1, 3)],
+    [(GREEDY, 27, 4), (SAMPLING, 12, 3), (SAMPLING, 4, 8), (GREEDY, 1, 3)],
     ids=[
-        "greedy, 11 decodes in calls of 3 (the last compiled call drops one step)",
-        "top-k, top-p, repetition penalty, 11 decodes in calls of 3",
+        "greedy, to the end of the context in calls of 4 (the last compiled call drops 2 steps)",
+        "top-k, top-p, repetition penalty, 11 decodes in calls of 3 (the last compiled call drops one)",
         "top-k, top-p, repetition penalty, fewer tokens than steps_per_call",
         "greedy, one token: no decode",
     ],
 )
 def test_calls_of_several_steps_give_the_tokens_of_one_step_and_of_recomputation(model, options, max_new_tokens, steps_per_call):
     """Left-padded rows; the Gumbel keys are a function of (key, position), so the steps a call unrolls
-    (and a compiled call's dropped steps) must not change a token, compiled or not."""
+    (and a compiled call's dropped steps) must not change a token, compiled or not. Steps dropped past
+    the end of the model's context (32) must not index past the cache or the position table."""
     kwargs = dict(options, attention_mask=MASK, max_new_tokens=max_new_tokens)
     recomputed = generate_text_sampling(model, IDS, use_cache=False, **kwargs)
     assert torch.equal(generate_text_sampling(model, IDS, steps_per_call=1, **kwargs), recomputed)
