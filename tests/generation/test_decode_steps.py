@@ -68,30 +68,21 @@ def test_eos_inside_a_call_pads_the_row_from_the_next_step(model):
     assert torch.equal(generate_text_sampling(model, IDS, steps_per_call=3, compile={"backend": CompileCounter()}, **kwargs), expected)
 
 
-class _CallRecordingGPT(GPT):
-    """A GPT that records the shape of every ids batch it runs on (eagerly)."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.calls = []
-
-    def forward(self, idx, *args, **kwargs):
-        self.calls.append(tuple(idx.shape))
-        return super().forward(idx, *args, **kwargs)
-
-
 @pytest.mark.parametrize("sync_every, decodes", [(4, 6), (3, 3), (100, 19)])
 def test_the_early_stop_is_read_at_the_end_of_the_call_that_reaches_a_multiple_of_sync_every(model, sync_every, decodes):
     """The one row emits EOS as its first token. In calls of 3 decodes (tokens 1-3, 4-6, ...) the host
     reads ``done`` after the call that reaches a multiple of sync_every, and stops there."""
-    recording = _CallRecordingGPT(model.config).eval()
-    recording.load_state_dict(model.state_dict())
     prompt = IDS[:1]
     eos = int(generate_text_sampling(model, prompt, max_new_tokens=1, temperature=0.0)[0, -1])
-    kwargs = dict(max_new_tokens=20, temperature=0.0, eos_token_id=eos, pad_token_id=0, sync_every=sync_every, steps_per_call=3)
-    out = generate_text_sampling(recording, prompt, **kwargs)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0].shape)))
+    try:
+        kwargs = dict(max_new_tokens=20, temperature=0.0, eos_token_id=eos, pad_token_id=0, sync_every=sync_every, steps_per_call=3)
+        out = generate_text_sampling(model, prompt, **kwargs)
+    finally:
+        hook.remove()
     assert out[0, P:].tolist() == [eos] + [0] * 19
-    assert recording.calls == [(1, P)] + [(1, 1)] * decodes  # the prefill, then the decodes run
+    assert calls == [(1, P)] + [(1, 1)] * decodes  # the prefill, then the decodes run
 
 
 def test_one_graph_per_batch_and_length_across_calls_and_generations(model):
