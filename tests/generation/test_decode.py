@@ -171,7 +171,7 @@ def test_inductor_compiled_tokens_equal_eager():
     eager = generate_text_sampling(model, ids, **kwargs)
     # One decode step per call: with these processors a 2-step graph took 154-216 s to compile cold on
     # CI's 2 cores (1 step: ~85 s), past the suite's budget. The multi-step graph is checked for the same
-    # tokens with the aot_eager/counting backends (test_decode_steps.py) and under inductor by
+    # tokens with the aot_eager and counting backends (test_decode_steps.py) and under inductor by
     # benchmarks/generation_bench.py (same tokens as eager and HF).
     compiled = generate_text_sampling(model, ids, compile=True, steps_per_call=1, **kwargs)
     assert torch.equal(compiled, eager)

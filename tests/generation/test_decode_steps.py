@@ -102,3 +102,19 @@ def test_one_graph_per_batch_and_length_across_calls_and_generations(model):
 def test_bad_steps_per_call_is_named(model, value):
     with pytest.raises(ValueError, match=f"steps_per_call must be a positive int, got {value!r}"):
         generate_text_sampling(model, IDS, max_new_tokens=3, steps_per_call=value)
+
+
+@pytest.mark.compile
+def test_aot_functionalized_calls_of_several_steps_write_the_cache_prefix_in_place():
+    """Under AOT autograd (aot_eager: functionalization without inductor's compile time), the in-place
+    cache writes through the prefix views of a multi-step call must land in the cache: a lost write
+    changes the next call's tokens. The weights are scaled up 5x: at the default init (std 0.02) the
+    attended values barely move the logits, and a cache that lost every write still gave these tokens."""
+    model = tiny_gpt()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5.0)
+    kwargs = dict(SAMPLING, attention_mask=MASK, max_new_tokens=12, eos_token_id=4)
+    recomputed = generate_text_sampling(model, IDS, use_cache=False, **kwargs)  # no cache to lose a write to
+    compiled = generate_text_sampling(model, IDS, compile={"backend": "aot_eager", "fullgraph": True}, steps_per_call=3, **kwargs)
+    assert torch.equal(compiled, recomputed)
