@@ -234,9 +234,12 @@ def main() -> None:
         "no-cache eager (nanoGPT recompute)": lambda: generate_text_sampling(model, prompt, use_cache=False, **common),
         "KV-cache eager": lambda: generate_text_sampling(model, prompt, **common),
     }
-    compiled_name = f"KV-cache compiled (inductor), {args.steps_per_call} steps per call"
+    def compiled_label(steps: int) -> str:
+        return f"KV-cache compiled (inductor), {steps} step{'s' if steps > 1 else ''} per call"
+
+    compiled_name = compiled_label(args.steps_per_call)
     if not args.no_compile:
-        for steps, name in ((1, "KV-cache compiled (inductor), 1 step per call"), (args.steps_per_call, compiled_name)):
+        for steps, name in ((1, compiled_label(1)), (args.steps_per_call, compiled_name)):
             start = time.perf_counter()
             generate_text_sampling(model, prompt, compile=True, steps_per_call=steps, **common)
             notes.append(f"inductor compile of {steps} decode step(s) per call (first generation): {time.perf_counter() - start:.1f} s")
@@ -278,7 +281,7 @@ def main() -> None:
         if hf_name:
             ratio = compiled / results[hf_name]
             print(f"Target compiled faster than HF generate: {ratio:.2f}x -> {'met' if ratio > 1 else 'NOT met'}")
-        one_step = results.get("KV-cache compiled (inductor), 1 step per call")
+        one_step = results.get(compiled_label(1))
         if one_step is not None and args.steps_per_call != 1:
             print(f"{args.steps_per_call} steps per call vs 1: {compiled / one_step:.2f}x")
 
