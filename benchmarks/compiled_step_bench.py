@@ -12,11 +12,14 @@ Variants (as in ``train_bench.py``):
 
 * ``d``: ``torch.compile(model)``, ``loss.backward()``, ``torch.optim.AdamW(fused=True)``,
   ``zero_grad(set_to_none=True)``.
-* ``e``: ``make_train_step(lm_loss, donate=True, compile={"fullgraph": True})`` (forward,
-  backward, the fused AdamW update and the ``loss``/``grad_norm`` metrics in one graph).
+* ``e``: ``make_train_step(lm_loss, donate=True, compile={"fullgraph": True})``: the loss's forward
+  compiled (AOT autograd builds and partitions its backward, as for ``d``), the fused AdamW update
+  and the ``grad_norm`` metric outside the graph.
+* ``w`` (with ``--whole-step``): ``make_train_step(lm_loss, donate=True).compile_whole(fullgraph=True)``: the whole step (forward,
+  backward, fused update, metrics) as one graph: what ``compile=`` compiled before issue 16j.
 
 Reported per size: the median and minimum ms per step of each over all timed steps, the median of
-the per-round ratios e/d, and the losses after the same number of steps (equal up to compiled
+the per-round ratios e/d (and w/d), and the losses after the same number of steps (equal up to compiled
 rounding).
 
 Run:
@@ -48,8 +51,8 @@ SIZES: dict[str, dict[str, int]] = {  # train_bench.py's sizes
 VOCAB, LR, WEIGHT_DECAY = 96, 3e-4, 0.1
 
 
-def build(size: dict[str, int]) -> tuple[dict[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]], float]:
-    """The two loops, from the same initial weights; returns ``({name: step(batch) -> loss}, params in M)``."""
+def build(size: dict[str, int], whole_step: bool) -> tuple[dict[str, Callable[[dict[str, torch.Tensor]], torch.Tensor]], float]:
+    """The loops, from the same initial weights; returns ``({name: step(batch) -> loss}, params in M)``."""
     cfg = GPTConfig(vocab_size=VOCAB, block_size=size["block"], n_layer=size["n_layer"], n_head=size["n_head"], n_embd=size["n_embd"])
     torch.manual_seed(0)
     plain = GPT(cfg)
@@ -72,7 +75,19 @@ def build(size: dict[str, int]) -> tuple[dict[str, Callable[[dict[str, torch.Ten
         holder["state"], metrics = step(holder["state"], batch)
         return metrics["loss"]
 
-    return {"d": d, "e": e}, plain.num_params(non_embedding=False) / 1e6
+    loops = {"d": d, "e": e}
+    if whole_step:
+        whole_model = GPT(cfg)
+        whole_model.load_state_dict(plain.state_dict())
+        whole = make_train_step(lm_loss, donate=True).compile_whole(fullgraph=True)
+        held = {"state": TrainState.create(model=whole_model, tx=optim.adamw(LR, weight_decay=WEIGHT_DECAY), copy=False)}
+
+        def w(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            held["state"], metrics = whole(held["state"], batch)
+            return metrics["loss"]
+
+        loops["w"] = w
+    return loops, plain.num_params(non_embedding=False) / 1e6
 
 
 def main() -> None:
@@ -82,6 +97,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant per round")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--whole-step", action="store_true", help="also time (w): the whole step as one graph, step.compile_whole()")
     parser.add_argument(
         "--keep-freed-memory", action="store_true",
         help="craftfn.host_memory.keep_freed_memory() for the whole process (both loops): what the Trainer applies",
@@ -99,17 +115,17 @@ def main() -> None:
         {k: torch.randint(0, VOCAB, (size["batch"], size["block"]), generator=gen) for k in ("input_ids", "labels")}
         for _ in range(args.warmup + args.steps)
     ]
-    loops, millions = build(size)
+    loops, millions = build(size, args.whole_step)
     first = {}
     for name, run in loops.items():  # first calls: compile (not comparable here, see the docstring)
         t0 = time.perf_counter()
         run(batches[0])
         first[name] = time.perf_counter() - t0
     times: dict[str, list[float]] = {name: [] for name in loops}
-    ratios = []
+    ratios: dict[str, list[float]] = {name: [] for name in loops if name != "d"}
     loads = [os.getloadavg()[0]]
     for r in range(args.rounds):
-        order = ["d", "e"] if r % 2 == 0 else ["e", "d"]
+        order = list(loops) if r % 2 == 0 else list(loops)[::-1]
         per_round = {}
         for name in order:
             run = loops[name]
@@ -122,7 +138,8 @@ def main() -> None:
                 mine.append((time.perf_counter() - t0) * 1e3)
             times[name] += mine
             per_round[name] = statistics.median(mine)
-        ratios.append(per_round["e"] / per_round["d"])
+        for name in ratios:
+            ratios[name].append(per_round[name] / per_round["d"])
     loads.append(os.getloadavg()[0])
     losses = {name: float(run(batches[0])) for name, run in loops.items()}  # same number of steps each
     result: dict[str, Any] = {
@@ -135,10 +152,10 @@ def main() -> None:
         "first_call_s": {k: round(v, 1) for k, v in first.items()},
         "median_ms": {k: round(statistics.median(v), 2) for k, v in times.items()},
         "min_ms": {k: round(min(v), 2) for k, v in times.items()},
-        "ratio_e_over_d_medians": round(statistics.median(times["e"]) / statistics.median(times["d"]), 4),
-        "ratio_e_over_d_minima": round(min(times["e"]) / min(times["d"]), 4),
-        "ratio_e_over_d_per_round": [round(x, 3) for x in ratios],
-        "ratio_e_over_d_median_of_rounds": round(statistics.median(ratios), 4),
+        **{f"ratio_{n}_over_d_medians": round(statistics.median(times[n]) / statistics.median(times["d"]), 4) for n in ratios},
+        **{f"ratio_{n}_over_d_minima": round(min(times[n]) / min(times["d"]), 4) for n in ratios},
+        **{f"ratio_{n}_over_d_per_round": [round(x, 3) for x in v] for n, v in ratios.items()},
+        **{f"ratio_{n}_over_d_median_of_rounds": round(statistics.median(v), 4) for n, v in ratios.items()},
         "loss_after": losses,
         "load_1m": loads,
         "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, torch {torch.__version__}",

@@ -1,5 +1,6 @@
-"""make_train_step(compile=...): one graph for forward, backward and update; compiled == eager;
-no recompilation over training; donation updates in place; compile time exposed."""
+"""make_train_step(compile=...): one compiled graph for the differentiated forward (AOT autograd
+builds its backward); compiled == eager; no recompilation over training; donation updates in place;
+compile time exposed; the whole step as one graph with craftfn.jit(step.core)."""
 
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ def test_inductor_compiled_donated_gpt_step_matches_eager():
 @pytest.mark.parametrize("donate", [False, True])
 def test_adamw_train_step_compiles_in_one_graph_and_matches_eager(donate):
     # The default job's optimizer (fused AdamW behind clipping, lr schedule in the state) in a
-    # compiled step: one graph, no breaks, same numbers as eager.
+    # compiled step: one forward graph, no breaks, same numbers as eager.
     from craftfn import TrainState, make_train_step, optim, tree
     from craftfn.schedules import warmup_cosine_decay
 
@@ -154,3 +155,74 @@ def test_adamw_train_step_compiles_in_one_graph_and_matches_eager(donate):
     assert tree.allclose(s_c.params, s_e.params, rtol=1e-5, atol=1e-6)
     assert tree.allclose(s_c.opt_state, s_e.opt_state, rtol=1e-5, atol=1e-6)
     assert torch.allclose(m_c["loss"], m_e["loss"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compile_whole_puts_forward_backward_and_the_fused_update_in_one_graph():
+    # compile= compiles the differentiated forward; step.compile_whole() compiles the step's pure
+    # core (forward, backward, fused update, metrics) as one graph, donating the state.
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    tx = optim.adamw(1e-2, weight_decay=0.1)
+    whole = make_train_step(lm_loss, donate=True).compile_whole(backend=backend)
+    eager = make_train_step(lm_loss)
+    a, b = gpt_state(tx), gpt_state(tx)
+    ptrs = {k: v.data_ptr() for k, v in a.params.items()}
+    first = a
+    for i in range(3):
+        (a, ma), (b, mb) = whole(a, lm_batch(i)), eager(b, lm_batch(i))
+    assert len(graphs) == 1
+    targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert any("fused_adamw" in t for t in targets), sorted(targets)  # the update is inside the graph
+    assert {k: v.data_ptr() for k, v in a.params.items()} == ptrs
+    assert torch.allclose(ma["loss"], mb["loss"], rtol=1e-5)
+    assert tree.allclose(a.params, b.params, rtol=1e-5, atol=1e-6)
+    assert whole.compile_seconds > 0 and whole.compiled is not None
+    with pytest.raises(craftfn.DonatedStateError):
+        whole(first, lm_batch(0))
+
+
+@pytest.mark.slow
+def test_compile_puts_the_forward_in_the_graph_and_leaves_the_fused_update_out():
+    # What compile= compiles: the forward (and, through AOT autograd, its backward); the fused
+    # AdamW kernel runs outside the graph, as torch.optim's does next to torch.compile(model).
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    step = make_train_step(lm_loss, donate=True, compile={"backend": backend, "fullgraph": True})
+    state = gpt_state(optim.adamw(1e-2, weight_decay=0.1))
+    for i in range(3):
+        state, metrics = step(state, lm_batch(i))
+    assert len(graphs) == 1
+    targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert not any("fused_adam" in t for t in targets), sorted(targets)
+    assert any("cross_entropy" in t for t in targets), sorted(targets)  # the loss is traced with the model
+    assert step.compiled is not None and step.compiled.compile_seconds > 0
+    assert step.compile_seconds >= step.compiled.compile_seconds  # the whole first step
+
+
+@pytest.mark.slow
+def test_remat_with_accumulation_and_dropout_compiles_once_and_equals_eager():
+    # Each microbatch calls the same compiled forward (its own backward region), so activation
+    # checkpointing composes with accumulation under compile=; dropout masks come from the keys.
+    torch._dynamo.reset()
+    backend = CountingBackend("aot_eager")
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+    opts = dict(remat="transformer.h.*", accum_steps=2)
+    compiled = make_train_step(lm_loss, compile={"backend": backend, "fullgraph": True}, **opts)
+    eager = make_train_step(lm_loss, **opts)
+    a = b = gpt_state(optim.adamw(1e-2), cfg=cfg)
+    for i in range(3):
+        (a, ma), (b, mb) = compiled(a, lm_batch(i)), eager(b, lm_batch(i))
+    assert backend.graphs == 1
+    assert torch.allclose(ma["loss"], mb["loss"], rtol=1e-5)
+    assert tree.allclose(a.params, b.params, rtol=1e-5, atol=1e-6)
