@@ -17,7 +17,7 @@ Variants, each in a fresh process, one after the other:
 * ``craftfn``: ``make_train_step(lm_loss, donate=True)`` driven by the ``Trainer``, optimizer
   ``chain(clip_by_global_norm(1.0), adamw(schedule, mask=matrices))`` (fused AdamW kernel, the
   clip folded into it), fp32.
-* ``craftfn_compiled``: the same with ``compile=True`` (whole step, and the eval step, compiled;
+* ``craftfn_compiled``: the same with ``compile=True`` (the forward with its backward, and the eval step, compiled;
   compile time counts in the wall time).
 
 Both sides see the same batches (``random_window_batch``, a function of the step), the same

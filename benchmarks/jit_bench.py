@@ -15,7 +15,9 @@ the dropout ops alone at the model's shapes (forward and backward).
 
 Part 2, compiled (``--part compiled``): ``craftfn.jit`` of the README's hand-written step
 (``value_and_grad`` + ``apply_gradients(donate=True)``, dropout from the step key) against
-``make_train_step(lm_loss, donate=True, compile=True)``, both inductor, same model, same batches,
+``make_train_step(lm_loss, donate=True, compile=True)`` (since issue 16j: the forward compiled, AOT
+autograd's backward, the update outside the graph; the jitted step is one graph), both inductor, same
+model, same batches,
 and the plain PyTorch loop with ``torch.compile(model)`` (forward and backward compiled, torch's
 own dropout, ``torch.optim.AdamW(fused=True)`` outside the graph) as the peer.
 

@@ -526,9 +526,10 @@ def make_train_step(
         """This step with forward, backward, update and metrics compiled as one graph.
 
         ``options`` are ``torch.compile``'s (as in ``compile=``); the core is compiled by
-        :func:`craftfn.jit`, donating the state when the step donates. Same results as the step;
-        on the CPUs measured it compiled 1.2-1.6x longer than ``compile=`` with no faster steps
-        (benchmarks/RESULTS.md, "Issue 16j"), and it fuses a non-fused optimizer's update.
+        :func:`craftfn.jit`, donating the state when the step donates. Same results as the step.
+        It lets inductor fuse a non-fused optimizer's update with the rest; with the fused AdamW
+        kernel there is nothing to fuse, and on a 2-core CPU it compiled longer than ``compile=``
+        for the same step time (benchmarks/RESULTS.md, "Issue 16j").
 
         Example:
             >>> def loss_fn(state, params, batch, rng):

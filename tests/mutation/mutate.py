@@ -98,8 +98,8 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "step_key_not_folded", "step keys", "craftfn/step.py",
-        "        rng = random.fold_in(state.rng, state.step)\n        state_in = prepare(state)",
-        "        rng = state.rng\n        state_in = prepare(state)",
+        "            rng = random.fold_in(state.rng, state.step)\n            state_in = prepare(state)",
+        "            rng = state.rng\n            state_in = prepare(state)",
         ("tests/test_step.py",),
         "every train step uses the state's key itself (the same dropout mask at every step)",
     ),
