@@ -309,9 +309,10 @@ def make_train_step(
             forward (``loss_fn`` with the model) with :func:`craftfn.jit`; AOT autograd builds
             its backward graph, as for ``torch.compile(model)`` in a plain loop, and the update
             runs as without ``compile=`` (one fused kernel for the AdamW family). For the whole
-            step as one graph, use ``step.compile_whole(**options)``. The step's attribute ``compile_seconds`` is set on the first
-            call to that call's wall time (tracing + compiling + one run). Steps and schedule
-            counts are tensors, so training compiles once.
+            step as one graph, use ``step.compile_whole(**options)``. The step's attribute
+            ``compile_seconds`` is set on the first call to that call's wall time (tracing +
+            compiling + one run). Steps and schedule counts are tensors, so training compiles
+            once.
         policy: a :class:`craftfn.precision.Policy` or its name (``"fp32"``, ``"bf16"``,
             ``"bf16_pure"``, ``"fp16"``). Mixed policies run ``loss_fn`` (forward and
             loss) under ``torch.autocast`` inside the differentiated function; pure ones
@@ -401,7 +402,7 @@ def make_train_step(
             return loss, aux, grads
 
         def core(state: TrainState, batch: Any, rng: torch.Tensor) -> tuple[TrainState, dict[str, torch.Tensor]]:
-            # Traced (compile=): flattening a tree seen before in this trace reuses its treedef.
+            # Traced (compile_whole): flattening a tree seen before in this trace reuses its treedef.
             memo = tree._begin_treedef_memo()
             try:
                 return train_core(state, batch, rng)
