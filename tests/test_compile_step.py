@@ -226,3 +226,34 @@ def test_remat_with_accumulation_and_dropout_compiles_once_and_equals_eager():
     assert backend.graphs == 1
     assert torch.allclose(ma["loss"], mb["loss"], rtol=1e-5)
     assert tree.allclose(a.params, b.params, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("donate", [False, True])
+def test_compiled_step_updates_batchnorm_statistics_as_eager_and_leaves_the_input_alone(donate):
+    # The compiled forward writes the running statistics into the step's private copy of the
+    # buffers (an input mutation AOT autograd carries out of the graph); the caller's state keeps
+    # its own unless donated.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+
+    def loss_fn(state, params, batch, rng):
+        return torch.mean((state.apply(params, batch["x"]) - batch["y"]) ** 2)
+
+    compiled = make_train_step(loss_fn, donate=donate, compile={"backend": "aot_eager", "fullgraph": True})
+    eager = make_train_step(loss_fn)
+    a = TrainState.create(model=model, tx=optim.sgd(0.1, momentum=0.9))
+    b = tree.clone(a)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        batch = {"x": torch.randn(8, 3, generator=g), "y": torch.randn(8, 1, generator=g)}
+        before = tree.clone(a.buffers)
+        a_in = a
+        (a, ma), (b, mb) = compiled(a, batch), eager(b, batch)
+        if not donate:
+            assert tree.allclose(a_in.buffers, before, rtol=0, atol=0)  # the input state is untouched
+    assert int(a.buffers["1.num_batches_tracked"]) == 3
+    assert tree.allclose(a.buffers, b.buffers, rtol=1e-5, atol=1e-6)
+    assert tree.allclose(a.params, b.params, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ma["loss"], mb["loss"], rtol=1e-5)
