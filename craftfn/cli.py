@@ -155,6 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--checkpoint", default=None, help="model weights (default RUN_DIR/model.safetensors)")
     gen.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+    gen.add_argument("--steps_per_call", type=int, default=None,
+                     help="decode steps per call with the KV cache (default 8; 1 compiles fastest, same text)")
     exp = sub.add_parser("export", help="export a trained run's model in another format (hf: a Hugging Face GPT-2 directory)")
     exp.add_argument("--format", required=True, choices=["hf"], help="hf: a directory AutoModelForCausalLM.from_pretrained loads (needs the hf extra)")
     exp.add_argument("run_dir", help="the run directory of craftfn train")
@@ -466,7 +468,7 @@ def _generate(args: argparse.Namespace, bindings: Sequence[str]) -> int:
         texts = generate_from_run_dir(
             args.run_dir, args.prompt, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
-            seed=args.seed, checkpoint=args.checkpoint, compile=args.compile,
+            seed=args.seed, checkpoint=args.checkpoint, compile=args.compile, steps_per_call=args.steps_per_call,
         )
     except (ValueError, TypeError, OSError) as e:
         raise UsageError(_one_paragraph(str(e))) from None

@@ -315,3 +315,14 @@ def test_eval_replays_the_runs_config_and_takes_a_save_model_file(tiny_run, tmp_
 def test_eval_without_a_config_is_a_user_error(tmp_path, capsys):
     status = main(["eval", "--run_dir", str(tmp_path / "nothing")])
     _assert_one_paragraph_error(status, capsys.readouterr().err, "no config.gin", "--gin_file")
+
+
+def test_generate_takes_steps_per_call_with_the_same_text_and_refuses_zero(tiny_run, capsys):
+    base = ["generate", "--run_dir", str(tiny_run), "--prompt", "def ", "--max_new_tokens", "7", "--temperature", "0"]
+    texts = []
+    for steps in (None, "1", "3"):
+        assert main(base + ([] if steps is None else ["--steps_per_call", steps])) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0].startswith("def ") and texts[1] == texts[0] and texts[2] == texts[0]
+    status = main(base + ["--steps_per_call", "0"])
+    _assert_one_paragraph_error(status, capsys.readouterr().err, "steps_per_call must be a positive int", "0")

@@ -139,6 +139,7 @@ def generate_from_run_dir(
     seed: int = 0,
     checkpoint: Optional[Union[str, Path]] = None,
     compile: bool = False,
+    steps_per_call: Optional[int] = None,
 ) -> list[str]:
     """Generate ``num_samples`` texts from a trained run.
 
@@ -153,6 +154,8 @@ def generate_from_run_dir(
             (``temperature=0``: greedy).
         checkpoint: other weights than ``run_dir/model.safetensors``.
         compile: compile the decode step with ``torch.compile``.
+        steps_per_call: decode steps per call with the KV cache (default 8; see
+            :class:`~craftfn.generation.TextGenerator`): 1 compiles fastest.
 
     Returns:
         The texts, prompt included.
@@ -164,7 +167,9 @@ def generate_from_run_dir(
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
     model, tokenizer = load_run(run_dir, checkpoint)
     fits = len(tokenizer.encode(prompt)) + max(int(max_new_tokens), 0) <= model.config.block_size
-    generator = TextGenerator(model, tokenizer, compile=compile and fits, use_cache=None if fits else False)
+    generator = TextGenerator(
+        model, tokenizer, compile=compile and fits, use_cache=None if fits else False, steps_per_call=steps_per_call
+    )
     if num_beams > 1:
         return generator.generate(prompt, max_new_tokens=max_new_tokens, num_beams=num_beams,
                                   num_return_sequences=num_samples, do_sample=False)

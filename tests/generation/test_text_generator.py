@@ -119,3 +119,30 @@ def test_hf_model_with_copied_weights_generates_the_same_text(model):
     assert sampled == theirs.generate("hello", max_new_tokens=6, num_return_sequences=3, seed=4)
     with pytest.raises(ValueError, match="longer than the model's context"):
         theirs.generate("x" * 49, max_new_tokens=1)
+
+
+def test_steps_per_call_reaches_the_loops_and_keeps_the_tokens(model, monkeypatch):
+    import craftfn.generation.text_generator as text_generator
+
+    seen = []
+    real = text_generator.batch_generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("steps_per_call"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(text_generator, "batch_generate", spy)
+    tok = ByteTokenizer()
+    outs = {}
+    for steps in (None, 1, 3):
+        gen = TextGenerator(model, tok, steps_per_call=steps)
+        outs[steps] = (
+            gen.generate(["hello", "a"], max_new_tokens=7, do_sample=False),
+            gen.generate("hi", max_new_tokens=5, temperature=1.0, top_k=5, seed=2, num_return_sequences=2),
+            gen.generate("hi", max_new_tokens=5, num_beams=3),
+        )
+    assert seen == [None] * 3 + [1] * 3 + [3] * 3  # greedy, sampled and beam calls all get it
+    assert outs[1] == outs[None] and outs[3] == outs[None]
+    for bad in (0, -2, True, 1.5):
+        with pytest.raises(ValueError, match=rf"steps_per_call must be a positive int, got {bad!r}"):
+            TextGenerator(model, tok, steps_per_call=bad)
