@@ -34,15 +34,21 @@ def lm_batch(seed=1, b=4, t=16, v=64):
 
 
 class CountingBackend:
-    """A torch.compile backend that counts the graphs it is given and runs them with ``inner``."""
+    """A torch.compile backend that counts (and keeps) the graphs it is given and runs them with ``inner``."""
 
     def __init__(self, inner="aot_eager"):
         self.inner = torch._dynamo.lookup_backend(inner)
         self.graphs = 0
+        self.modules = []
 
     def __call__(self, gm, example_inputs):
         self.graphs += 1
+        self.modules.append(gm)
         return self.inner(gm, example_inputs)
+
+    def targets(self, i=0):
+        """The names of the functions graph ``i`` calls."""
+        return {str(n.target) for n in self.modules[i].graph.nodes if n.op == "call_function"}
 
 
 @pytest.mark.slow
@@ -162,12 +168,7 @@ def test_compile_whole_puts_forward_backward_and_the_fused_update_in_one_graph()
     # compile= compiles the differentiated forward; step.compile_whole() compiles the step's pure
     # core (forward, backward, fused update, metrics) as one graph, donating the state.
     torch._dynamo.reset()
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
-
+    backend = CountingBackend("aot_eager")
     tx = optim.adamw(1e-2, weight_decay=0.1)
     whole = make_train_step(lm_loss, donate=True).compile_whole(backend=backend)
     eager = make_train_step(lm_loss)
@@ -176,8 +177,8 @@ def test_compile_whole_puts_forward_backward_and_the_fused_update_in_one_graph()
     first = a
     for i in range(3):
         (a, ma), (b, mb) = whole(a, lm_batch(i)), eager(b, lm_batch(i))
-    assert len(graphs) == 1
-    targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert backend.graphs == 1
+    targets = backend.targets()
     assert any("fused_adamw" in t for t in targets), sorted(targets)  # the update is inside the graph
     assert {k: v.data_ptr() for k, v in a.params.items()} == ptrs
     assert torch.allclose(ma["loss"], mb["loss"], rtol=1e-5)
@@ -192,18 +193,13 @@ def test_compile_puts_the_forward_in_the_graph_and_leaves_the_fused_update_out()
     # What compile= compiles: the forward (and, through AOT autograd, its backward); the fused
     # AdamW kernel runs outside the graph, as torch.optim's does next to torch.compile(model).
     torch._dynamo.reset()
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
-
+    backend = CountingBackend("aot_eager")
     step = make_train_step(lm_loss, donate=True, compile={"backend": backend, "fullgraph": True})
     state = gpt_state(optim.adamw(1e-2, weight_decay=0.1))
     for i in range(3):
         state, metrics = step(state, lm_batch(i))
-    assert len(graphs) == 1
-    targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert backend.graphs == 1
+    targets = backend.targets()
     assert not any("fused_adam" in t for t in targets), sorted(targets)
     assert any("cross_entropy" in t for t in targets), sorted(targets)  # the loss is traced with the model
     assert step.compiled is not None and step.compiled.compile_seconds > 0
