@@ -56,8 +56,6 @@ def build(size: dict[str, int], whole_step: bool) -> tuple[dict[str, Callable[[d
     cfg = GPTConfig(vocab_size=VOCAB, block_size=size["block"], n_layer=size["n_layer"], n_head=size["n_head"], n_embd=size["n_embd"])
     torch.manual_seed(0)
     plain = GPT(cfg)
-    mine = GPT(cfg)
-    mine.load_state_dict(plain.state_dict())
     compiled = torch.compile(plain)
     opt = torch.optim.AdamW(plain.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
 
@@ -68,25 +66,21 @@ def build(size: dict[str, int], whole_step: bool) -> tuple[dict[str, Callable[[d
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    step = make_train_step(lm_loss, donate=True, compile={"fullgraph": True})
-    holder = {"state": TrainState.create(model=mine, tx=optim.adamw(LR, weight_decay=WEIGHT_DECAY), copy=False)}
+    def craftfn_loop(step: Callable[..., Any]) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        """``step`` driving its own copy of the plain loop's initial weights."""
+        model = GPT(cfg)
+        model.load_state_dict(plain.state_dict())
+        held = {"state": TrainState.create(model=model, tx=optim.adamw(LR, weight_decay=WEIGHT_DECAY), copy=False)}
 
-    def e(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        holder["state"], metrics = step(holder["state"], batch)
-        return metrics["loss"]
-
-    loops = {"d": d, "e": e}
-    if whole_step:
-        whole_model = GPT(cfg)
-        whole_model.load_state_dict(plain.state_dict())
-        whole = make_train_step(lm_loss, donate=True).compile_whole(fullgraph=True)
-        held = {"state": TrainState.create(model=whole_model, tx=optim.adamw(LR, weight_decay=WEIGHT_DECAY), copy=False)}
-
-        def w(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            held["state"], metrics = whole(held["state"], batch)
+        def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            held["state"], metrics = step(held["state"], batch)
             return metrics["loss"]
 
-        loops["w"] = w
+        return run
+
+    loops = {"d": d, "e": craftfn_loop(make_train_step(lm_loss, donate=True, compile={"fullgraph": True}))}
+    if whole_step:
+        loops["w"] = craftfn_loop(make_train_step(lm_loss, donate=True).compile_whole(fullgraph=True))
     return loops, plain.num_params(non_embedding=False) / 1e6
 
 

@@ -239,7 +239,8 @@ def main() -> None:
 
     compiled_name = compiled_label(args.steps_per_call)
     if not args.no_compile:
-        for steps, name in ((1, compiled_label(1)), (args.steps_per_call, compiled_name)):
+        for steps in sorted({1, args.steps_per_call}):  # one compile each, also when --steps_per_call 1
+            name = compiled_label(steps)
             start = time.perf_counter()
             generate_text_sampling(model, prompt, compile=True, steps_per_call=steps, **common)
             notes.append(f"inductor compile of {steps} decode step(s) per call (first generation): {time.perf_counter() - start:.1f} s")
