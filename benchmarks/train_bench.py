@@ -65,56 +65,6 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def _patch_fused_adam_for_compile(mode: str) -> str:
-    """Until craftfn/optim/fused.py handles torch.compile itself, make its AdamW kernel compile.
-
-    torch 2.13 (CPU) cannot put ``torch._fused_adamw_`` through AOT autograd (functionalization
-    assert; the tensor-lr overload has no fake kernel). ``mode``:
-    ``"custom-op"``: under compile, call the same kernel through a ``torch.library`` custom op with a
-    fake implementation (AOT functionalizes it, inductor re-inplaces it), so the compiled step keeps
-    the fused kernel; ``"foreach"``: under compile, take fused.py's ``_foreach`` path (inductor
-    generates the update loop). Returns the mode applied, or ``"none"`` when fused.py already copes.
-    """
-    import inspect
-
-    import torch
-
-    import craftfn.optim.fused as fused
-
-    if "is_compiling" in inspect.getsource(fused) or mode == "none":
-        return "none"
-    if mode == "foreach":
-        original_is_number = fused._is_number
-        fused._is_number = lambda x: (not torch.compiler.is_compiling()) and original_is_number(x)
-        return mode
-
-    schema = (
-        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor step, "
-        "Tensor lr, float beta1, float beta2, float weight_decay, float eps) -> ()"
-    )
-
-    @torch.library.custom_op("craftfn_bench::fused_adamw_", mutates_args=("params", "exp_avgs", "exp_avg_sqs"), schema=schema)
-    def fused_adamw_op(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, weight_decay, eps):  # noqa: ANN001
-        original(params, grads, exp_avgs, exp_avg_sqs, [], [step] * len(params), lr=lr, beta1=beta1, beta2=beta2,
-                 weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
-
-    @fused_adamw_op.register_fake
-    def _(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, weight_decay, eps):  # noqa: ANN001
-        return None
-
-    original = torch._fused_adamw_
-
-    def patched(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, weight_decay, eps, amsgrad, maximize, **kw):  # noqa: ANN001
-        if torch.compiler.is_compiling() and not amsgrad and not maximize and not kw and len(set(map(id, state_steps))) == 1:
-            lr_t = lr if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=torch.float64)
-            return fused_adamw_op(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), state_steps[0], lr_t, beta1, beta2, weight_decay, eps)
-        return original(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
-                        weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize, **kw)
-
-    torch._fused_adamw_ = patched
-    return mode
-
-
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
@@ -140,7 +90,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(total)
     ]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    patched = "none"
 
     if variant.startswith("a") or variant == "d":
         net = model
@@ -165,7 +114,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     else:
         kwargs: dict[str, Any] = {"donate": variant != "b"}
         if variant == "e":
-            patched = _patch_fused_adam_for_compile(args.fused_under_compile)
             kwargs["compile"] = {"fullgraph": True}
         if variant == "c_bf16":
             kwargs["policy"] = "bf16"
@@ -206,7 +154,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_mb": _rss_mb(),
         "setup_rss_mb": setup_rss,
         "final_loss": float(loss),
-        "fused_adam_patched": patched,
     }
     if device.type == "cuda":
         out["max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -220,7 +167,7 @@ def run_variant(args: argparse.Namespace, size: str, variant: str) -> dict[str, 
     cmd = [
         sys.executable, os.path.abspath(__file__), "--worker", "--size", size, "--variant", variant,
         "--steps", str(steps), "--warmup", str(args.large_warmup if size == "large" else args.warmup), "--threads", str(args.threads),
-        "--device", args.device, "--peak-flops", str(args.peak_flops), "--fused-under-compile", args.fused_under_compile,
+        "--device", args.device, "--peak-flops", str(args.peak_flops),
     ]
     load_before = os.getloadavg()[0]
     env = dict(os.environ)
@@ -305,8 +252,6 @@ def main() -> None:
     parser.add_argument("--peak-flops", type=float, default=990e12, help="for MFU on CUDA (H200 bf16 dense ~990e12)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per variant")
     parser.add_argument("--json", default=None, help="also write the raw results here")
-    parser.add_argument("--fused-under-compile", default="custom-op", choices=["custom-op", "foreach", "none"],
-                        help="how variant (e) gets AdamW through torch.compile until fused.py does it (see _patch_fused_adam_for_compile)")
     parser.add_argument("--warm-cache", action="store_true",
                         help="keep inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR) across runs; default: a fresh one per variant, so compile seconds are cold")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=0, help="set glibc MALLOC_MMAP_THRESHOLD_ (bytes) in the workers (0: leave it)")
