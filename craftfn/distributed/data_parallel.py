@@ -172,10 +172,15 @@ def make_data_parallel_step(
             (measured with 2 ranks on 2 cores: overlapping saved nothing beyond the noise, nor
             did torch's DDP overlap there; benchmarks/RESULTS.md).
             (ZeRO-3's reduce-scatters always run inside the backward.)
-        step_options: ``accum_steps``, ``donate``, ``policy``, ``remat`` as in
+        step_options: ``accum_steps``, ``donate``, ``policy``, ``remat``, ``compile`` as in
             :func:`craftfn.make_train_step` (accumulation still reduces once per step).
-            ``compile`` is not supported (the collectives are not traced; compile the model),
-            nor is ``loss_scale`` (fp16) yet.
+            ``compile=`` compiles the differentiated forward, as in one process; the
+            collectives (gradient all-reduce or ZeRO-1's reduce-scatter and all-gather, the
+            metrics) run in the eager update after the compiled backward, so a compiled step
+            does not overlap (``overlap=True`` is refused, ``None`` means no overlap), and
+            ZeRO-3 states (:func:`fully_shard`, whose gathers run inside the forward) and
+            ``dropout="global_batch"`` (a dispatch mode around the forward) are refused.
+            ``loss_scale`` (fp16) is not supported yet.
 
     Returns:
         The step; give it this rank's shard of the global batch (:func:`shard_batch`),
@@ -188,10 +193,17 @@ def make_data_parallel_step(
         >>> int(state.step)
         1
     """
-    if step_options.get("compile"):
+    compiled = bool(step_options.get("compile"))
+    if compiled and overlap:
         raise ValueError(
-            "make_data_parallel_step: compile= is not supported (the gradient collectives run eagerly); "
-            "compile the model inside loss_fn instead"
+            "make_data_parallel_step: overlap=True cannot be combined with compile=: the all-reduces start from "
+            "hooks in an eager backward, and a compiled step reduces after its compiled backward; "
+            "pass overlap=None or False"
+        )
+    if compiled and dropout == "global_batch":
+        raise ValueError(
+            "make_data_parallel_step: dropout='global_batch' cannot be combined with compile= (it draws the masks "
+            "in a dispatch mode around an eager forward); use dropout='per_rank' or drop compile="
         )
     if step_options.get("loss_scale") not in (None, False):
         raise ValueError(
@@ -214,7 +226,9 @@ def make_data_parallel_step(
             exchange.watch(params)  # hooks that start the all-reduces during the backward
         return loss_fn(state, gather_params(params), batch, rng)
 
-    inner = make_train_step(loss_on_this_rank, **step_options)
+    # Compiled: no exchange to watch (no overlap) and no ZeRO-3 gather (refused at the first step), so
+    # the compiled forward is the user's loss itself.
+    inner = make_train_step(loss_fn if compiled else loss_on_this_rank, **step_options)
     donate = bool(step_options.get("donate", False))
     accum_steps = inner.accum_steps  # type: ignore[attr-defined]
     planner = ExchangePlanner()
@@ -225,8 +239,14 @@ def make_data_parallel_step(
         n = world_size()
         key = state.rng
         local = state.replace(rng=rank_key(key)) if n > 1 and dropout == "per_rank" else state
+        if compiled and cfg.fully_sharded:
+            raise ValueError(
+                "make_data_parallel_step: compile= does not support a fully sharded (ZeRO-3) state: its parameters "
+                "are all-gathered inside the forward; use distributed.data_parallel(tx, shard_optimizer_state=True) "
+                "(ZeRO-1) with compile=, or a ZeRO-3 state without it"
+            )
         exchange = None
-        overlapped = overlap if overlap is not None else n > 1 and dist.get_backend() == "nccl"
+        overlapped = not compiled and (overlap if overlap is not None else n > 1 and dist.get_backend() == "nccl")
         if overlapped and n > 1 and not cfg.sharded and not cfg.fully_sharded:
             exchange = planner.exchange(state.params, cfg.bucket_bytes, accum_steps)
         masks = global_batch_masks(rank(), n) if dropout == "global_batch" else contextlib.nullcontext()

@@ -225,8 +225,10 @@ def test_errors_name_what_to_do(single_process):
         distributed.data_parallel(optim.sgd(0.1), bucket_mb=0)
     with pytest.raises(TypeError, match="shard_optimizer_state must be a bool"):
         distributed.data_parallel(optim.sgd(0.1), shard_optimizer_state="yes")
-    with pytest.raises(ValueError, match="compile= is not supported"):
-        distributed.make_data_parallel_step(_loss, compile=True)
+    with pytest.raises(ValueError, match="overlap=True cannot be combined with compile="):
+        distributed.make_data_parallel_step(_loss, compile=True, overlap=True)
+    with pytest.raises(ValueError, match="dropout='global_batch' cannot be combined with compile="):
+        distributed.make_data_parallel_step(_loss, compile=True, dropout="global_batch")
     with pytest.raises(ValueError, match="loss_scale= is not supported yet"):
         distributed.make_data_parallel_step(_loss, loss_scale=True)
     with pytest.raises(TypeError, match="shard_global_batch must be a bool"):
@@ -294,3 +296,32 @@ def test_docstring_examples(single_process):
         failed, attempted = failed + result.failed, attempted + result.attempted
     result = doctest.testmod(craftfn.distributed, extraglobs=dict(distributed=distributed, optim=optim, torch=torch, TrainState=TrainState))
     assert failed == 0 and result.failed == 0 and attempted > 30, (failed, attempted, result)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["dp", "zero1"])
+def test_compiled_data_parallel_step_is_one_graph_and_equals_the_eager_one(single_process, sharded):
+    from compile_backends import CountingBackend
+
+    torch._dynamo.reset()
+    backend = CountingBackend("aot_eager")
+    tx = optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(1e-2, weight_decay=0.1))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Dropout(0.25), torch.nn.Linear(8, 1))
+    state = TrainState.create(model=model, tx=distributed.data_parallel(tx, shard_optimizer_state=sharded), seed=2)
+    compiled = distributed.make_data_parallel_step(_loss, compile={"backend": backend}, accum_steps=2, donate=True)
+    eager = distributed.make_data_parallel_step(_loss, accum_steps=2)
+    a, b = tree.clone(state), state
+    for i in range(3):
+        (a, ma), (b, mb) = compiled(a, _batch(i)), eager(b, _batch(i))
+        assert ma.keys() == mb.keys() and all(torch.allclose(ma[k], mb[k], rtol=1e-5, atol=1e-7) for k in mb), (ma, mb)
+    assert tree.allclose(a.params, b.params, rtol=1e-5, atol=1e-7)
+    assert tree.allclose(a.opt_state, b.opt_state, rtol=1e-5, atol=1e-7)
+    # The forward with its backward, one graph for every step and microbatch (dropout keys are tensors).
+    assert backend.graphs == 1
+    assert "<built-in function linear>" in backend.targets(), backend.targets()
+
+
+def test_compiled_data_parallel_step_refuses_a_fully_sharded_state(single_process):
+    state = distributed.fully_shard(TrainState.create(model=_model(), tx=optim.adamw(1e-2)))
+    step = distributed.make_data_parallel_step(_loss, compile={"backend": "eager"})
+    with pytest.raises(ValueError, match=r"compile= does not support a fully sharded \(ZeRO-3\) state"):
+        step(state, _batch(0))

@@ -57,8 +57,13 @@ def _single_process(name: str, steps: int = 3, tx=None):
     return state, history
 
 
-@pytest.mark.parametrize("name", sorted(dist_worker.optimizers()))
-@pytest.mark.parametrize("mode", ["dp", "dp_accum2", "zero", "zero_donate", "dp_overlap", "dp_overlap_accum2_donate"])
+_RUNS = [(name, mode) for name in sorted(dist_worker.optimizers())
+         for mode in ["dp", "dp_accum2", "zero", "zero_donate", "dp_overlap", "dp_overlap_accum2_donate"]]
+# compile= (forward and backward compiled, collectives in the eager update), with clip + AdamW.
+_RUNS += [("clip_adamw", "dp_compiled"), ("clip_adamw", "zero_compiled_accum2_donate")]
+
+
+@pytest.mark.parametrize("name,mode", _RUNS)
 def test_two_ranks_over_2b_rows_equal_one_process_over_2b_rows(equivalence, name, mode):
     reference, history = _single_process(name)
     for rank_result in equivalence:
@@ -106,6 +111,8 @@ def test_accumulation_reduces_the_gradients_once_per_step(equivalence, name):
         assert all(n >= 4 for n in runs["dp"]), runs
         assert runs["dp_accum2"] == runs["dp"], runs
         assert runs["dp_overlap_accum2_donate"] == runs["dp_overlap"], runs
+        if name == "clip_adamw":  # compiled: the same all-reduces, all after the backward
+            assert rank_result["runs"][f"{name}/dp_compiled"]["all_reduces"] == runs["dp"], rank_result["runs"][f"{name}/dp_compiled"]
 
 
 @pytest.mark.parametrize("name", sorted(dist_worker.whole_tensor_rules()))
