@@ -60,6 +60,7 @@ from craftfn.distributed.dp_state import DataParallelState, _config_or_none
 from craftfn.distributed.process import _guard, barrier, is_main, rank, world_size
 from craftfn.state import TrainState, _mark_donated, check_live
 from craftfn.training.checkpointing import (
+    _TMP_PREFIX,
     META_FILE,
     CheckpointFallbackWarning,
     CheckpointMismatchError,
@@ -69,11 +70,14 @@ from craftfn.training.checkpointing import (
     _check_step,
     _clean_leftovers,
     _craftfn_version,
+    _delete_steps_not_kept,
     _fsync_dir,
     _meta_text,
     _metric_ok,
+    _move_aside,
     _read_meta,
     _resolve_step,
+    _scan_steps,
     _step_dirname,
     _to_json_number,
     _unshared,
@@ -86,7 +90,6 @@ logger = logging.getLogger(__name__)
 
 SHARDED_FORMAT = "craftfn.sharded_checkpoint"
 SHARDED_FORMAT_VERSION = 1
-_TMP_PREFIX = ".tmp-"
 _CHUNK = 16 << 20
 
 
@@ -367,11 +370,7 @@ class ShardedCheckpointManager:
         self._apply_retention()
 
     def _scan(self) -> list[int]:
-        steps = []
-        for name in os.listdir(self.directory) if self.directory.is_dir() else []:
-            if name.startswith("step_") and name[5:].isdigit() and (self.directory / name).is_dir():
-                steps.append(int(name[5:]))
-        return sorted(steps)
+        return _scan_steps(self.directory)
 
     def _resolve(self, step: Union[int, str]) -> int:
         return _resolve_step(step, self._scan(), self._best, self.directory, self.best_metric)
@@ -400,23 +399,10 @@ class ShardedCheckpointManager:
     def _apply_retention(self) -> None:
         steps = self._scan()
         metrics = {s: self._metric(s) for s in steps} if self.keep_best else {}
-        keep = select_steps_to_keep(steps, metrics, keep_last=self.keep_last, keep_best=self.keep_best, mode=self.mode)
-        for step in steps:
-            if step not in keep:
-                path = self.directory / _step_dirname(step)
-                doomed = self.directory / f"{_TMP_PREFIX}del-{path.name}-{uuid.uuid4().hex}"
-                try:
-                    os.replace(path, doomed)  # never a half-deleted step
-                    shutil.rmtree(doomed)
-                except OSError as e:
-                    logger.warning("ShardedCheckpointManager: could not delete old checkpoint %s: %s", path, e)
+        _delete_steps_not_kept(self.directory, steps, metrics, self.keep_last, self.keep_best, self.mode, "ShardedCheckpointManager")
 
     def _quarantine(self, step: int) -> str:
-        path = self.directory / _step_dirname(step)
-        target = self.directory / f"corrupt-{path.name}-{uuid.uuid4().hex[:8]}"
-        os.replace(path, target)
-        _fsync_dir(self.directory)
-        return target.name
+        return _move_aside(self.directory, step).name
 
     def _verify(self, step: int, meta: Mapping[str, Any]) -> Optional[str]:
         """Check every file's size and sha256, the files split across the ranks; the first problem, on every rank."""

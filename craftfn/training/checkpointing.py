@@ -484,6 +484,54 @@ def _clean_leftovers(directory: Path, owner: str) -> None:
             logger.warning("%s: could not remove leftover %s: %s", owner, path, e)
 
 
+def _scan_steps(directory: Path) -> list[int]:
+    """The saved steps in ``directory``, sorted: directories spelled as the managers spell them
+    (``step_00000100``; a ``step_100`` or ``step_0000000100`` is someone else's and never touched)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    steps = []
+    for name in names:
+        m = _STEP_DIR.match(name)
+        if m and name == _step_dirname(int(m.group(1))) and (directory / name).is_dir():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def _delete_steps_not_kept(
+    directory: Path, steps: list[int], metrics: Mapping[int, Optional[float]], keep_last: Optional[int], keep_best: int,
+    mode: str, owner: str,
+) -> list[int]:
+    """Delete the steps retention does not keep (:func:`select_steps_to_keep`); returns them.
+
+    Each directory is renamed first, so a half-deleted one never looks like a step; a failure is
+    logged and warned about (the step stays), never raised: saving already succeeded."""
+    keep = select_steps_to_keep(steps, metrics, keep_last=keep_last, keep_best=keep_best, mode=mode)
+    dropped = [step for step in steps if step not in keep]
+    for step in dropped:
+        path = directory / _step_dirname(step)
+        doomed = directory / f"{_TMP_PREFIX}del-{path.name}-{uuid.uuid4().hex}"
+        try:
+            os.replace(path, doomed)
+            shutil.rmtree(doomed)
+        except OSError as e:
+            msg = f"{owner}: could not delete old checkpoint {path}: {e}"
+            logger.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    return dropped
+
+
+def _move_aside(directory: Path, step: int) -> Path:
+    """Rename a corrupt step to ``corrupt-step_...-<id>`` (kept for inspection, never scanned again)
+    and sync the directory; raises ``OSError`` if it cannot."""
+    path = directory / _step_dirname(step)
+    target = directory / f"corrupt-{path.name}-{uuid.uuid4().hex[:8]}"
+    os.replace(path, target)
+    _fsync_dir(directory)
+    return target
+
+
 def _check_retention(keep_last: Any, keep_best: Any, best_metric: Any, mode: Any) -> None:
     """The retention arguments every checkpoint manager takes (``CheckpointManager``, the sharded one)."""
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
@@ -811,17 +859,7 @@ class CheckpointManager:
         return self.directory / _step_dirname(step)
 
     def _scan(self) -> list[int]:
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            return []
-        steps = []
-        for name in names:
-            m = _STEP_DIR.match(name)
-            # Only the manager's own spelling (step_00000100, not step_100 or step_0000000100).
-            if m and name == _step_dirname(int(m.group(1))) and (self.directory / name).is_dir():
-                steps.append(int(m.group(1)))
-        return sorted(steps)
+        return _scan_steps(self.directory)
 
     def _latest_on_disk(self) -> Optional[int]:
         steps = self._scan()
@@ -944,30 +982,14 @@ class CheckpointManager:
     def _apply_retention(self) -> None:
         steps = self._scan()
         metrics = {s: self._metric(s) for s in steps} if self.keep_best else {}
-        keep = select_steps_to_keep(steps, metrics, keep_last=self.keep_last, keep_best=self.keep_best, mode=self.mode)
-        for step in steps:
-            if step in keep:
-                continue
-            path = self._step_path(step)
-            # Rename first: a half-deleted directory must never look like a step.
-            doomed = self.directory / f"{_TMP_PREFIX}del-{path.name}-{uuid.uuid4().hex}"
-            try:
-                os.replace(path, doomed)
-                shutil.rmtree(doomed)
-            except OSError as e:
-                msg = f"CheckpointManager: could not delete old checkpoint {path}: {e}"
-                logger.warning(msg)
-                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        for step in _delete_steps_not_kept(self.directory, steps, metrics, self.keep_last, self.keep_best, self.mode, "CheckpointManager"):
             self._metric_cache.pop(step, None)
 
     def _quarantine(self, step: int) -> Optional[Path]:
-        path = self._step_path(step)
-        target = self.directory / f"corrupt-{path.name}-{uuid.uuid4().hex[:8]}"
         try:
-            os.replace(path, target)
-            _fsync_dir(self.directory)
+            target = _move_aside(self.directory, step)
         except OSError as e:
-            logger.error("CheckpointManager: could not move corrupt checkpoint %s aside: %s", path, e)
+            logger.error("CheckpointManager: could not move corrupt checkpoint %s aside: %s", self._step_path(step), e)
             return None
         self._metric_cache.pop(step, None)
         return target

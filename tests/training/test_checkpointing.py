@@ -336,13 +336,22 @@ def test_leftovers_are_never_steps_and_are_cleaned(tmp_path):
     ckpt.close()
 
 
-def test_files_outside_the_naming_scheme_are_never_touched(tmp_path):
+def _sharded_manager(directory, keep_last):
+    from craftfn.distributed import ShardedCheckpointManager
+
+    return ShardedCheckpointManager(directory, keep_last=keep_last)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda d, keep_last: CheckpointManager(d, async_save=False, keep_last=keep_last), _sharded_manager], ids=["plain", "sharded"]
+)
+def test_files_outside_the_naming_scheme_are_never_touched(tmp_path, make):
     # A user's own files in the folder, named like (but not as) the manager's temporaries and
     # steps: neither cleanup at construction nor retention may delete or count them.
     own = [".tmp-notes.txt", ".tmp-step_00000002-mine", ".tmp-old-step_1-abc", "step_5", "step_000000007", "corrupt-notes"]
     for name in own:
         (tmp_path / name).mkdir() if name.startswith("step_") else (tmp_path / name).write_text("mine")
-    with CheckpointManager(tmp_path, async_save=False, keep_last=1) as ckpt:
+    with make(tmp_path, keep_last=1) as ckpt:
         for step in (1, 2, 3):
             ckpt.save(step, {"w": torch.ones(1)})
         assert ckpt.all_steps() == [3]
