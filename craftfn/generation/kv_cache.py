@@ -87,9 +87,26 @@ class Decoder:
         if not self.supports_cache:
             raise ValueError(f"{type(self.module).__name__} has no init_kv_cache; it cannot use a KV cache")
         if self.params is None:
-            return self.module.init_kv_cache(batch_size, max_len, dtype=dtype)
-        weight = next(iter(self.params.values()))
-        return self.module.init_kv_cache(batch_size, max_len, dtype=dtype or weight.dtype, device=weight.device)
+            cache = self.module.init_kv_cache(batch_size, max_len, dtype=dtype)
+        else:
+            weight = next(iter(self.params.values()))
+            cache = self.module.init_kv_cache(batch_size, max_len, dtype=dtype or weight.dtype, device=weight.device)
+        # A user's model may bring its own init_kv_cache: the loops index, reorder and slice the
+        # cache, so it must be craftfn's, of the size asked for (a wrong one fails here, not mid-search).
+        name = f"{type(self.module).__name__}.init_kv_cache({batch_size}, {max_len})"
+        if not isinstance(cache, KVCache):
+            raise TypeError(
+                f"{name} returned a {type(cache).__name__}; the generation loops need a craftfn.models.KVCache "
+                "(per-layer key and value tensors of shape (batch, heads, max_len, head_dim)) that the model's "
+                "forward fills in place, or use_cache=False to recompute the window"
+            )
+        if not cache.k or len(cache.k) != len(cache.v) or cache.batch_size != batch_size or cache.max_len < max_len:
+            raise ValueError(
+                f"{name} returned a cache of {len(cache.k)} key and {len(cache.v)} value tensors with batch "
+                f"{cache.batch_size if cache.k else None} and {cache.max_len if cache.k else None} slots; "
+                f"it must hold one key and one value tensor per layer, {batch_size} rows and at least {max_len} slots"
+            )
+        return cache
 
     def check_length(self, total: int, argname: str, value: Any) -> None:
         """With a cache, prompt + new tokens must fit the context (positions are absolute)."""

@@ -219,3 +219,37 @@ def test_compiled_step_from_a_trainstate_reuses_its_graph_for_new_weights():
     assert torch.equal(first, generate_text_sampling(state, PROMPTS, **kwargs))
     assert torch.equal(second, generate_text_sampling(updated, PROMPTS, **kwargs))
     assert not torch.equal(first, second)
+
+
+class _OwnCache(GPT):
+    """A user's model with its own init_kv_cache (what the loops cannot index or reorder)."""
+
+    def __init__(self, config, make):
+        super().__init__(config)
+        self.make = make
+
+    def init_kv_cache(self, batch_size, max_len, dtype=None, device=None):
+        return self.make(super().init_kv_cache(batch_size, max_len, dtype=dtype, device=device))
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda c: {"k": c.k, "v": c.v}, TypeError, r"_OwnCache.init_kv_cache\(\d+, \d+\) returned a dict; .* craftfn.models.KVCache"),
+        (lambda c: kv_cache.KVCache(c.k[:1], c.v), ValueError, r"1 key and 2 value tensors .* one key and one value tensor per layer"),
+        (lambda c: c.index_select(torch.zeros(4, dtype=torch.long)), ValueError, r"batch 4 .* [13] rows"),
+        (lambda c: c.prefix(4), ValueError, r"4 slots; .* at least \d+ slots"),
+    ],
+    ids=["not a KVCache", "layers differ", "batch", "slots"],
+)
+def test_a_models_own_init_kv_cache_must_return_a_kv_cache_of_the_size_asked(make, error, match):
+    torch.manual_seed(0)
+    model = _OwnCache(GPTConfig(vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=16), make).eval()
+    with pytest.raises(error, match=match):
+        generate_text_sampling(model, PROMPTS, max_new_tokens=3)
+    with pytest.raises(error, match=match):
+        craftfn.generation.beam_search_generate(model, PROMPTS[:1], max_new_tokens=3, num_beams=3)
+    # The model's own cache, when it is craftfn's, is what the loops use.
+    good = _OwnCache(GPTConfig(vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=16), lambda c: c).eval()
+    good.load_state_dict(model.state_dict())
+    assert generate_text_sampling(good, PROMPTS, max_new_tokens=3).shape == (3, 8)
