@@ -220,12 +220,16 @@ def gan_step(gen: TrainState, disc: TrainState, real: torch.Tensor):
     return gen.apply_gradients(g_grads, donate=True), disc, {"d_loss": d_loss, "g_loss": g_loss}
 
 
-def test_sam_ema_and_gan_steps_compile_with_zero_breaks_and_match_eager():
-    torch._dynamo.reset()
+# craftfn.jit compiles with fullgraph=True: a graph break raises in the first call, so these tests
+# need no separate `explain` trace (a second Dynamo trace of the same step).
+
+
+def test_sam_step_compiles_with_zero_breaks_and_matches_eager():
     # SAM: two gradient evaluations with two keys.
+    torch._dynamo.reset()
     backend = CountingBackend()
     sam = craftfn.jit(sam_step, donate_argnums=0, backend=backend)
-    assert sam.explain(adamw_state(dropout_mlp()), regression_batch(0)).graph_break_count == 0
+    assert sam.compile_options["fullgraph"] is True
     a = adamw_state(dropout_mlp())
     b = tree.clone(a)
     for i in range(3):
@@ -233,24 +237,27 @@ def test_sam_ema_and_gan_steps_compile_with_zero_breaks_and_match_eager():
     assert backend.graphs == 1 and torch.allclose(la, lb, rtol=1e-5)
     assert tree.allclose(a.params, b.params, rtol=1e-5, atol=1e-6)
 
+
+def test_ema_state_subclass_step_compiles_with_zero_breaks_and_matches_eager():
     # A TrainState subclass carrying EMA parameters; decay is a static (Python float) argument.
+    torch._dynamo.reset()
     backend = CountingBackend()
     ema = craftfn.jit(ema_step, donate_argnums=0, static_argnums=2, backend=backend)
     model = dropout_mlp()
     start = EMAState.create(model=model, tx=optim.adamw(1e-2), seed=3, ema_params=tree.clone(TrainState.create(model=model, tx=None).params))
-    assert ema.explain(tree.clone(start), regression_batch(0), 0.9).graph_break_count == 0
     a, b = tree.clone(start), tree.clone(start)
     for i in range(3):
         (a, la), (b, lb) = ema(a, regression_batch(i), 0.9), ema_step(b, regression_batch(i), 0.9)
-    assert backend.graphs == 1 and isinstance(a, EMAState)
+    assert backend.graphs == 1 and isinstance(a, EMAState) and torch.allclose(la, lb, rtol=1e-5)
     assert tree.allclose(a.ema_params, b.ema_params, rtol=1e-5, atol=1e-6)
     assert not tree.allclose(a.ema_params, a.params)
 
-    # A two-state GAN step donating both states.
+
+def test_gan_step_donating_two_states_compiles_with_zero_breaks_and_matches_eager():
+    torch._dynamo.reset()
     backend = CountingBackend()
     gan = craftfn.jit(gan_step, donate_argnums=(0, 1), backend=backend)
     real = random.normal(random.key(9), (16, 8))
-    assert gan.explain(*gan_states(), real).graph_break_count == 0
     (g, d), (ge, de) = gan_states(), gan_states()
     g_in, d_in = g, d
     for _ in range(3):
@@ -364,6 +371,8 @@ def test_static_arguments_specialise_and_must_be_hashable():
     assert [scale(torch.ones(2), n)[0].item() for n in (1, 2, 3, 2)] == [1.0, 2.0, 3.0, 2.0]
     assert len(seen_inputs) == 3  # one graph per distinct value, reused for the repeat
     assert all(kinds == ["Tensor"] for kinds in seen_inputs)  # n is a constant, never a SymInt
+    explanation = scale.explain(torch.ones(2), 5)  # explain puts the static argument back in place
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
     with pytest.raises(TypeError, match="static argument 1 .* must be hashable"):
         scale(torch.ones(2), [2])
     with pytest.raises(TypeError, match="name position 1"):
@@ -423,7 +432,7 @@ def test_returned_inputs_stay_live_and_nested_states_are_marked():
         new_gen, new_disc, _ = gan_step(gen, disc, real)
         return new_gen, new_disc
 
-    both = craftfn.jit(step_both, donate_argnums=0, backend="aot_eager")
+    both = craftfn.jit(step_both, donate_argnums=0, backend="eager")  # marking is the jit's, whatever the backend
     g, d = gan_states()
     g2, d2 = both((g, d), random.normal(random.key(0), (4, 8)))
     for donated in (g, d):

@@ -129,9 +129,8 @@ def test_checks_trace_without_graph_breaks_and_still_reject_under_compile():
             return optim.apply_updates(p, updates), s
 
         torch._dynamo.reset()
-        assert torch._dynamo.explain(update)(grads, state, params).graph_break_count == 0
         counter = CompileCounterWithBackend("aot_eager")
-        compiled = torch.compile(update, backend=counter, fullgraph=True)
+        compiled = torch.compile(update, backend=counter, fullgraph=True)  # a graph break raises here
         expected = update(grads, state, params)
         assert tree.allclose(compiled(grads, state, params), expected, rtol=1e-6, atol=1e-7)
         compiled(tree.map(torch.zeros_like, grads), state, params)

@@ -42,7 +42,7 @@ def two(tmp_path_factory, four):
 
 @pytest.fixture(scope="module")
 def reference():
-    """One process over the whole global batch: 20 steps of clipped AdamW, dropout 0.3."""
+    """One process over the whole global batch: zero3_worker.STEPS (6) steps of clipped AdamW, dropout 0.3."""
     state = TrainState.create(model=dist_worker.make_model(zero3_worker.DROPOUT), tx=zero3_worker.clip_adamw(), seed=1)
     step = make_train_step(dist_worker.loss_fn)
     history = []
@@ -53,7 +53,7 @@ def reference():
 
 
 @pytest.mark.parametrize(("world", "donate"), [(2, False), (2, True), (4, False)])
-def test_zero3_trajectory_equals_one_process_for_20_steps_with_dropout(request, reference, world, donate):
+def test_zero3_trajectory_equals_one_process_over_6_steps_with_dropout(request, reference, world, donate):
     results, _ = request.getfixturevalue({2: "two", 4: "four"}[world])
     ref_state, ref_history = reference
     run = results[0]["runs"][f"donate={donate}"]

@@ -3,7 +3,7 @@
     RANK=0 WORLD_SIZE=4 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python zero3_worker.py SCENARIO OUTDIR [--ckpt DIR]
 
 Scenarios:
-    train     20 steps of clipped AdamW with dropout, fully sharded (--donated: also donated steps; --rules:
+    train     STEPS (6) steps of clipped AdamW with dropout, fully sharded (--donated: also donated steps; --rules:
               rules that need whole tensors); per-rank bytes; a sharded checkpoint of the final state in
               --ckpt; an evaluation split across the ranks; with --restore-from DIR, then restores the
               checkpoint in DIR on this world size. Writes rank<r>.pt
@@ -25,7 +25,7 @@ from craftfn import TrainState, distributed, optim, random  # noqa: E402
 from craftfn.step import value_and_grad  # noqa: E402
 from craftfn.training import Evaluator  # noqa: E402
 
-STEPS = 20
+STEPS = 6
 DROPOUT = 0.3
 
 

@@ -222,7 +222,9 @@ def test_compiled_search_is_one_graph_per_shape_with_the_same_tokens(wide_model)
     torch._dynamo.reset()
     counter = CompileCounter()
     ids, mask = left_pad([[1, 2, 0, 5, 1], [3]])
-    kwargs = dict(attention_mask=mask, num_beams=3, max_new_tokens=7, eos_token_id=2, num_return_sequences=2)
+    # Three steps per call: the calls share the graph as the attended prefix grows, and dynamo traces
+    # 3 unrolled steps, not the default 8 (test_short_searches_decode_only_the_positions_read compiles the default).
+    kwargs = dict(attention_mask=mask, num_beams=3, max_new_tokens=7, steps_per_call=3, eos_token_id=2, num_return_sequences=2)
     eager = beam_search_generate(wide_model, ids, **kwargs)
     compiled = beam_search_generate(wide_model, ids, compile={"backend": counter}, **kwargs)
     assert torch.equal(compiled.sequences, eager.sequences) and torch.equal(compiled.scores, eager.scores)

@@ -67,17 +67,19 @@ def test_compiled_tokens_equal_eager_and_one_compilation_per_generation():
     model = tiny_gpt()
     ids, mask = left_pad([[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]])
     backend = CountingBackend()
-    kwargs = dict(max_new_tokens=20, top_p=0.9, repetition_penalty=1.3, seed=2, attention_mask=mask, eos_token_id=4)
+    # Two decode steps per call: 10 calls share the graph (the prefix length is a dynamic size), and
+    # dynamo traces 2 unrolled steps, not the default 8 (test_decode_steps compiles longer calls).
+    kwargs = dict(max_new_tokens=20, steps_per_call=2, top_p=0.9, repetition_penalty=1.3, seed=2, attention_mask=mask, eos_token_id=4)
     eager = generate_text_sampling(model, ids, **kwargs)
     compiled = generate_text_sampling(model, ids, compile={"backend": backend}, **kwargs)
     assert torch.equal(compiled, eager)
-    assert backend.graphs == 1  # 19 decode steps, one compilation
+    assert backend.graphs == 1  # 19 decode steps in 10 calls, one compilation
     # Same shapes again (another seed: key values are tensors): no recompilation.
     again = generate_text_sampling(model, ids, compile={"backend": backend}, **{**kwargs, "seed": 3})
     assert backend.graphs == 1
     assert torch.equal(again, generate_text_sampling(model, ids, **{**kwargs, "seed": 3}))
     # A new (batch, cache length) compiles once more.
-    generate_text_sampling(model, PROMPTS[:2], compile={"backend": backend}, max_new_tokens=20, seed=2)
+    generate_text_sampling(model, PROMPTS[:2], compile={"backend": backend}, max_new_tokens=20, steps_per_call=2, seed=2)
     assert backend.graphs == 2
 
 
@@ -211,7 +213,7 @@ def test_compiled_step_from_a_trainstate_reuses_its_graph_for_new_weights():
     model = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=1, n_head=2, n_embd=8)).eval()
     state = craftfn.TrainState.create(model=model, tx=None)
     backend = CountingBackend()
-    kwargs = dict(max_new_tokens=8, top_k=5, seed=0)
+    kwargs = dict(max_new_tokens=8, steps_per_call=2, top_k=5, seed=0)  # 4 calls: a short graph to trace
     first = generate_text_sampling(state, PROMPTS, compile={"backend": backend}, **kwargs)
     updated = state.replace(params=craftfn.tree.map(lambda x: x * 3.0, state.params))
     second = generate_text_sampling(updated, PROMPTS, compile={"backend": backend}, **kwargs)
