@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from compile_backends import CountingBackend
 
 import craftfn
 from craftfn import TrainState, make_train_step, optim, schedules, tree
@@ -31,24 +32,6 @@ def gpt_state(tx=None, cfg=CFG, seed=0):
 def lm_batch(seed=1, b=4, t=16, v=64):
     g = torch.Generator().manual_seed(seed)
     return {"input_ids": torch.randint(0, v, (b, t), generator=g), "labels": torch.randint(0, v, (b, t), generator=g)}
-
-
-class CountingBackend:
-    """A torch.compile backend that counts (and keeps) the graphs it is given and runs them with ``inner``."""
-
-    def __init__(self, inner="aot_eager"):
-        self.inner = torch._dynamo.lookup_backend(inner)
-        self.graphs = 0
-        self.modules = []
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        self.modules.append(gm)
-        return self.inner(gm, example_inputs)
-
-    def targets(self, i=0):
-        """The names of the functions graph ``i`` calls."""
-        return {str(n.target) for n in self.modules[i].graph.nodes if n.op == "call_function"}
 
 
 @pytest.mark.slow

@@ -7,22 +7,10 @@ import doctest
 
 import pytest
 import torch
+from compile_backends import CountingBackend
 
 import craftfn
 from craftfn import DonatedStateError, TrainState, make_train_step, optim, random, tree, value_and_grad
-
-
-class CountingBackend:
-    """A torch.compile backend that counts the graphs it is given and runs them with ``inner``."""
-
-    def __init__(self, inner: str = "aot_eager") -> None:
-        self.inner = torch._dynamo.lookup_backend(inner)
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return self.inner(gm, example_inputs)
-
 
 # ----------------------------------------------------------------------------- the README's step
 

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from compile_backends import CountingBackend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -313,17 +314,6 @@ def test_onecycle_holds_its_last_value_after_total_steps():
 # --------------------------------------------------------------------------- compile once
 
 
-class CountingBackend:
-    """A torch.compile backend that runs graphs eagerly and counts how many it was given."""
-
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return gm.forward
-
-
 def test_compiled_train_step_driven_by_a_schedule_compiles_once_over_50_steps():
     torch._dynamo.reset()  # count this step's graphs only, not caches left by earlier tests
     torch.manual_seed(0)
@@ -334,7 +324,7 @@ def test_compiled_train_step_driven_by_a_schedule_compiles_once_over_50_steps():
     def loss_fn(state, params, batch, rng):
         return torch.mean((state.apply(params, batch["x"]) - batch["y"]) ** 2)
 
-    backend = CountingBackend()
+    backend = CountingBackend("eager")
     step = craftfn.make_train_step(loss_fn, compile={"backend": backend, "fullgraph": True})
     batch = {"x": torch.randn(16, 4), "y": torch.randn(16, 1)}
     eager_state = state
@@ -351,7 +341,7 @@ def test_compiled_train_step_driven_by_a_schedule_compiles_once_over_50_steps():
 
 def test_every_schedule_traces_into_one_graph_without_recompiling():
     torch._dynamo.reset()  # count this step's graphs only, not caches left by earlier tests
-    backend = CountingBackend()
+    backend = CountingBackend("eager")
     names = sorted(ALL)
 
     def all_values(count):

@@ -12,6 +12,7 @@ import pkgutil
 
 import pytest
 import torch
+from compile_backends import CountingBackend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -300,8 +301,6 @@ def test_docstring_examples(single_process):
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["dp", "zero1"])
 def test_compiled_data_parallel_step_is_one_graph_and_equals_the_eager_one(single_process, sharded):
-    from compile_backends import CountingBackend
-
     torch._dynamo.reset()
     backend = CountingBackend("aot_eager")
     tx = optim.chain(optim.clip_by_global_norm(0.5), optim.adamw(1e-2, weight_decay=0.1))

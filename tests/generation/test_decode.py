@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from compile_backends import CountingBackend
 from torch import nn
 
 import craftfn
@@ -14,17 +15,6 @@ V = 23
 def tiny_gpt(seed=0, block_size=48):
     torch.manual_seed(seed)
     return GPT(GPTConfig(vocab_size=V, block_size=block_size, n_layer=2, n_head=2, n_embd=16)).eval()
-
-
-class CountingBackend:
-    """A torch.compile backend that counts the graphs it is asked to compile (and runs them eagerly)."""
-
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return gm.forward
 
 
 PROMPTS = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [3, 3, 3, 3, 3]])
@@ -66,7 +56,7 @@ def test_cached_equals_recompute_and_trainstate_equals_module():
 def test_compiled_tokens_equal_eager_and_one_compilation_per_generation():
     model = tiny_gpt()
     ids, mask = left_pad([[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]])
-    backend = CountingBackend()
+    backend = CountingBackend("eager")
     # Two decode steps per call: 10 calls share the graph (the prefix length is a dynamic size), and
     # dynamo traces 2 unrolled steps, not the default 8 (test_decode_steps compiles longer calls).
     kwargs = dict(max_new_tokens=20, steps_per_call=2, top_p=0.9, repetition_penalty=1.3, seed=2, attention_mask=mask, eos_token_id=4)
@@ -212,7 +202,7 @@ def test_compiled_step_from_a_trainstate_reuses_its_graph_for_new_weights():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=1, n_head=2, n_embd=8)).eval()
     state = craftfn.TrainState.create(model=model, tx=None)
-    backend = CountingBackend()
+    backend = CountingBackend("eager")
     kwargs = dict(max_new_tokens=8, steps_per_call=2, top_k=5, seed=0)  # 4 calls: a short graph to trace
     first = generate_text_sampling(state, PROMPTS, compile={"backend": backend}, **kwargs)
     updated = state.replace(params=craftfn.tree.map(lambda x: x * 3.0, state.params))

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from compile_backends import CountingBackend
 
 import craftfn
 from craftfn import TrainState, make_train_step, optim, random, schedules
@@ -164,21 +165,12 @@ def test_matches_torch_sgd_with_l2_weight_decay_and_step_lr():
     torch.testing.assert_close(params["w"], ref.detach(), rtol=1e-5, atol=1e-6)
 
 
-class CountingBackend:
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return gm.forward
-
-
 def test_compiled_step_with_a_scheduled_factory_optimizer_compiles_once():
     torch._dynamo.reset()  # count this step's graphs only, not caches left by earlier tests
     lr = schedules.warmup_cosine_decay(0.0, 1e-2, warmup_steps=5, decay_steps=30)
     tx = create_optimizer("adamw", learning_rate=lr, weight_decay=0.1, clip_norm=1.0, no_decay=("bias",))
     state = TrainState.create(model=mlp(), tx=tx, seed=0)
-    backend = CountingBackend()
+    backend = CountingBackend("eager")
     step = make_train_step(mse, compile={"backend": backend})
     eager = make_train_step(mse)
     batch = regression_batch()

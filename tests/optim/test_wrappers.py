@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from compile_backends import CountingBackend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,17 +12,6 @@ from craftfn import TrainState, optim, testing, tree
 
 def _params(dtype=torch.float32, seed=0):
     return testing.default_params(seed=seed, dtype=dtype)
-
-
-class CountingBackend:
-    """A torch.compile backend that runs graphs eagerly and counts how many it was given."""
-
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return gm.forward
 
 
 # --------------------------------------------------------------------------- inject_hyperparams
@@ -103,7 +93,7 @@ def test_changing_injected_hyperparams_never_recompiles():
     def loss_fn(state, params, batch, rng):
         return torch.mean((state.apply(params, batch["x"]) - batch["y"]) ** 2)
 
-    backend = CountingBackend()
+    backend = CountingBackend("eager")
     step = craftfn.make_train_step(loss_fn, compile={"backend": backend, "fullgraph": True})
     eager = craftfn.make_train_step(loss_fn)
     batch = {"x": torch.randn(8, 3), "y": torch.randn(8, 1)}
@@ -353,7 +343,7 @@ def test_wrappers_trace_into_one_graph_without_host_syncs(name):
     # fullgraph=True fails on any .item()/bool(tensor): the where-based decisions must not sync.
     tx = _wrapped_rules()[name]
     params = {"w": torch.randn(3, 2), "b": torch.randn(2)}
-    backend = CountingBackend()
+    backend = CountingBackend("eager")
     compiled = torch.compile(tx.update, backend=backend, fullgraph=True)
     s_eager = s_comp = tx.init(params)
     for i in range(3):
