@@ -654,6 +654,10 @@ def check_match(
             for t, r in _TRACE_TRUSTED:
                 if t is tree and r is reference:
                     return  # checked by an enclosing call in this trace: each tree walk costs seconds of tracing
+        if not leaves(tree) and not leaves(reference):
+            # Nothing to compare (the empty side of a partition). Dynamo (torch 2.13, optree 0.20)
+            # cannot flatten a tree without tensors that holds a dict; eagerly it is checked.
+            return
         leaves_, treedef = flatten(tree)
         # Tracing: Python on static metadata, evaluated once per compile (dynamo guards on shapes).
         # flatten_up_to as below (building a second treedef is the costly part of a traced walk).

@@ -152,15 +152,18 @@ def _resolve_per_leaf(spec: LabelSpec, target: Any, argname: str, entries: Optio
     return _match_prefix(entries, [name for name, _ in pairs], argname)
 
 
-def _subtree(names: list[str], leaves: list[Any], keep: list[bool]) -> dict[str, Any]:
+def _subtree(names: list[str], leaves: list[Any], keep: list[bool]) -> Union[dict[str, Any], tuple[()]]:
     """``{dotted name: leaf}`` for the kept leaves: the tree an inner rule of a partition or mask sees.
 
     A flat dict keyed by ``named_parameters()``-style names (rather than the original tree with
     holes) keeps the inner states readable, lets name-based masks inside the inner rule work as
     they would on the full tree, and traces under ``torch.compile`` (Dynamo's optree support fails
-    on trees whose subtrees are all ``None``).
+    on trees whose subtrees are all ``None``). With nothing kept it is ``()``: Dynamo's optree
+    support (torch 2.13) cannot flatten an empty dict either, and a partition with an empty side
+    is common (Muon on a model of matrices only, a label no parameter has).
     """
-    return {name: x for name, x, k in zip(names, leaves, keep) if k}
+    sub = {name: x for name, x, k in zip(names, leaves, keep) if k}
+    return sub if sub else ()
 
 
 def _scatter(out: list[Any], names: list[str], keep: list[bool], sub: Mapping[str, Any]) -> None:

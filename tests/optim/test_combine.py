@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
+import craftfn
 from craftfn import TrainState, optim, testing, tree
 
 
@@ -221,6 +222,35 @@ def test_combinators_trace_into_one_graph_with_nested_trees():
         u_c, s_c = compiled(g, state, params)
         u_e, s_e = tx.update(g, state, params)
         assert tree.allclose(u_c, u_e) and tree.allclose(s_c, s_e), name
+
+
+def test_a_partition_with_an_empty_side_compiles_and_equals_eager():
+    # A label no parameter has (as Muon's AdamW side on a model of matrices only: Muon is such a
+    # partition), a mask that selects nothing: Dynamo (torch 2.13) cannot flatten a tensor-free tree
+    # holding a dict, which is what an empty side was.
+    params = {"w1": torch.randn(4, 3), "w2": torch.randn(3, 2)}
+    rules = {
+        "unused label": optim.partition({"a": optim.adamw(1e-2), "b": optim.adam(1e-2)}, lambda n, p: "a"),
+        "empty mask": optim.masked(optim.adam(1e-2), lambda n, p: False),
+    }
+    for name, tx in rules.items():
+        # The donated path once (a partition's fused AdamW side beside an empty one): traces cost seconds.
+        for donate in (False, True) if name == "unused label" else (False,):
+            state = tx.init(params)
+            g = testing.random_grads(params, seed=1)
+            torch._dynamo.reset()
+            if donate:
+                step = lambda s, g: s.apply_gradients(g, donate=True)  # noqa: E731
+                compiled = craftfn.jit(step, donate_argnums=0, backend="eager")
+                a = TrainState.create(apply_fn=lambda p, x: x, params=tree.clone(params), tx=tx)
+                b = tree.clone(a)
+                for i in range(2):
+                    a, b = compiled(a, testing.random_grads(params, seed=i)), step(b, testing.random_grads(params, seed=i))
+                assert tree.allclose(a.params, b.params) and tree.allclose(a.opt_state, b.opt_state), name
+            else:
+                u_c, s_c = torch.compile(tx.update, backend="eager", fullgraph=True)(g, state, params)
+                u_e, s_e = tx.update(g, state, params)
+                assert tree.allclose(u_c, u_e) and tree.allclose(s_c, s_e), name
 
 
 def test_partition_prefix_entries_must_match_parameters():
