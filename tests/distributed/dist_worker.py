@@ -88,12 +88,18 @@ def equivalence(out: str) -> None:
     torch.distributed.all_reduce = counting_all_reduce
     modes = [("dp", False, 1, False), ("zero", True, 1, False), ("dp_accum2", False, 2, False), ("zero_donate", True, 1, False),
              ("dp_overlap", False, 1, True), ("dp_overlap_accum2_donate", False, 2, True)]
+    # compile= (the forward traced into one graph; the collectives in the eager update), plain and ZeRO-1,
+    # with clip + AdamW only. The "eager" backend: one process checks AOT autograd (test_distributed.py).
+    compiled_modes = [("dp_compiled", False, 1, False), ("zero_compiled_accum2_donate", True, 2, False)]
     for name, tx in optimizers().items():
-        for mode, sharded, accum, overlapped in modes:
+        for mode, sharded, accum, overlapped in modes + (compiled_modes if name == "clip_adamw" else []):
             # Tiny buckets (~100 bytes) so that the model's gradients fill several.
             dp_tx = distributed.data_parallel(tx, shard_optimizer_state=sharded, bucket_mb=1e-4)
             state = TrainState.create(model=make_model(), tx=dp_tx, seed=1)
-            step = distributed.make_data_parallel_step(loss_fn, accum_steps=accum, donate=mode.endswith("donate"), overlap=overlapped)
+            compiled = {"backend": "eager"} if "compiled" in mode else False
+            step = distributed.make_data_parallel_step(
+                loss_fn, accum_steps=accum, donate=mode.endswith("donate"), overlap=overlapped, compile=compiled
+            )
             history, calls = [], []
             for i in range(steps):
                 all_reduces[0] = 0
@@ -109,22 +115,6 @@ def equivalence(out: str) -> None:
                 "all_reduces": calls,
             }
     result["overlap_started"] = started
-    # compile= (the forward traced into one graph; the collectives in the eager update), plain and ZeRO-1.
-    # The "eager" backend: one process checks AOT autograd (test_distributed.py); here, the collectives.
-    for mode, sharded, accum, donate in (("dp_compiled", False, 1, False), ("zero_compiled_accum2_donate", True, 2, True)):
-        dp_tx = distributed.data_parallel(optimizers()["clip_adamw"], shard_optimizer_state=sharded, bucket_mb=1e-4)
-        state = TrainState.create(model=make_model(), tx=dp_tx, seed=1)
-        step = distributed.make_data_parallel_step(loss_fn, accum_steps=accum, donate=donate, compile={"backend": "eager"})
-        history, calls = [], []
-        for i in range(steps):
-            all_reduces[0] = 0
-            state, metrics = step(state, distributed.shard_batch(global_batch(i)))
-            calls.append(all_reduces[0])
-            history.append(host(metrics))
-        result["runs"][f"clip_adamw/{mode}"] = {
-            "params": state.params, "metrics": history, "opt_state": distributed.gather_state(state, dst=None).opt_state,
-            "all_reduces": calls,
-        }
     # ZeRO-1 runs rules that look at whole tensors exactly (trust ratios, masks by shape, finiteness over all shards).
     for name, tx in whole_tensor_rules().items():
         state = TrainState.create(model=make_model(), tx=distributed.data_parallel(tx, shard_optimizer_state=True), seed=1)
