@@ -81,14 +81,27 @@ def dataclass(cls: type[T] | None = None, **kwargs: Any) -> Any:
     static_names = tuple(f.name for f in fields if is_static(f))
 
     def flatten(obj: Any) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[str, ...]]:
-        children = tuple(getattr(obj, name) for name in child_names)
+        values = [getattr(obj, name) for name in child_names]
+        # An empty dict field (a TrainState's buffers when the model has none) holds no leaves and
+        # is recorded in the structure instead: Dynamo (torch 2.13 with optree 0.20) cannot flatten
+        # a dict without tensors, which made tree.map/leaves/clone of such a state fail to compile.
+        empty = tuple([name for name, v in zip(child_names, values) if type(v) is dict and not v])
+        if empty:
+            kept = tuple([name for name in child_names if name not in empty])
+            children = tuple([v for name, v in zip(child_names, values) if name not in empty])
+        else:
+            kept, children = child_names, tuple(values)
         statics = tuple(getattr(obj, name) for name in static_names)
-        return children, statics, child_names
+        return children, (statics, empty), kept
 
-    def unflatten(statics: tuple[Any, ...], children: tuple[Any, ...]) -> Any:
+    def unflatten(meta: tuple[tuple[Any, ...], tuple[str, ...]], children: tuple[Any, ...]) -> Any:
+        statics, empty = meta
         obj = object.__new__(data_cls)
-        for name, value in zip(child_names, children):
+        kept = child_names if not empty else [n for n in child_names if n not in empty]
+        for name, value in zip(kept, children):
             object.__setattr__(obj, name, value)
+        for name in empty:
+            object.__setattr__(obj, name, {})
         for name, value in zip(static_names, statics):
             object.__setattr__(obj, name, value)
         return obj

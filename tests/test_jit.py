@@ -464,3 +464,23 @@ def test_docstring_examples_run(monkeypatch):
             runner.run(test, clear_globs=False)
         result = runner.summarize(verbose=False)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+def test_whole_state_tree_ops_compile_for_a_model_without_buffers():
+    # A TrainState of a model without buffers holds an empty dict; Dynamo (torch 2.13, optree 0.20)
+    # cannot flatten a dict without tensors, so the state keeps it in its structure instead.
+    state = TrainState.create(model=torch.nn.Linear(3, 2), tx=optim.adamw(1e-2), seed=1)
+    assert state.buffers == {}
+
+    def walk(s):
+        doubled = tree.map(lambda x: x * 2 if x.is_floating_point() else x, s)
+        return tree.clone(s), doubled, len(tree.leaves(s))
+
+    torch._dynamo.reset()
+    backend = CountingBackend("eager")
+    (clone, doubled, n), (clone_e, doubled_e, n_e) = craftfn.jit(walk, backend=backend)(state), walk(state)
+    assert backend.graphs == 1 and n == n_e == len(tree.leaves(state))
+    assert tree.equal(clone, clone_e) and tree.equal(doubled, doubled_e)
+    assert clone.buffers == {} and clone.buffers is not state.buffers
+    leaves_, treedef = tree.flatten(state)
+    assert tree.equal(tree.unflatten(treedef, leaves_), state) and treedef == tree.structure(clone)
