@@ -605,6 +605,20 @@ def _raise_mismatch(
     raise error(f"{name} do not match {reference_name}: {shown}{more}")
 
 
+def _empty_side(x: Any) -> bool:
+    """``()`` or ``[]`` (a partition's empty side, see optim.combine._subtree, and the lists a
+    kernel wrapper makes of it) or a dict of them (the moments built on it). The top level only:
+    a tree walk costs tracing time in every check."""
+    if type(x) is tuple or type(x) is list:
+        return not x
+    if type(x) is not dict or not x:
+        return False
+    for v in x.values():  # noqa: SIM110 (a loop: Dynamo traces a generator at ~5 ms per item)
+        if (type(v) is not tuple and type(v) is not list) or v:
+            return False
+    return True
+
+
 def check_match(
     tree: PyTree,
     reference: PyTree,
@@ -654,7 +668,7 @@ def check_match(
             for t, r in _TRACE_TRUSTED:
                 if t is tree and r is reference:
                     return  # checked by an enclosing call in this trace: each tree walk costs seconds of tracing
-        if not leaves(tree) and not leaves(reference):
+        if _empty_side(tree) and _empty_side(reference):
             # Nothing to compare (the empty side of a partition). Dynamo (torch 2.13, optree 0.20)
             # cannot flatten a tree without tensors that holds a dict; eagerly it is checked.
             return
