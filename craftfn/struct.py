@@ -80,7 +80,7 @@ def dataclass(cls: type[T] | None = None, **kwargs: Any) -> Any:
     child_names = tuple(f.name for f in fields if not is_static(f))
     static_names = tuple(f.name for f in fields if is_static(f))
 
-    def flatten(obj: Any) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[str, ...]]:
+    def flatten(obj: Any) -> tuple[tuple[Any, ...], tuple[tuple[Any, ...], tuple[str, ...]], tuple[str, ...]]:
         values = [getattr(obj, name) for name in child_names]
         # An empty dict field (a TrainState's buffers when the model has none) holds no leaves and
         # is recorded in the structure instead: Dynamo (torch 2.13 with optree 0.20) cannot flatten
